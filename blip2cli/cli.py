@@ -1,0 +1,53 @@
+"""The Typer app: parses arguments and hands over to the commands.
+
+Kept light on purpose: torch and transformers are imported only inside the
+commands that run a model, so ``blip2 --help`` and shell completion are instant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .commands import caption as caption_cmd
+from .commands import tiny as tiny_cmd
+
+app = typer.Typer(
+    name="blip2",
+    help="Salesforce BLIP-2 vision-language models at a shell prompt.\n\n"
+    "Data goes to stdout (text, JSON Lines or CSV), messages and progress to stderr.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"blip2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    """Salesforce BLIP-2 vision-language models at a shell prompt."""
+
+
+app.command("caption", no_args_is_help=False)(caption_cmd.caption)
+app.command("tiny-checkpoint")(tiny_cmd.tiny_checkpoint)
+
+
+def main() -> None:
+    app(prog_name="blip2")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,172 @@
+"""``blip2 caption``: one caption per image, streamed as each batch ends."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import options as o
+from ..caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, DEFAULT_NUM_BEAMS
+from .common import check_output_path, finish, handles_errors, sigterm_as_interrupt
+
+EXAMPLES = """
+
+Examples:
+
+\b
+  blip2 caption photos/                     # a folder, recursively
+  blip2 caption 'photos/**/*.jpg' -o captions.jsonl
+  find . -name '*.png' | blip2 caption - -f csv
+  curl -s https://example.com/cat.jpg | blip2 caption -
+  blip2 caption img.jpg --prompt "a photo of" --num-beams 5 --num-captions 3
+"""
+
+
+class CaptionTask:
+    """Joins the image stage and the captioner for the pipeline."""
+
+    def __init__(self, loaded, captioner, preprocess: str):
+        self.loaded = loaded
+        self.captioner = captioner
+        self.reference = preprocess == "reference"
+        self.spec = loaded.image_spec
+
+    def prepare(self, item):
+        from ..images import open_image, prepare
+
+        if self.reference:
+            return open_image(item.source)
+        return prepare(item.source, self.spec)
+
+    def run_batch(self, prepared):
+        from ..images import reference_pixel_values, to_pixel_values
+
+        loaded = self.loaded
+        if self.reference:
+            pixels = reference_pixel_values(prepared, loaded.processor.image_processor)
+            pixels = pixels.to(loaded.device, loaded.dtype)
+        else:
+            pixels = to_pixel_values(prepared, self.spec, device=loaded.device, dtype=loaded.dtype)
+        return self.captioner.caption(pixels)
+
+    def record(self, item, result, error):
+        from ..caption import caption_record
+
+        return caption_record(item.name, result, error)
+
+
+@handles_errors
+def caption(
+    inputs: o.Inputs = None,
+    model: o.Model = o.DEFAULT_MODEL,
+    revision: o.Revision = None,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DtypeOpt = o.Dtype.auto,
+    quantize: o.QuantizeOpt = o.Quantize.none,
+    offline: o.Offline = False,
+    allow_pickle: o.AllowPickle = False,
+    recursive: o.Recursive = True,
+    ext: o.Ext = None,
+    null: o.Null = False,
+    files_from: o.FilesFrom = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option(rich_help_panel=o.GENERATION, help='Text the caption continues, e.g. "a photo of".'),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = DEFAULT_MAX_NEW_TOKENS,
+    min_new_tokens: Annotated[int, typer.Option(min=0, rich_help_panel=o.GENERATION)] = DEFAULT_MIN_NEW_TOKENS,
+    num_beams: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy.")] = DEFAULT_NUM_BEAMS,
+    num_captions: Annotated[
+        int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Captions per image (best beams, or samples).")
+    ] = 1,
+    sample: Annotated[bool, typer.Option("--sample", rich_help_panel=o.GENERATION, help="Nucleus sampling instead of beam search.")] = False,
+    temperature: Annotated[float, typer.Option(rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,
+    seed: Annotated[Optional[int], typer.Option(rich_help_panel=o.GENERATION, help="Random seed for --sample.")] = None,
+    repetition_penalty: Annotated[float, typer.Option(rich_help_panel=o.GENERATION)] = 1.0,
+    fmt: o.FormatOpt = None,
+    output: o.Output = None,
+    quiet: o.Quiet = False,
+    batch_size: o.BatchSize = None,
+    workers: o.Workers = None,
+    preprocess: o.PreprocessOpt = o.Preprocess.fast,
+) -> None:
+    """Caption images: one record per image, streamed in input order."""
+    from ..caption import Captioner, GenerationOptions, caption_schema
+    from ..errors import UsageError
+    from ..loader import LoadOptions, load
+    from ..pipeline import run
+    from ..sources import InputResolver
+    from ..console import Reporter
+    from ..writers import Output, make_writer
+
+    gen = GenerationOptions(
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        num_beams=num_beams,
+        num_captions=num_captions,
+        sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    gen.validate()
+    inputs = list(inputs or [])
+    files_from = list(files_from or [])
+    if not inputs and not files_from:
+        raise UsageError(
+            "no inputs: name image files, folders or globs, or - to read from stdin",
+            hint="blip2 caption photos/   or   find . -name '*.jpg' | blip2 caption -",
+        )
+    fmt_name = o.infer_format(fmt, output)
+    check_output_path(output)
+
+    resolver = InputResolver(recursive=recursive, extensions=ext, null_separated=null)
+    items = resolver.resolve(inputs, files_from)
+    total = None
+    if not InputResolver.reads_stdin(inputs, files_from):
+        items = list(items)  # known length: the progress bar can show an ETA
+        total = len(items)
+
+    loaded = load(
+        LoadOptions(
+            model=model,
+            revision=revision,
+            device=device,
+            dtype=dtype.value,
+            quantize=quantize.value,
+            offline=offline,
+            allow_pickle=allow_pickle,
+        ),
+        task="caption",
+    )
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    task = CaptionTask(loaded, Captioner(loaded, gen), preprocess.value)
+
+    out = Output(str(output) if output is not None else None)
+    stream = out.open()
+    reporter = Reporter(quiet=quiet, total=total)
+    try:
+        writer = make_writer(fmt_name, stream, caption_schema(gen.num_captions))
+        with sigterm_as_interrupt():
+            stats = run(
+                items,
+                task,
+                writer,
+                batch_size=batch_size or o.default_batch_size(loaded.device.type),
+                workers=workers or o.default_workers(),
+                reporter=reporter,
+            )
+    finally:
+        reporter.close()
+        out.close()
+    finish(stats, output=output, quiet=quiet)
+
+
+caption.__doc__ = (caption.__doc__ or "") + EXAMPLES

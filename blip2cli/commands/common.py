@@ -1,0 +1,111 @@
+"""What every command does the same way: map our errors to messages and exit
+codes, build the loader options, and drive the pipeline into a writer."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import typer
+
+from .. import console
+from ..errors import (
+    EXIT_INTERRUPTED,
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    Blip2Error,
+    Interrupted,
+    OutputError,
+)
+
+
+def handles_errors(func: Callable) -> Callable:
+    """The one place where exceptions become messages and exit codes.
+
+    Our own errors print their message and a hint; anything unexpected prints
+    one line (set BLIP2_DEBUG=1 for the traceback).
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except Blip2Error as exc:
+            console.message(f"error: {exc.message}")
+            if exc.hint:
+                console.message(f"hint: {exc.hint}")
+            if os.environ.get("BLIP2_DEBUG"):
+                traceback.print_exc()
+            raise typer.Exit(exc.exit_code) from None
+        except (KeyboardInterrupt, Interrupted) as exc:
+            code = exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+            console.message("interrupted: finished records were written")
+            raise typer.Exit(code) from None
+        except Exception as exc:  # noqa: BLE001
+            if os.environ.get("BLIP2_DEBUG"):
+                traceback.print_exc()
+            console.message(f"error: {type(exc).__name__}: {console.one_line(exc)}")
+            console.message("hint: set BLIP2_DEBUG=1 to see the traceback")
+            raise typer.Exit(EXIT_ITEMS_FAILED) from None
+
+    return wrapper
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the run like Ctrl-C does (finished records stay), exit 143."""
+
+    def handler(signum, frame):  # pragma: no cover - exercised through subprocess tests
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some test runners)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_output_path(output: Path | None) -> None:
+    """Fail before loading the model if the output cannot be written."""
+    if output is None or str(output) == "-":
+        return
+    parent = output.parent if str(output.parent) else Path(".")
+    if output.is_dir():
+        raise OutputError(f"the output {str(output)!r} is a directory", hint="name a file with -o")
+    if not parent.is_dir():
+        raise OutputError(
+            f"cannot write {str(output)!r}: the folder {str(parent)!r} does not exist",
+            hint=f"create it first (mkdir -p {parent})",
+        )
+    if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise OutputError(f"cannot write {str(output)!r}: permission denied")
+
+
+def finish(stats, *, output: Path | None, quiet: bool) -> None:
+    """Summary on stderr and the exit code: 0 all done, 1 some failed."""
+    if stats.failed:
+        where = f"error records are in {output}" if output is not None else "see the messages above"
+        console.message(f"{stats.failed} of {stats.total} images failed ({where})")
+        raise typer.Exit(EXIT_ITEMS_FAILED)
+    if stats.total == 0:
+        console.message("no images found in the inputs")
+    raise typer.Exit(EXIT_OK)
+
+
+def stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False

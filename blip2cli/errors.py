@@ -1,0 +1,63 @@
+"""Our own exceptions, and the exit codes they map to.
+
+Commands raise these; ``cli.main`` is the one place that turns them into a
+message on stderr (with the next thing to try) and an exit code. Per-image
+failures are not exceptions at this level: they become error records.
+"""
+
+from __future__ import annotations
+
+# Exit codes, documented in the README.
+EXIT_OK = 0
+EXIT_ITEMS_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # SIGINT, as shells report it (128 + 2)
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
+
+
+class Blip2Error(Exception):
+    """An error we can explain to the user. ``hint`` says what to do next."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class UsageError(Blip2Error):
+    """Options that contradict each other or make no sense."""
+
+
+class InputError(Blip2Error):
+    """An input argument that cannot be resolved at all (not a per-image failure)."""
+
+
+class ModelError(Blip2Error):
+    """The model cannot be found, is not a BLIP-2 checkpoint, or cannot be loaded as asked."""
+
+
+class DeviceError(Blip2Error):
+    """A device or dtype that this machine cannot provide."""
+
+
+class OutputError(Blip2Error):
+    """The output cannot be written (unwritable path, disk full)."""
+
+    exit_code = EXIT_ITEMS_FAILED
+
+
+class Interrupted(Exception):
+    """Raised from a signal handler: stop taking new batches, flush, exit."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -1,0 +1,429 @@
+"""The one model loader every subcommand uses.
+
+``load(LoadOptions(...), task=...)`` resolves, in this order and before any
+weights are read:
+
+1. the checkpoint: a local folder or a hub id (``--revision``; the Hugging Face
+   cache is used, ``HF_HUB_OFFLINE``/``--offline`` forbid the network), read
+   from its ``config.json``: is it BLIP-2, which architecture, which text model;
+2. the weights format: safetensors only unless ``--allow-pickle``;
+3. the device (``auto``: cuda, then mps, then cpu) and whether it exists;
+4. the dtype (``auto``: float16 on GPUs for OPT, bfloat16 for Flan-T5, float32
+   on the CPU; float16 is refused for T5, which overflows in it);
+5. quantization through bitsandbytes, with the modules that stay unquantized.
+
+Only then ``from_pretrained`` runs. ``trust_remote_code`` is never passed: the
+concrete transformers classes are used, no code from the checkpoint runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DeviceError, ModelError, UsageError
+
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+DEVICES_HELP = "auto|cpu|cuda|cuda:N|mps"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZE = ("none", "8bit", "4bit")
+
+# Which modules stay in the compute dtype when quantizing. Only the language
+# model's linear layers are quantized: they hold three quarters of the weights
+# (2.7 B of 3.7 B for opt-2.7b) and tolerate int8/nf4 well. The ViT-g vision
+# tower, the Q-Former (which transformers already keeps in fp32 under fp16) and
+# the projection feed every token the model sees, so they are kept as they are,
+# and so is the output head, as transformers does by default. Passing
+# llm_int8_skip_modules replaces transformers' default list, so every module to
+# keep is named here.
+UNQUANTIZED_MODULES = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
+
+# Architectures each task can use.
+GENERATIVE = ("Blip2ForConditionalGeneration",)
+RETRIEVAL = ("Blip2ForImageTextRetrieval",)
+ALL_ARCHITECTURES = GENERATIVE + RETRIEVAL + ("Blip2Model",)
+
+
+@dataclass
+class LoadOptions:
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str = "none"
+    offline: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class Checkpoint:
+    """What ``config.json`` says, read before any weights."""
+
+    source: str  # local folder or hub id, as passed to from_pretrained
+    local_dir: Path | None  # the folder holding config.json (cache snapshot for hub ids)
+    config: dict
+    architecture: str
+    text_model_type: str | None  # "opt", "t5", ... (None for retrieval models)
+
+    @property
+    def is_t5(self) -> bool:
+        return self.text_model_type in ("t5", "mt5", "umt5")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    tokenizer: Any
+    checkpoint: Checkpoint
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    quantize: str
+    options: LoadOptions
+    image_spec: Any = None  # images.ImageSpec
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.model.config.text_config, "is_encoder_decoder", False))
+
+    def describe(self) -> dict:
+        """Settings that make a record reproducible."""
+        return {
+            "model": self.options.model,
+            "revision": self.options.revision,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "quantize": self.quantize,
+        }
+
+
+def offline_requested(flag: bool) -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return flag or env in ("1", "true", "yes", "on")
+
+
+def _looks_local(model: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else is meant as a folder."""
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or "\\" in model
+        or os.path.exists(model)
+    )
+
+
+def resolve_checkpoint(opts: LoadOptions) -> Checkpoint:
+    model = os.path.expanduser(opts.model)
+    offline = offline_requested(opts.offline)
+    if os.path.isdir(model):
+        local = Path(model)
+        config_path = local / "config.json"
+        if not config_path.is_file():
+            raise ModelError(
+                f"{opts.model!r} is a folder but not a BLIP-2 checkpoint: it has no config.json",
+                hint="point --model at the folder that save_pretrained wrote (config.json, "
+                "model.safetensors, processor and tokenizer files)",
+            )
+        source = str(local)
+    elif _looks_local(model):
+        raise ModelError(
+            f"model folder {opts.model!r} does not exist",
+            hint=f"pass an existing folder or a hub id such as {DEFAULT_MODEL}",
+        )
+    else:
+        config_path = _hub_config(model, opts.revision, offline)
+        local = config_path.parent
+        source = model
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {config_path}: {exc}") from exc
+    model_type = config.get("model_type")
+    if model_type != "blip-2":
+        raise ModelError(
+            f"{opts.model!r} is not a BLIP-2 checkpoint (its config.json says "
+            f"model_type={model_type!r})",
+            hint=f"use a BLIP-2 checkpoint such as {DEFAULT_MODEL} or Salesforce/blip2-flan-t5-xl",
+        )
+    architectures = config.get("architectures") or ["Blip2ForConditionalGeneration"]
+    architecture = architectures[0]
+    if architecture not in ALL_ARCHITECTURES:
+        raise ModelError(f"{opts.model!r}: unsupported BLIP-2 architecture {architecture!r}")
+    text_type = (config.get("text_config") or {}).get("model_type")
+    if architecture in RETRIEVAL:
+        text_type = None
+    elif text_type is None:
+        text_type = "opt"  # transformers' default text config for BLIP-2
+    ckpt = Checkpoint(source, local, config, architecture, text_type)
+    if ckpt.local_dir is not None and os.path.isdir(model):
+        _check_weights_format(ckpt.local_dir, opts.allow_pickle)
+    return ckpt
+
+
+def _hub_config(repo_id: str, revision: str | None, offline: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    download_hint = (
+        f"download it once with network access: `hf download {repo_id}"
+        + (f" --revision {revision}" if revision else "")
+        + "` (or run blip2 once online), or pass a local folder with --model"
+    )
+    try:
+        return Path(
+            hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=offline)
+        )
+    except LocalEntryNotFoundError as exc:
+        why = "offline mode is on" if offline else "the hub cannot be reached"
+        raise ModelError(
+            f"model {repo_id!r} is not in the Hugging Face cache and {why}", hint=download_hint
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelError(
+            f"no model {repo_id!r} on the Hugging Face hub (or it is private)",
+            hint=f"check the id; BLIP-2 captioning checkpoints include {DEFAULT_MODEL}",
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise ModelError(f"model {repo_id!r} has no revision {revision!r}") from exc
+    except EntryNotFoundError as exc:
+        raise ModelError(f"{repo_id!r} has no config.json: not a transformers checkpoint") from exc
+    except HFValidationError as exc:
+        raise ModelError(
+            f"{repo_id!r} is neither an existing folder nor a valid hub id",
+            hint="a hub id looks like owner/name; a folder must exist",
+        ) from exc
+    except OSError as exc:  # network errors and the like
+        raise ModelError(f"cannot fetch {repo_id!r}: {exc}", hint=download_hint) from exc
+
+
+def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
+    has_safetensors = any(folder.glob("*.safetensors")) or (
+        folder / "model.safetensors.index.json"
+    ).is_file()
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.ckpt"))
+    if has_safetensors:
+        return
+    if has_pickle and not allow_pickle:
+        raise ModelError(
+            f"{folder} holds only pickle weights (.bin), which can run arbitrary code when loaded",
+            hint="convert them to safetensors, or pass --allow-pickle if you trust this checkpoint",
+        )
+    if not has_pickle:
+        raise ModelError(
+            f"{folder} has a config.json but no weights (no model.safetensors)",
+            hint="the download may be incomplete; fetch the checkpoint again",
+        )
+
+
+def resolve_device(name: str):
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"unknown device {name!r}", hint=f"use one of {DEVICES_HELP}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = (
+                "this torch build has no CUDA support (CPU-only wheel)"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+            )
+            raise DeviceError(
+                f"--device {name} asked for a GPU, but {build}",
+                hint="use --device cpu (or auto), or install a CUDA build of torch",
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(
+                f"--device {name}: there is no such GPU (this machine has {count})",
+                hint=f"use cuda:0 to cuda:{count - 1}",
+            )
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceError(
+                "--device mps asked for Apple's Metal backend, which is not available here",
+                hint="use --device cpu (or auto)",
+            )
+    elif device.type != "cpu":
+        raise UsageError(f"unsupported device {name!r}", hint=f"use one of {DEVICES_HELP}")
+    return device
+
+
+def resolve_dtype(name: str, device, ckpt: Checkpoint):
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}")
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if ckpt.is_t5:
+            # Flan-T5 overflows in float16; bfloat16 keeps its range.
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float16
+    if name == "float16" and ckpt.is_t5:
+        raise UsageError(
+            "--dtype float16 is refused for Flan-T5 checkpoints: T5's activations overflow the "
+            "float16 range and the model produces NaNs or garbage",
+            hint="use --dtype bfloat16 (or auto, which picks it) or float32",
+        )
+    return getattr(torch, name)
+
+
+def quantization_config(kind: str, dtype, device):
+    """The BitsAndBytesConfig for ``--quantize`` (None for ``none``)."""
+    if kind not in QUANTIZE:
+        raise UsageError(f"unknown --quantize {kind!r}", hint=f"use one of {', '.join(QUANTIZE)}")
+    if kind == "none":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"--quantize {kind} needs the bitsandbytes package, which is not installed",
+            hint="pip install 'blip2-cli[quantize]' (or pip install bitsandbytes)",
+        )
+    if device.type == "mps":
+        raise UsageError(
+            f"--quantize {kind} is not available on Apple's mps device",
+            hint="drop --quantize, or use --device cpu",
+        )
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=UNQUANTIZED_MODULES,
+    )
+
+
+def _model_class(architecture: str):
+    import transformers
+
+    return getattr(transformers, architecture)
+
+
+def load(opts: LoadOptions, *, architectures: tuple[str, ...] = GENERATIVE, task: str = "caption") -> LoadedModel:
+    """Resolve everything (cheap, clear errors first), then read the weights."""
+    ckpt = resolve_checkpoint(opts)
+    if ckpt.architecture not in architectures:
+        if architectures == GENERATIVE:
+            raise ModelError(
+                f"{opts.model!r} is a {ckpt.architecture} checkpoint, which cannot {task}",
+                hint=f"use a captioning checkpoint such as {DEFAULT_MODEL}",
+            )
+        raise ModelError(f"{opts.model!r} ({ckpt.architecture}) cannot be used for {task}")
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device, ckpt)
+    qconfig = quantization_config(opts.quantize, dtype, device)
+
+    _quiet_transformers()
+    from transformers import AutoProcessor
+
+    offline = offline_requested(opts.offline)
+    common: dict[str, Any] = {"revision": opts.revision, "local_files_only": offline}
+    kwargs: dict[str, Any] = dict(common, dtype=dtype)
+    # use_safetensors=True refuses pickle files outright; None lets transformers
+    # prefer safetensors and fall back to .bin only when the user opted in.
+    kwargs["use_safetensors"] = None if opts.allow_pickle else True
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": str(device) if device.type != "cuda" else (device.index or 0)}
+    cls = _model_class(ckpt.architecture)
+    try:
+        model = cls.from_pretrained(ckpt.source, **kwargs)
+    except (OSError, ValueError) as exc:
+        text = str(exc)
+        if "safetensors" in text.lower() and not opts.allow_pickle:
+            raise ModelError(
+                f"{opts.model!r} has no safetensors weights",
+                hint="pass --allow-pickle if you trust this checkpoint's pickle (.bin) files",
+            ) from exc
+        raise ModelError(f"cannot load {opts.model!r}: {text.splitlines()[0] if text else exc}") from exc
+    if qconfig is None:
+        model.to(device)
+    model.eval()
+    try:
+        processor = AutoProcessor.from_pretrained(ckpt.source, **common)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the processor/tokenizer of {opts.model!r}: {exc}") from exc
+    tokenizer = getattr(processor, "tokenizer", processor)
+
+    from .images import ImageSpec
+
+    image_processor = getattr(processor, "image_processor", None)
+    spec = ImageSpec.from_dict(image_processor.to_dict()) if image_processor is not None else ImageSpec()
+    loaded = LoadedModel(
+        model=model,
+        processor=processor,
+        tokenizer=tokenizer,
+        checkpoint=ckpt,
+        device=device,
+        dtype=dtype,
+        quantize=opts.quantize,
+        options=opts,
+        image_spec=spec,
+    )
+    if ckpt.architecture in GENERATIVE:
+        _check_image_tokens(loaded)
+    return loaded
+
+
+def _check_image_tokens(loaded: LoadedModel) -> None:
+    """Guard against the silent failure modes of BLIP-2 checkpoints (see BLIP2-NOTES)."""
+    config = loaded.model.config
+    image_id = getattr(config, "image_token_index", None)
+    if image_id is None:
+        image_id = getattr(config, "image_token_id", None)
+    if image_id is None:
+        raise ModelError(
+            f"{loaded.options.model!r}: config.image_token_index is not set; generation would fail",
+            hint="re-save the checkpoint with a current transformers (Blip2Processor adds <image>)",
+        )
+    tok_id = loaded.tokenizer.convert_tokens_to_ids("<image>")
+    if tok_id != image_id:
+        raise ModelError(
+            f"{loaded.options.model!r}: the tokenizer's <image> id ({tok_id}) differs from "
+            f"config.image_token_index ({image_id})",
+        )
+    if getattr(loaded.processor, "num_query_tokens", None) is None:
+        # Without it the processor silently drops the image tokens (and the image).
+        loaded.processor.num_query_tokens = config.num_query_tokens
+
+
+def _quiet_transformers() -> None:
+    """transformers' info/warning chatter is not for our users; errors still show."""
+    if os.environ.get("BLIP2_DEBUG"):
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")

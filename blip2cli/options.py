@@ -1,0 +1,194 @@
+"""Options shared by every subcommand, declared once as ``Annotated`` aliases.
+
+Importing this module must stay cheap (typer only): ``blip2 --help`` and shell
+completion build every command's options without touching torch.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .loader import DEFAULT_MODEL
+
+LOADER = "Model loading"
+INPUT = "Inputs"
+OUTPUT = "Output"
+GENERATION = "Generation"
+PERFORMANCE = "Performance"
+
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Quantize(str, Enum):
+    none = "none"
+    q8 = "8bit"
+    q4 = "4bit"
+
+
+class Format(str, Enum):
+    text = "text"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class Preprocess(str, Enum):
+    fast = "fast"
+    reference = "reference"
+
+
+def _complete_device(incomplete: str) -> list[str]:
+    return [d for d in ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps") if d.startswith(incomplete)]
+
+
+# -- the shared loader ---------------------------------------------------------
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", envvar="BLIP2_MODEL", show_envvar=True, rich_help_panel=LOADER,
+        help="Hub id or local folder of a BLIP-2 checkpoint.",
+    ),
+]
+Revision = Annotated[
+    Optional[str],
+    typer.Option("--revision", rich_help_panel=LOADER, help="Branch, tag or commit of a hub model."),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", rich_help_panel=LOADER, autocompletion=_complete_device,
+        help="auto|cpu|cuda|cuda:N|mps. auto: cuda, then mps, then cpu.",
+    ),
+]
+DtypeOpt = Annotated[
+    Dtype,
+    typer.Option(
+        "--dtype", rich_help_panel=LOADER, case_sensitive=False,
+        help="auto: float16 on GPUs for OPT, bfloat16 for Flan-T5, float32 on the CPU.",
+    ),
+]
+QuantizeOpt = Annotated[
+    Quantize,
+    typer.Option(
+        "--quantize", rich_help_panel=LOADER, case_sensitive=False,
+        help="Load the language model in 8 or 4 bits (bitsandbytes).",
+    ),
+]
+Offline = Annotated[
+    bool,
+    typer.Option(
+        "--offline", rich_help_panel=LOADER,
+        help="Never touch the network; use the Hugging Face cache only (as HF_HUB_OFFLINE=1).",
+    ),
+]
+AllowPickle = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle", rich_help_panel=LOADER,
+        help="Allow pickle (.bin) weights, which can run code: only for checkpoints you trust.",
+    ),
+]
+
+# -- inputs --------------------------------------------------------------------
+Inputs = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        help="Image files, directories, quoted globs ('photos/**/*.jpg'), or - for stdin "
+        "(a list of paths, or raw image bytes).",
+        show_default=False,
+    ),
+]
+Recursive = Annotated[
+    bool,
+    typer.Option("--recursive/--no-recursive", rich_help_panel=INPUT, help="Walk directories recursively."),
+]
+Ext = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--ext", rich_help_panel=INPUT, show_default=False,
+        help="Image extensions to pick up in directories and globs (repeatable or comma-separated). "
+        "Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.",
+    ),
+]
+Null = Annotated[
+    bool,
+    typer.Option("-0", "--null", rich_help_panel=INPUT, help="Paths on stdin / --files-from are NUL-separated (find -print0)."),
+]
+FilesFrom = Annotated[
+    Optional[list[str]],
+    typer.Option("--files-from", rich_help_panel=INPUT, show_default=False, help="Read input paths from FILE (- for stdin)."),
+]
+
+# -- output --------------------------------------------------------------------
+FormatOpt = Annotated[
+    Optional[Format],
+    typer.Option(
+        "--format", "-f", rich_help_panel=OUTPUT, case_sensitive=False, show_default=False,
+        help="text | jsonl | csv. Default: from the -o extension (.jsonl, .csv), else text.",
+    ),
+]
+Output = Annotated[
+    Optional[Path],
+    typer.Option("--output", "-o", rich_help_panel=OUTPUT, show_default=False, help="Write records to FILE instead of stdout."),
+]
+Quiet = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, help="No progress bar."),
+]
+
+# -- performance ---------------------------------------------------------------
+BatchSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--batch-size", "-b", min=1, rich_help_panel=PERFORMANCE, show_default=False,
+        help="Images per model call. Default: 8 on the CPU, 16 on mps, 32 on CUDA.",
+    ),
+]
+Workers = Annotated[
+    Optional[int],
+    typer.Option(
+        "--workers", "-j", min=1, rich_help_panel=PERFORMANCE, show_default=False,
+        help="Threads decoding images ahead of the model. Default: the CPU count, at most 8.",
+    ),
+]
+PreprocessOpt = Annotated[
+    Preprocess,
+    typer.Option(
+        "--preprocess", rich_help_panel=PERFORMANCE, case_sensitive=False,
+        help="fast: our own decode+resize path; reference: the checkpoint's transformers "
+        "image processor, bit for bit.",
+    ),
+]
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def default_batch_size(device_type: str) -> int:
+    return {"cpu": 8, "mps": 16}.get(device_type, 32)
+
+
+def infer_format(fmt: Optional[Format], output: Optional[Path]) -> str:
+    if fmt is not None:
+        return fmt.value
+    if output is not None:
+        suffix = output.suffix.lower()
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            return "jsonl"
+        if suffix == ".csv":
+            return "csv"
+    return "text"
+
+
+__all__ = [name for name in dir() if not name.startswith("_")] + ["DEFAULT_MODEL"]

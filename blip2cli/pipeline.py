@@ -1,0 +1,189 @@
+"""The pipeline: sources -> decode (thread pool) -> batches -> model -> writer.
+
+``run()`` joins the stages. Items are decoded ahead of the model in a pool of
+worker threads (Pillow releases the GIL while decoding and resizing), so the
+model rarely waits; records come out in input order, a batch at a time, each
+written and flushed as soon as its batch is done.
+
+Items come from a background thread, so a slow producer (``tail -f list |
+blip2 caption -``) never holds back results that are ready: when nothing is
+being decoded and the source has nothing new, the partial batch is run.
+
+A task is anything with three methods:
+
+* ``prepare(item)`` runs in a worker thread and returns what the model needs
+  (raises ``images.ImageError`` for a bad image);
+* ``run_batch(prepared_list)`` runs the model on the main thread and returns
+  one result per input;
+* ``record(item, result, error)`` makes the output record.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Protocol
+
+from .sources import Item
+
+
+class Task(Protocol):
+    def prepare(self, item: Item) -> Any: ...
+
+    def run_batch(self, prepared: list[Any]) -> list[Any]: ...
+
+    def record(self, item: Item, result: Any, error: str | None) -> dict: ...
+
+
+@dataclass
+class Stats:
+    done: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {"wait_decode": 0.0, "model": 0.0, "write": 0.0})
+
+    @property
+    def total(self) -> int:
+        return self.done + self.failed
+
+
+class _SourceThread:
+    """Pulls items from an iterator on a daemon thread; exceptions are re-raised in the consumer."""
+
+    _END = object()
+
+    def __init__(self, items: Iterable[Item], maxsize: int = 4096):
+        self.queue: queue.Queue = queue.Queue(maxsize)
+        self.finished = False
+        self._thread = threading.Thread(target=self._pump, args=(iter(items),), daemon=True)
+        self._thread.start()
+
+    def _pump(self, it: Iterator[Item]) -> None:
+        try:
+            for item in it:
+                self.queue.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self.queue.put(_Raise(exc))
+        self.queue.put(self._END)
+
+    def get(self, block: bool) -> Item | None:
+        """Next item, or None when none is ready (non-blocking) or the source is exhausted."""
+        if self.finished:
+            return None
+        try:
+            got = self.queue.get(block=block)
+        except queue.Empty:
+            return None
+        if got is self._END:
+            self.finished = True
+            return None
+        if isinstance(got, _Raise):
+            self.finished = True
+            raise got.exc
+        return got
+
+
+@dataclass
+class _Raise:
+    exc: BaseException
+
+
+def _prepare(task: Task, item: Item) -> Any:
+    if item.error is not None:
+        from .images import ImageError
+
+        raise ImageError(item.error)
+    return task.prepare(item)
+
+
+def run(
+    items: Iterable[Item],
+    task: Task,
+    writer,
+    *,
+    batch_size: int,
+    workers: int,
+    reporter=None,
+    fail_fast: bool = False,
+) -> Stats:
+    from .images import ImageError
+
+    stats = Stats()
+    started = time.perf_counter()
+    source = _SourceThread(items)
+    lookahead = max(batch_size * 2, workers * 2, 4)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="blip2-decode")
+    pending: deque[tuple[Item, Future]] = deque()
+    batch: list[tuple[Item, Any, str | None]] = []
+    ready = 0  # items in ``batch`` that decoded fine
+
+    def top_up(block: bool) -> None:
+        while len(pending) < lookahead:
+            item = source.get(block=block)
+            if item is None:
+                return
+            pending.append((item, pool.submit(_prepare, task, item)))
+            block = False
+
+    def flush() -> None:
+        nonlocal batch, ready
+        if not batch:
+            return
+        good = [(i, p) for i, (_, p, err) in enumerate(batch) if err is None]
+        results: dict[int, Any] = {}
+        if good:
+            t0 = time.perf_counter()
+            outputs = task.run_batch([p for _, p in good])
+            stats.stage_seconds["model"] += time.perf_counter() - t0
+            results = {i: out for (i, _), out in zip(good, outputs)}
+        t0 = time.perf_counter()
+        for i, (item, _, err) in enumerate(batch):
+            record = task.record(item, results.get(i), err)
+            writer.write(record)
+            if err is None:
+                stats.done += 1
+            else:
+                stats.failed += 1
+                if reporter is not None:
+                    reporter.item_failed(item.name, err)
+            if reporter is not None:
+                reporter.advance()
+        stats.stage_seconds["write"] += time.perf_counter() - t0
+        batch, ready = [], 0
+
+    try:
+        while True:
+            top_up(block=False)
+            if not pending:
+                flush()  # the source is slow or done: don't sit on finished work
+                top_up(block=True)
+                if not pending:
+                    break
+            item, future = pending.popleft()
+            t0 = time.perf_counter()
+            try:
+                prepared, error = future.result(), None
+            except ImageError as exc:
+                prepared, error = None, str(exc)
+            except Exception as exc:  # noqa: BLE001 - one bad image must not end the run
+                prepared, error = None, f"cannot read this image ({type(exc).__name__}: {exc})"
+            stats.stage_seconds["wait_decode"] += time.perf_counter() - t0
+            batch.append((item, prepared, error))
+            if error is None:
+                ready += 1
+            elif fail_fast:
+                flush()
+                break
+            if ready >= batch_size:
+                flush()
+        flush()
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+        stats.seconds = time.perf_counter() - started
+    return stats
