@@ -103,8 +103,11 @@ class Captioner:
         self.options = options
         self.kwargs = options.generate_kwargs()
         self._ids = prompt_ids(loaded, options.prompt)
+        self._eos = _eos_ids(loaded)
 
-    def caption(self, pixel_values) -> list[list[str]]:
+    def generate_ids(self, pixel_values) -> list[list[int]]:
+        """New token ids, ``num_captions`` rows per image, prompt removed, each cut
+        after its first end-of-sequence token (batch padding dropped)."""
         import torch
 
         loaded = self.loaded
@@ -120,9 +123,29 @@ class Captioner:
             )
         if not loaded.is_encoder_decoder:
             out = out[:, input_ids.shape[1]:]  # decoder-only output starts with the prompt
-        texts = loaded.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [trim_at_eos(row, self._eos) for row in out.tolist()]
+
+    def caption(self, pixel_values) -> list[list[str]]:
+        rows = self.generate_ids(pixel_values)
+        texts = self.loaded.tokenizer.batch_decode(rows, skip_special_tokens=True)
         n = self.options.num_captions
-        return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(batch)]
+        return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(texts) // n)]
+
+
+def trim_at_eos(row: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[: i + 1]
+    return row
+
+
+def _eos_ids(loaded) -> set[int]:
+    eos = getattr(loaded.model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = loaded.model.config.text_config.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
 
 def caption_record(name: str, captions: Sequence[str] | None, error: str | None) -> dict:

@@ -1,0 +1,1 @@
+complete --command blip2 --no-files --arguments "(env _BLIP2_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) blip2)" --condition "env _BLIP2_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) blip2"
