@@ -1,0 +1,63 @@
+"""A few real `blip2` processes: pipes, signals. Each pays the torch import, so few."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def blip2_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("blip2")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "blip2cli"]
+
+
+def test_find_pipe_into_blip2_jsonl(tiny_opt, example_images, tmp_path):
+    listing = "".join(f"{p}\n" for p in example_images)
+    proc = subprocess.run(
+        [*blip2_cmd(), "caption", "-", "--model", str(tiny_opt), "--format", "jsonl", "--max-new-tokens", "6"],
+        input=listing.encode(), capture_output=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    records = [json.loads(l) for l in proc.stdout.decode().splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in example_images]
+    assert all(r["caption"] and r["error"] is None for r in records)
+    assert proc.stderr.decode() == ""  # no chatter, no progress bar off a terminal
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_with_whole_records(tiny_opt, example_images, tmp_path, sig, code):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):  # hard links: distinct paths, no disk cost
+        os.link(example_images[i % len(example_images)], folder / f"{i:04d}{example_images[i % 4].suffix}")
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        [*blip2_cmd(), "caption", str(folder), "--model", str(tiny_opt), "-o", str(out),
+         "-b", "1", "-j", "1", "--max-new-tokens", "20", "--min-new-tokens", "20", "--num-beams", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"finished before the signal: {proc.stderr.read().decode()}")
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err.decode()
+    data = out.read_bytes()
+    assert data.endswith(b"\n")
+    records = [json.loads(l) for l in data.decode().splitlines()]
+    assert 2 <= len(records) < 400
+    assert [r["path"] for r in records] == [str(folder / f"{i:04d}{example_images[i % 4].suffix}") for i in range(len(records))]
+    assert "interrupted" in err.decode()
