@@ -13,6 +13,7 @@ EXIT_ITEMS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # SIGINT, as shells report it (128 + 2)
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
+EXIT_BROKEN_PIPE = 141  # stdout closed by the reader (128 + SIGPIPE)
 
 
 class Blip2Error(Exception):

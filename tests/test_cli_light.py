@@ -164,3 +164,41 @@ def test_unwritable_output_fails_before_loading(tmp_path):
     )
     assert result.exit_code != 0
     assert "does not exist" in result.stderr and "mkdir" in result.stderr
+
+
+def test_model_from_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIP2_MODEL", str(tmp_path / "from-env"))
+    result = runner.invoke(app, ["caption", str(tmp_path)])
+    assert result.exit_code == 2 and "from-env" in result.stderr
+
+
+def test_hf_hub_offline_environment_is_respected(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["caption", str(tmp_path), "--model", "someone/not-cached"])
+    assert result.exit_code == 2 and "offline mode is on" in result.stderr
+
+
+def test_reporter_draws_progress_only_on_a_terminal(monkeypatch):
+    import io
+
+    from blip2cli.console import Reporter
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, expect_bar in ((Tty(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stderr", stream)
+        rep = Reporter(total=3)
+        rep.advance()
+        rep.item_failed("bad.jpg", "truncated\nJPEG")
+        rep.close()
+        text = stream.getvalue()
+        assert ("img/s" in text) is expect_bar
+        assert "bad.jpg: truncated JPEG" in text  # one line, whatever the reason held
+    quiet = Tty()
+    monkeypatch.setattr("sys.stderr", quiet)
+    rep = Reporter(total=3, quiet=True)
+    rep.advance()
+    rep.close()
+    assert "img/s" not in quiet.getvalue()

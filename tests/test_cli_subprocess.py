@@ -61,3 +61,44 @@ def test_signal_stops_with_whole_records(tiny_opt, example_images, tmp_path, sig
     assert 2 <= len(records) < 400
     assert [r["path"] for r in records] == [str(folder / f"{i:04d}{example_images[i % 4].suffix}") for i in range(len(records))]
     assert "interrupted" in err.decode()
+
+
+def test_closed_pipe_stops_quietly(tiny_opt, example_images):
+    """`blip2 caption ... | head -1`: no traceback when the reader goes away."""
+    proc = subprocess.run(
+        ["bash", "-c", " ".join([*blip2_cmd(), "caption", *map(str, example_images * 50), "--model",
+                                 str(tiny_opt), "-b", "1", "--max-new-tokens", "4", "--num-beams", "1",
+                                 "| head -n 1; exit ${PIPESTATUS[0]}"])],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.stdout.count("\n") == 1
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141
+
+
+def test_progress_bar_only_on_a_terminal(tiny_opt, example_images):
+    """stderr on a pseudo-terminal gets a progress bar; stdout stays pure data."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*blip2_cmd(), "caption", *map(str, example_images), "--model", str(tiny_opt), "-f", "jsonl",
+         "--max-new-tokens", "4"],
+        stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+    )
+    os.close(slave)
+    out, _ = proc.communicate(timeout=300)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    err = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0
+    assert [json.loads(l)["path"] for l in out.decode().splitlines()] == [str(p) for p in example_images]
+    assert "img/s" in err and f"{len(example_images)}/{len(example_images)}" in err

@@ -8,7 +8,7 @@ import typer
 
 from .. import options as o
 from ..caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, DEFAULT_NUM_BEAMS
-from .common import check_output_path, finish, handles_errors, sigterm_as_interrupt
+from .common import check_output_path, drive, finish, handles_errors, resolve_items
 
 EXAMPLES = """
 
@@ -94,12 +94,7 @@ def caption(
 ) -> None:
     """Caption images: one record per image, streamed in input order."""
     from ..caption import Captioner, GenerationOptions, caption_schema
-    from ..errors import UsageError
     from ..loader import LoadOptions, load
-    from ..pipeline import run
-    from ..sources import InputResolver
-    from ..console import Reporter
-    from ..writers import Output, make_writer
 
     gen = GenerationOptions(
         prompt=prompt,
@@ -114,22 +109,9 @@ def caption(
         seed=seed,
     )
     gen.validate()
-    inputs = list(inputs or [])
-    files_from = list(files_from or [])
-    if not inputs and not files_from:
-        raise UsageError(
-            "no inputs: name image files, folders or globs, or - to read from stdin",
-            hint="blip2 caption photos/   or   find . -name '*.jpg' | blip2 caption -",
-        )
     fmt_name = o.infer_format(fmt, output)
     check_output_path(output)
-
-    resolver = InputResolver(recursive=recursive, extensions=ext, null_separated=null)
-    items = resolver.resolve(inputs, files_from)
-    total = None
-    if not InputResolver.reads_stdin(inputs, files_from):
-        items = list(items)  # known length: the progress bar can show an ETA
-        total = len(items)
+    items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="caption")
 
     loaded = load(
         LoadOptions(
@@ -148,24 +130,17 @@ def caption(
 
         torch.manual_seed(seed)
     task = CaptionTask(loaded, Captioner(loaded, gen), preprocess.value)
-
-    out = Output(str(output) if output is not None else None)
-    stream = out.open()
-    reporter = Reporter(quiet=quiet, total=total)
-    try:
-        writer = make_writer(fmt_name, stream, caption_schema(gen.num_captions))
-        with sigterm_as_interrupt():
-            stats = run(
-                items,
-                task,
-                writer,
-                batch_size=batch_size or o.default_batch_size(loaded.device.type),
-                workers=workers or o.default_workers(),
-                reporter=reporter,
-            )
-    finally:
-        reporter.close()
-        out.close()
+    stats = drive(
+        items,
+        task,
+        caption_schema(gen.num_captions),
+        fmt=fmt_name,
+        output=output,
+        quiet=quiet,
+        total=total,
+        batch_size=batch_size or o.default_batch_size(loaded.device.type),
+        workers=workers or o.default_workers(),
+    )
     finish(stats, output=output, quiet=quiet)
 
 

@@ -16,6 +16,7 @@ import typer
 
 from .. import console
 from ..errors import (
+    EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -45,6 +46,11 @@ def handles_errors(func: Callable) -> Callable:
             if os.environ.get("BLIP2_DEBUG"):
                 traceback.print_exc()
             raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:
+            # The reader went away (`blip2 caption ... | head -1`): stop quietly,
+            # as other Unix tools do, with the shell's code for SIGPIPE.
+            _silence_stdout()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except (KeyboardInterrupt, Interrupted) as exc:
             code = exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
             console.message("interrupted: finished records were written")
@@ -57,6 +63,15 @@ def handles_errors(func: Callable) -> Callable:
             raise typer.Exit(EXIT_ITEMS_FAILED) from None
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. a test runner)
+        pass
 
 
 @contextmanager
@@ -91,6 +106,45 @@ def check_output_path(output: Path | None) -> None:
         )
     if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise OutputError(f"cannot write {str(output)!r}: permission denied")
+
+
+def resolve_items(inputs, files_from, *, recursive: bool, ext, null: bool, command: str):
+    """Inputs -> (items, total). A list (total known, for the ETA) unless stdin is read."""
+    from ..errors import UsageError
+    from ..sources import InputResolver
+
+    inputs = list(inputs or [])
+    files_from = list(files_from or [])
+    if not inputs and not files_from:
+        raise UsageError(
+            "no inputs: name image files, folders or globs, or - to read from stdin",
+            hint=f"blip2 {command} photos/   or   find . -name '*.jpg' | blip2 {command} -",
+        )
+    resolver = InputResolver(recursive=recursive, extensions=ext, null_separated=null)
+    items = resolver.resolve(inputs, files_from)
+    if InputResolver.reads_stdin(inputs, files_from):
+        return items, None
+    items = list(items)
+    return items, len(items)
+
+
+def drive(items, task, schema, *, fmt: str, output: Path | None, quiet: bool, total: int | None,
+          batch_size: int, workers: int, description: str = "captioning"):
+    """Run a task through the pipeline into the chosen output; return its Stats."""
+    from ..console import Reporter
+    from ..pipeline import run
+    from ..writers import Output, make_writer
+
+    out = Output(str(output) if output is not None else None)
+    stream = out.open()
+    reporter = Reporter(quiet=quiet, total=total, description=description)
+    try:
+        writer = make_writer(fmt, stream, schema)
+        with sigterm_as_interrupt():
+            return run(items, task, writer, batch_size=batch_size, workers=workers, reporter=reporter)
+    finally:
+        reporter.close()
+        out.close()
 
 
 def finish(stats, *, output: Path | None, quiet: bool) -> None:
