@@ -15,7 +15,9 @@ A task is anything with three methods:
   (raises ``images.ImageError`` for a bad image);
 * ``run_batch(prepared_list)`` runs the model on the main thread and returns
   one result per input;
-* ``record(item, result, error)`` makes the output record.
+* ``record(item, result, error)`` makes the output record (or a list of
+  records, e.g. one per question); an item counts as failed when one of its
+  records carries an ``error`` once written.
 """
 
 from __future__ import annotations
@@ -142,14 +144,19 @@ def run(
             results = {i: out for (i, _), out in zip(good, outputs)}
         t0 = time.perf_counter()
         for i, (item, _, err) in enumerate(batch):
-            record = task.record(item, results.get(i), err)
-            writer.write(record)
-            if err is None:
+            made = task.record(item, results.get(i), err)
+            # A task may make several records of one item (ask: one per question).
+            records = made if isinstance(made, list) else [made]
+            failure = None
+            for record in records:
+                writer.write(record)  # a writer may set "error" (e.g. a sidecar it could not write)
+                failure = failure or record.get("error")
+            if failure is None:
                 stats.done += 1
             else:
                 stats.failed += 1
                 if reporter is not None:
-                    reporter.item_failed(item.name, err)
+                    reporter.item_failed(item.name, failure)
             if reporter is not None:
                 reporter.advance()
         stats.stage_seconds["write"] += time.perf_counter() - t0
