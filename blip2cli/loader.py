@@ -328,8 +328,28 @@ def _model_class(architecture: str):
     return getattr(transformers, architecture)
 
 
-def load(opts: LoadOptions, *, architectures: tuple[str, ...] = GENERATIVE, task: str = "caption") -> LoadedModel:
-    """Resolve everything (cheap, clear errors first), then read the weights."""
+@dataclass
+class LoadPlan:
+    """Everything decided before any weights are read."""
+
+    options: LoadOptions
+    checkpoint: Checkpoint
+    device: Any
+    dtype: Any
+    qconfig: Any
+
+    def settings(self) -> dict:
+        """What makes a record reproducible, as recorded beside each result."""
+        return {
+            "model": self.options.model,
+            "revision": self.options.revision,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "quantize": self.options.quantize,
+        }
+
+
+def plan(opts: LoadOptions, *, architectures: tuple[str, ...] = GENERATIVE, task: str = "caption") -> LoadPlan:
+    """Resolve checkpoint, device, dtype and quantization: cheap, with clear errors."""
     ckpt = resolve_checkpoint(opts)
     if ckpt.architecture not in architectures:
         if architectures == GENERATIVE:
@@ -341,6 +361,20 @@ def load(opts: LoadOptions, *, architectures: tuple[str, ...] = GENERATIVE, task
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device, ckpt)
     qconfig = quantization_config(opts.quantize, dtype, device)
+    return LoadPlan(opts, ckpt, device, dtype, qconfig)
+
+
+def load(
+    opts: LoadOptions,
+    *,
+    architectures: tuple[str, ...] = GENERATIVE,
+    task: str = "caption",
+    load_plan: LoadPlan | None = None,
+) -> LoadedModel:
+    """Resolve everything (cheap, clear errors first), then read the weights."""
+    if load_plan is None:
+        load_plan = plan(opts, architectures=architectures, task=task)
+    ckpt, device, dtype, qconfig = load_plan.checkpoint, load_plan.device, load_plan.dtype, load_plan.qconfig
 
     _quiet_transformers()
     from transformers import AutoProcessor

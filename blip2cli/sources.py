@@ -53,6 +53,9 @@ class Item:
     # Set for an input that is known to fail before any decoding (e.g. a
     # pattern that matched nothing); the pipeline turns it into an error record.
     error: str | None = None
+    # The folder argument (or the fixed prefix of a glob) this item was found
+    # under; sidecars under --output-dir mirror the tree below it.
+    root: str | None = None
 
 
 def parse_extensions(values: Iterable[str] | None) -> tuple[str, ...]:
@@ -74,6 +77,17 @@ def looks_like_image_bytes(head: bytes) -> bool:
 
 def _has_magic(arg: str) -> bool:
     return glob.has_magic(arg)
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder part of a pattern before its first wildcard: ``a/b/**/*.jpg`` -> ``a/b``."""
+    parts = pattern.split(os.sep)
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return os.sep.join(fixed) or ("/" if pattern.startswith("/") else ".")
 
 
 class InputResolver:
@@ -164,14 +178,15 @@ class InputResolver:
             # Sorted component by component: the same order a directory walk gives.
             matches = sorted(glob.glob(arg, recursive=True), key=lambda p: p.split(os.sep))
             found = False
+            root = _glob_root(arg)
             for match in matches:
                 if os.path.isdir(match):
-                    for item in self._walk(match):
+                    for item in self._walk(match, root=root):
                         found = True
                         yield item
                 elif self._wanted(match):
                     found = True
-                    yield from self._emit(match)
+                    yield from self._emit(match, root=root)
             if not found:
                 yield Item(name=arg, source=arg, error="no image files match this pattern")
         else:
@@ -182,14 +197,15 @@ class InputResolver:
         ext = os.path.splitext(path)[1].lower().lstrip(".")
         return ext in self.extensions
 
-    def _emit(self, path: str) -> Iterator[Item]:
+    def _emit(self, path: str, root: str | None = None) -> Iterator[Item]:
         key = os.path.realpath(path)
         if key in self._seen:
             return
         self._seen.add(key)
-        yield Item(name=path, source=path)
+        yield Item(name=path, source=path, root=root)
 
-    def _walk(self, top: str) -> Iterator[Item]:
+    def _walk(self, top: str, root: str | None = None) -> Iterator[Item]:
+        root = top if root is None else root
         visited: set[tuple[int, int]] = set()
 
         def walk(directory: str) -> Iterator[Item]:
@@ -225,6 +241,6 @@ class InputResolver:
                 elif self._wanted(path):
                     # Broken symlinks with an image extension are kept: they
                     # fail as items, so the user learns about them.
-                    yield from self._emit(path)
+                    yield from self._emit(path, root=root)
 
         yield from walk(top)

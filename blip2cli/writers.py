@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import IO, Callable, Sequence
@@ -37,22 +38,39 @@ def escape_text(value: object) -> str:
 
 
 class Writer:
+    """Formats records; the sink it writes to makes each record durable as a whole."""
+
     format = ""
     extension = ""
 
-    def __init__(self, stream: IO[str], schema: Schema):
+    def __init__(self, stream, schema: Schema, *, header: bool = True):
         self.stream = stream
         self.schema = schema
+        head = self.header() if header else ""
+        if head:
+            self._emit(head)
 
-    def write(self, record: dict) -> None:
-        self._write(record)
-        self.stream.flush()
+    def header(self) -> str:
+        return ""
 
-    def _write(self, record: dict) -> None:  # pragma: no cover - abstract
+    def format_record(self, record: dict) -> str | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def write(self, record: dict) -> None:
+        text = self.format_record(record)
+        if text:
+            self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        if hasattr(self.stream, "write_record"):
+            self.stream.write_record(text)
+        else:
+            self.stream.write(text)
+            self.stream.flush()
+
     def close(self) -> None:
-        self.stream.flush()
+        if not hasattr(self.stream, "write_record"):
+            self.stream.flush()
 
 
 class TextWriter(Writer):
@@ -65,18 +83,18 @@ class TextWriter(Writer):
     format = "text"
     extension = ".txt"
 
-    def _write(self, record: dict) -> None:
+    def format_record(self, record: dict) -> str | None:
         if record.get("error"):
-            return
-        self.stream.write("\t".join(escape_text(v) for v in self.schema.text(record)) + "\n")
+            return None
+        return "\t".join(escape_text(v) for v in self.schema.text(record)) + "\n"
 
 
 class JsonlWriter(Writer):
     format = "jsonl"
     extension = ".jsonl"
 
-    def _write(self, record: dict) -> None:
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def format_record(self, record: dict) -> str:
+        return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 class CsvWriter(Writer):
@@ -85,64 +103,103 @@ class CsvWriter(Writer):
     format = "csv"
     extension = ".csv"
 
-    def __init__(self, stream: IO[str], schema: Schema):
-        super().__init__(stream, schema)
-        self._csv = csv.writer(stream, lineterminator="\r\n")
-        self._csv.writerow(schema.columns)
-        self.stream.flush()
+    @staticmethod
+    def _line(row: Sequence) -> str:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\r\n").writerow(["" if v is None else v for v in row])
+        return buffer.getvalue()
 
-    def _write(self, record: dict) -> None:
-        self._csv.writerow(["" if v is None else v for v in self.schema.row(record)])
+    def header(self) -> str:
+        return self._line(self.schema.columns)
+
+    def format_record(self, record: dict) -> str:
+        return self._line(self.schema.row(record))
 
 
 WRITERS: dict[str, type[Writer]] = {w.format: w for w in (TextWriter, JsonlWriter, CsvWriter)}
 FORMATS = tuple(WRITERS)
 
 
-class Output:
-    """Where records go: stdout (default) or a file, as UTF-8.
+class Sink:
+    """Where formatted records go: stdout (default) or a file, as UTF-8 bytes.
 
-    Undecodable bytes in file names survive the round trip (surrogateescape)
-    instead of crashing the run on its last step.
+    Each record is written and flushed whole. If a write fails (disk full, I/O
+    error), a file is cut back to the end of the last whole record, so what is
+    left is valid output, and an :class:`OutputError` says what happened.
+    Undecodable bytes in file names survive the round trip (surrogateescape).
     """
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, *, append: bool = False):
         self.path = path if path not in (None, "-") else None
-        self.stream: IO[str] | None = None
+        self.append = append
+        self._fh: IO[bytes] | None = None
+        self.records = 0
+        self._good = 0  # byte offset after the last whole record
 
-    def open(self) -> IO[str]:
+    def open(self) -> "Sink":
         from .errors import OutputError
 
         if self.path is None:
             sys.stdout.flush()
-            buffer = sys.stdout.buffer
-            self.stream = io.TextIOWrapper(
-                buffer, encoding="utf-8", errors="surrogateescape", newline="", write_through=True
-            )
-        else:
-            try:
-                self.stream = open(
-                    self.path, "w", encoding="utf-8", errors="surrogateescape", newline=""
-                )
-            except OSError as exc:
-                raise OutputError(
-                    f"cannot write the output file {self.path!r}: {exc.strerror or exc}",
-                    hint="check that the folder exists and is writable, or write to stdout",
-                ) from exc
-        return self.stream
+            self._fh = sys.stdout.buffer
+            return self
+        try:
+            self._fh = open(self.path, "ab" if self.append else "wb")
+            self._good = self._fh.seek(0, os.SEEK_END)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write the output file {self.path!r}: {exc.strerror or exc}",
+                hint="check that the folder exists and is writable, or write to stdout",
+            ) from exc
+        return self
+
+    def write_record(self, text: str) -> None:
+        from .errors import OutputError
+
+        data = text.encode("utf-8", "surrogateescape")
+        try:
+            self._fh.write(data)
+            self._fh.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            where = self.path or "standard output"
+            kept = ""
+            if self.path is not None:
+                try:
+                    self._fh.truncate(self._good)  # drop the torn record
+                    kept = f"; {self.path} holds the {self.records} whole records written before"
+                except OSError:
+                    kept = f"; the last record in {self.path} may be incomplete"
+            raise OutputError(
+                f"cannot write to {where}: {exc.strerror or exc}{kept}",
+                hint="free some space (or fix the output), then run again with --resume",
+            ) from exc
+        self._good += len(data)
+        self.records += 1
+
+    # A plain text-stream face, for code that wants one.
+    def write(self, text: str) -> None:
+        self.write_record(text)
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
 
     def close(self) -> None:
-        if self.stream is None:
+        if self._fh is None:
             return
         try:
-            self.stream.flush()
+            self._fh.flush()
         finally:
-            if self.path is None:
-                self.stream.detach()  # leave sys.stdout itself open
-            else:
-                self.stream.close()
-            self.stream = None
+            if self.path is not None:
+                self._fh.close()
+            self._fh = None
 
 
-def make_writer(fmt: str, stream: IO[str], schema: Schema) -> Writer:
-    return WRITERS[fmt](stream, schema)
+# Backwards-compatible name: ``Output(path).open()`` returns the sink.
+Output = Sink
+
+
+def make_writer(fmt: str, stream, schema: Schema, *, header: bool = True) -> Writer:
+    return WRITERS[fmt](stream, schema, header=header)

@@ -8,7 +8,7 @@ import typer
 
 from .. import options as o
 from ..caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, DEFAULT_NUM_BEAMS
-from .common import check_output_path, drive, finish, handles_errors, resolve_items
+from .common import check_output_path, finish, handles_errors, resolve_items, sidecar_policy
 
 EXAMPLES = """
 
@@ -91,10 +91,21 @@ def caption(
     batch_size: o.BatchSize = None,
     workers: o.Workers = None,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
+    sidecar: o.Sidecar = False,
+    sidecar_ext: o.SidecarExt = ".txt",
+    output_dir: o.OutputDir = None,
+    existing: o.Existing = o.ExistingOpt.skip,
+    prefix: o.Prefix = "",
+    suffix: o.Suffix = "",
+    separator: o.Separator = ", ",
+    dry_run: o.DryRun = False,
+    resume: o.Resume = False,
+    fail_fast: o.FailFast = False,
 ) -> None:
     """Caption images: one record per image, streamed in input order."""
     from ..caption import Captioner, GenerationOptions, caption_schema
-    from ..loader import LoadOptions, load
+    from ..job import Job
+    from ..loader import LoadOptions
 
     gen = GenerationOptions(
         prompt=prompt,
@@ -110,11 +121,12 @@ def caption(
     )
     gen.validate()
     fmt_name = o.infer_format(fmt, output)
-    check_output_path(output)
-    items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="caption")
-
-    loaded = load(
-        LoadOptions(
+    policy = sidecar_policy(
+        sidecar, sidecar_ext, output_dir, existing, prefix, suffix, separator
+    )
+    job = Job(
+        command="caption",
+        load_options=LoadOptions(
             model=model,
             revision=revision,
             device=device,
@@ -123,25 +135,27 @@ def caption(
             offline=offline,
             allow_pickle=allow_pickle,
         ),
-        task="caption",
-    )
-    if seed is not None:
-        import torch
-
-        torch.manual_seed(seed)
-    task = CaptionTask(loaded, Captioner(loaded, gen), preprocess.value)
-    stats = drive(
-        items,
-        task,
-        caption_schema(gen.num_captions),
+        make_task=lambda loaded: CaptionTask(loaded, Captioner(loaded, gen), preprocess.value),
+        schema=caption_schema(gen.num_captions),
         fmt=fmt_name,
         output=output,
+        extra_settings={"preprocess": preprocess.value, "generation": gen.describe()},
         quiet=quiet,
-        total=total,
-        batch_size=batch_size or o.default_batch_size(loaded.device.type),
-        workers=workers or o.default_workers(),
+        batch_size=batch_size,
+        workers=workers,
+        sidecar=policy,
+        resume=resume,
+        dry_run=dry_run,
+        fail_fast=fail_fast,
+        description="captioning",
+        seed=seed,
     )
-    finish(stats, output=output, quiet=quiet)
+    job.check()
+    if not dry_run:
+        check_output_path(output)
+    items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="caption")
+    result = job.run(items, total)
+    finish(result, output=output, quiet=quiet)
 
 
 caption.__doc__ = (caption.__doc__ or "") + EXAMPLES

@@ -147,14 +147,44 @@ def drive(items, task, schema, *, fmt: str, output: Path | None, quiet: bool, to
         out.close()
 
 
-def finish(stats, *, output: Path | None, quiet: bool) -> None:
+def sidecar_policy(sidecar, ext, output_dir, existing, prefix, suffix, separator):
+    """The SidecarPolicy for the sidecar options, or None without --sidecar/--output-dir."""
+    from ..errors import UsageError
+    from ..sidecar import Existing, SidecarPolicy
+
+    if not sidecar and output_dir is None:
+        used = [n for n, v in (("--prefix", prefix), ("--suffix", suffix)) if v]
+        if used or existing.value != "skip":
+            raise UsageError(
+                f"{' and '.join(used) or '--existing'} applies to sidecar files",
+                hint="add --sidecar (or --output-dir DIR)",
+            )
+        return None
+    return SidecarPolicy(
+        ext=ext,
+        output_dir=str(output_dir) if output_dir is not None else None,
+        existing=Existing(existing.value),
+        prefix=prefix,
+        suffix=suffix,
+        separator=separator,
+    )
+
+
+def finish(result, *, output: Path | None, quiet: bool) -> None:
     """Summary on stderr and the exit code: 0 all done, 1 some failed."""
-    if stats.failed:
+    stats = getattr(result, "stats", result)
+    if getattr(result, "dry_run", False):
+        raise typer.Exit(EXIT_OK)
+    if stats is not None and stats.failed:
         where = f"error records are in {output}" if output is not None else "see the messages above"
         console.message(f"{stats.failed} of {stats.total} images failed ({where})")
         raise typer.Exit(EXIT_ITEMS_FAILED)
-    if stats.total == 0:
+    if (stats is None or stats.total == 0) and not (
+        getattr(result, "skipped_existing", 0) or getattr(result, "resumed", 0)
+    ):
         console.message("no images found in the inputs")
+    elif stats is None or stats.total == 0:
+        console.message("nothing left to do")
     raise typer.Exit(EXIT_OK)
 
 

@@ -1,0 +1,175 @@
+"""Sidecar captions: ``photo.txt`` beside ``photo.jpg`` (or under ``--output-dir``).
+
+Existing captions are never destroyed by accident: the default policy is
+``skip``, decided before an image is even decoded, so an interrupted folder
+run resumes by running the same command again. Every file is written
+atomically (a temporary file in the same folder, then a rename), and a
+sidecar never lands outside the image's folder or the chosen output folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from enum import Enum
+
+from .errors import UsageError
+
+
+class Existing(str, Enum):
+    skip = "skip"
+    overwrite = "overwrite"
+    append = "append"
+    prepend = "prepend"
+
+
+class SidecarError(Exception):
+    """This image cannot have a sidecar (the reason is for the user)."""
+
+
+@dataclass
+class SidecarPolicy:
+    ext: str = ".txt"
+    output_dir: str | None = None
+    existing: Existing = Existing.skip
+    prefix: str = ""
+    suffix: str = ""
+    separator: str = ", "
+
+    def __post_init__(self):
+        ext = self.ext if self.ext.startswith(".") else "." + self.ext
+        if ext in (".", "") or os.sep in ext or (os.altsep and os.altsep in ext):
+            raise UsageError(f"--sidecar-ext {self.ext!r} is not a file extension", hint="e.g. .txt or .caption")
+        self.ext = ext
+        self._claimed: dict[str, str] = {}  # sidecar path -> image that claimed it in this run
+
+    # -- where ---------------------------------------------------------------
+    def path_for(self, item) -> str:
+        """The sidecar path of an item; raises SidecarError when it cannot have one."""
+        if isinstance(item.source, (bytes, bytearray)):
+            raise SidecarError("image bytes from stdin have no file name to put a sidecar beside")
+        image = item.name
+        stem = os.path.splitext(os.path.basename(image))[0]
+        if not stem or stem in (".", ".."):
+            raise SidecarError("this file name cannot have a sidecar")
+        name = stem + self.ext
+        if self.output_dir is None:
+            folder = os.path.dirname(image)
+            path = os.path.join(folder, name)
+        else:
+            rel_dir = os.path.dirname(_relative_to_root(image, item.root))
+            base = os.path.abspath(self.output_dir)
+            path = os.path.normpath(os.path.join(base, rel_dir, name))
+            if os.path.commonpath([base, path]) != base:  # belt and braces: never outside
+                raise SidecarError(f"its sidecar would land outside {self.output_dir}")
+        if os.path.abspath(path) == os.path.abspath(image):
+            raise SidecarError(f"its sidecar would be the image itself (it already ends in {self.ext})")
+        return path
+
+    def action(self, path: str) -> str:
+        """What a run would do to ``path``: write, skip, overwrite, append or prepend."""
+        if not os.path.lexists(path):
+            return "write"
+        return self.existing.value
+
+    def claim(self, path: str, image: str) -> None:
+        """Two images of one stem (a.jpg, a.png) would share a.txt: the second one fails."""
+        owner = self._claimed.get(path)
+        if owner is not None and owner != image:
+            raise SidecarError(f"its sidecar {path} is also the sidecar of {owner}; rename one of them")
+        self._claimed[path] = image
+
+    # -- what ----------------------------------------------------------------
+    def text(self, captions: list[str], path: str) -> str:
+        new = "\n".join(f"{self.prefix}{c}{self.suffix}" for c in captions)
+        action = self.action(path)
+        if action in ("append", "prepend"):
+            with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+                old = fh.read().strip()
+            if old:
+                new = f"{old}{self.separator}{new}" if action == "append" else f"{new}{self.separator}{old}"
+        return new + "\n"
+
+
+def _relative_to_root(image: str, root: str | None) -> str:
+    """The image path below its input root, with no way out of it."""
+    if root is not None:
+        rel = os.path.relpath(os.path.abspath(image), os.path.abspath(root))
+    else:
+        rel = os.path.relpath(os.path.abspath(image), os.getcwd())
+    if rel.startswith(os.pardir + os.sep) or rel == os.pardir or os.path.isabs(rel):
+        rel = os.path.basename(image)  # outside the root: keep the file name only
+    return rel
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class SidecarWriter:
+    """Writes each successful record's captions to its sidecar, then passes the
+    record (with ``sidecar`` set) on to the stream writer."""
+
+    def __init__(self, policy: SidecarPolicy, inner, *, text_of=lambda r: r.get("captions") or []):
+        self.policy = policy
+        self.inner = inner
+        self.text_of = text_of
+
+    def write(self, record: dict) -> None:
+        if not record.get("error"):
+            path = record.get("sidecar")
+            try:
+                if path is None:
+                    raise SidecarError("no sidecar path")
+                write_atomic(path, self.policy.text(list(self.text_of(record)), path))
+            except (OSError, SidecarError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                record["error"] = f"cannot write the sidecar {path}: {reason}"
+        self.inner.write(record)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def plan(items, policy: SidecarPolicy, on_skip):
+    """Yield the items that need a sidecar written.
+
+    Items whose sidecar exists are dropped under ``--existing skip`` before any
+    decoding (``on_skip(item, path)`` is told); an item that cannot have a
+    sidecar comes out with its ``error`` set, so it becomes an error record.
+    """
+    for item in items:
+        if item.error is not None:
+            yield item
+            continue
+        try:
+            path = policy.path_for(item)
+            policy.claim(path, item.name)
+        except SidecarError as exc:
+            yield replace(item, error=str(exc))
+            continue
+        if policy.action(path) == "skip":
+            on_skip(item, path)
+            continue
+        yield item
