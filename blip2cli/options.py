@@ -99,6 +99,18 @@ AllowPickle = Annotated[
     ),
 ]
 
+# The model of embed/search/score: its own default (Salesforce/blip2-itm-vit-g,
+# given in each command) and its own variable, so BLIP2_MODEL set for caption
+# does not swap the retrieval model for a captioning one.
+RetrievalModel = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model", "-m", envvar="BLIP2_RETRIEVAL_MODEL", show_envvar=True, rich_help_panel=LOADER,
+        help="Hub id or local folder of a BLIP-2 checkpoint: a retrieval one for ITC/ITM, "
+        "or a captioning one with --features vision|qformer.",
+    ),
+]
+
 # -- inputs --------------------------------------------------------------------
 Inputs = Annotated[
     Optional[list[str]],
@@ -168,6 +180,65 @@ PreprocessOpt = Annotated[
         help="fast: our own decode+resize path; reference: the checkpoint's transformers "
         "image processor, bit for bit.",
     ),
+]
+
+
+# -- sidecars, resume and faults (shared by caption and ask) ------------------
+SIDECARS = "Sidecar files"
+FAULTS = "Resume and faults"
+
+
+class ExistingOpt(str, Enum):
+    skip = "skip"
+    overwrite = "overwrite"
+    append = "append"
+    prepend = "prepend"
+
+
+Sidecar = Annotated[
+    bool,
+    typer.Option("--sidecar", rich_help_panel=SIDECARS, help="Write each result to a text file beside its image (photo.jpg -> photo.txt)."),
+]
+SidecarExt = Annotated[
+    str,
+    typer.Option("--sidecar-ext", rich_help_panel=SIDECARS, help="Extension of sidecar files, e.g. .caption."),
+]
+OutputDir = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output-dir", rich_help_panel=SIDECARS, show_default=False, file_okay=False,
+        help="Write sidecars under DIR, mirroring the input tree, instead of beside the images (implies --sidecar).",
+    ),
+]
+Existing = Annotated[
+    ExistingOpt,
+    typer.Option(
+        "--existing", rich_help_panel=SIDECARS, case_sensitive=False,
+        help="What to do with a sidecar that already exists. skip: leave it, and the image is not processed.",
+    ),
+]
+Prefix = Annotated[
+    str, typer.Option("--prefix", rich_help_panel=SIDECARS, help="Text put before each sidecar caption (trigger words), verbatim."),
+]
+Suffix = Annotated[
+    str, typer.Option("--suffix", rich_help_panel=SIDECARS, help="Text put after each sidecar caption, verbatim."),
+]
+Separator = Annotated[
+    str, typer.Option("--separator", rich_help_panel=SIDECARS, help="Joins old and new text for --existing append|prepend."),
+]
+DryRun = Annotated[
+    bool,
+    typer.Option("--dry-run", rich_help_panel=SIDECARS, help="List what would be done (and which sidecars written) without loading the model."),
+]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume", rich_help_panel=FAULTS,
+        help="Skip inputs the -o JSON Lines file already holds (same settings); redo a torn last line and failed inputs.",
+    ),
+]
+FailFast = Annotated[
+    bool, typer.Option("--fail-fast", rich_help_panel=FAULTS, help="Stop at the first image that fails (exit 1)."),
 ]
 
 
