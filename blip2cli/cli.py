@@ -12,6 +12,7 @@ import typer
 
 from . import __version__
 from .commands import caption as caption_cmd
+from .commands import merge as merge_cmd
 from .commands import tiny as tiny_cmd
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ def _root(
 
 
 app.command("caption", no_args_is_help=False)(caption_cmd.caption)
+app.command("merge")(merge_cmd.merge)
 app.command("tiny-checkpoint")(tiny_cmd.tiny_checkpoint)
 
 

@@ -28,6 +28,8 @@ class JobResult:
     skipped_existing: int = 0
     resumed: int = 0
     dry_run: bool = False
+    missing: int = 0  # inputs without a record after a merge
+    merged: Path | None = None
 
 
 @dataclass
@@ -52,9 +54,34 @@ class Job:
     key_of_record: Callable = lambda record: record["path"]
     description: str = "processing"
     seed: int | None = None
+    shard: str | None = None  # "--shard I/N"
+
+    def parts_mode(self) -> bool:
+        """-o DIR, --shard or a launcher: records go to part files under the directory."""
+        if self.shard is not None or _launched():
+            return True
+        out = self.output
+        return out is not None and (out.is_dir() or getattr(out, "wants_directory", False)
+                                    or str(out).endswith(("/", os.sep)))
 
     def check(self) -> None:
         """Option combinations that cannot work, before anything is read."""
+        if self.parts_mode():
+            if self.output is None:
+                raise UsageError(
+                    "--shard and multi-process runs need an output directory",
+                    hint=f"blip2 {self.command} photos/ -o out/ --shard 0/4",
+                )
+            if self.output.exists() and not self.output.is_dir():
+                raise UsageError(f"-o {self.output} must be a directory here (part files go inside it)")
+            if self.fmt not in ("jsonl",):
+                raise UsageError(
+                    f"an output directory holds JSON Lines part files, not {self.fmt}",
+                    hint="drop --format (or use --format jsonl)",
+                )
+            if self.resume:
+                raise UsageError("an output directory always resumes: drop --resume")
+            return
         if self.resume:
             if self.output is None:
                 raise UsageError(
@@ -75,12 +102,46 @@ class Job:
 
         self.check()
         result = JobResult(dry_run=self.dry_run)
+        shard = None
+        if self.parts_mode():
+            from .parts import Shard, launched_shard, local_device, parse_shard
+
+            if total is None:
+                raise UsageError(
+                    "an output directory needs a list of inputs to divide: stdin cannot be split",
+                    hint="write the list to a file and pass --files-from FILE",
+                )
+            shard = parse_shard(self.shard) if self.shard is not None else launched_shard()
+            if shard is None:  # one process into a directory: itself is the whole job
+                shard = Shard(0, 1, launched=True)
+            self.load_options.device = local_device(shard, self.load_options.device)
         kwargs = {"architectures": self.architectures} if self.architectures else {}
         load_plan = plan(self.load_options, task=self.command, **kwargs)
         settings = {**load_plan.settings(), **self.extra_settings}
 
         appending = False
-        if self.resume:
+        sink_path = self.output
+        parts = None
+        if shard is not None:
+            from .parts import PartsDir
+            from .resume import load_resume
+
+            items = list(items)
+            parts = PartsDir(self.output, self.command)
+            if not (shard.launched and shard.index != 0) and not self.dry_run:
+                parts.write_manifest([i.name for i in items], settings)
+            start, end = shard.bounds(len(items))
+            done = parts.done_keys(settings, self.key_of_record)
+            mine = [i for i in items[start:end] if not all(k in done for k in self.keys_of_item(i))]
+            result.resumed = (end - start) - len(mine)
+            sink_path = parts.part(shard)
+            if not self.dry_run:
+                load_resume(str(sink_path), settings, self.key_of_record)  # own file: cut a torn tail
+            appending = True
+            if result.resumed:
+                console.message(f"part {shard.index}/{shard.count}: {result.resumed} inputs already done")
+            items, total = mine, len(mine)
+        elif self.resume:
             from .resume import load_resume
 
             state = load_resume(str(self.output), settings, self.key_of_record)
@@ -128,6 +189,7 @@ class Job:
             total = len(items)
             if total == 0:
                 self._report_skips(result)
+                self._after_parts(shard, parts, result)
                 return result  # nothing left: the weights are never read
 
         loaded = load(self.load_options, load_plan=load_plan)
@@ -136,7 +198,7 @@ class Job:
 
             torch.manual_seed(self.seed)
         task = _Recorded(self.make_task(loaded), settings, self.sidecar)
-        sink = Sink(str(self.output) if self.output is not None else None, append=appending).open()
+        sink = Sink(str(sink_path) if sink_path is not None else None, append=appending).open()
         from .console import Reporter
 
         reporter = Reporter(quiet=self.quiet, total=total, description=self.description)
@@ -163,7 +225,28 @@ class Job:
             reporter.close()
             sink.close()
         self._report_skips(result)
+        self._after_parts(shard, parts, result)
         return result
+
+    def _after_parts(self, shard, parts, result: JobResult) -> None:
+        """Launched processes meet, then process 0 merges; a manual shard says what is next."""
+        if shard is None:
+            return
+        if not shard.launched:
+            console.message(
+                f"shard {shard.index}/{shard.count} done; when every shard is: blip2 merge {self.output}"
+            )
+            return
+        if shard.count > 1:
+            from .parts import wait_for_everyone
+
+            wait_for_everyone()
+        if shard.index == 0:
+            written, missing = parts.merge(self.key_of_record)
+            result.merged, result.missing = parts.final, len(missing)
+            console.message(f"merged {written} records into {parts.final}")
+            if missing:
+                console.message(f"{len(missing)} inputs have no record yet (first: {missing[0]})")
 
     def _report_skips(self, result: JobResult) -> None:
         if result.skipped_existing:
@@ -177,6 +260,13 @@ class Job:
         from .writers import escape_text
 
         print("\t".join(escape_text(f) for f in fields), flush=True)
+
+
+def _launched() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
 
 
 class _Recorded:

@@ -106,8 +106,10 @@ RetrievalModel = Annotated[
     Optional[str],
     typer.Option(
         "--model", "-m", envvar="BLIP2_RETRIEVAL_MODEL", show_envvar=True, rich_help_panel=LOADER,
+        show_default=False,
         help="Hub id or local folder of a BLIP-2 checkpoint: a retrieval one for ITC/ITM, "
-        "or a captioning one with --features vision|qformer.",
+        "or a captioning one with --features vision|qformer. Default: Salesforce/blip2-itm-vit-g, "
+        "or the model of the vector store the command updates or searches.",
     ),
 ]
 
@@ -149,9 +151,25 @@ FormatOpt = Annotated[
         help="text | jsonl | csv. Default: from the -o extension (.jsonl, .csv), else text.",
     ),
 ]
+class OutputPath(type(Path())):
+    """A Path that remembers a trailing slash (``-o out/`` means a directory)."""
+
+    wants_directory = False
+
+
+def _output_path(value: str) -> Path:
+    path = OutputPath(value)
+    path.wants_directory = value.endswith(("/", os.sep))
+    return path
+
+
 Output = Annotated[
     Optional[Path],
-    typer.Option("--output", "-o", rich_help_panel=OUTPUT, show_default=False, help="Write records to FILE instead of stdout."),
+    typer.Option(
+        "--output", "-o", rich_help_panel=OUTPUT, show_default=False, parser=_output_path,
+        help="Write records to FILE instead of stdout (a directory, -o out/, for part files of --shard "
+        "and multi-process runs).",
+    ),
 ]
 Quiet = Annotated[
     bool,
@@ -235,6 +253,13 @@ Resume = Annotated[
     typer.Option(
         "--resume", rich_help_panel=FAULTS,
         help="Skip inputs the -o JSON Lines file already holds (same settings); redo a torn last line and failed inputs.",
+    ),
+]
+ShardOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--shard", rich_help_panel=FAULTS, show_default=False, metavar="I/N",
+        help="Do slice I of N (0-based) of the sorted inputs into the -o directory; join with blip2 merge.",
     ),
 ]
 FailFast = Annotated[

@@ -101,6 +101,7 @@ def caption(
     dry_run: o.DryRun = False,
     resume: o.Resume = False,
     fail_fast: o.FailFast = False,
+    shard: o.ShardOpt = None,
 ) -> None:
     """Caption images: one record per image, streamed in input order."""
     from ..caption import Captioner, GenerationOptions, caption_schema
@@ -149,9 +150,12 @@ def caption(
         fail_fast=fail_fast,
         description="captioning",
         seed=seed,
+        shard=shard,
     )
+    if job.parts_mode() and fmt is None:
+        job.fmt = "jsonl"  # an output directory holds JSON Lines part files
     job.check()
-    if not dry_run:
+    if not dry_run and not job.parts_mode():
         check_output_path(output)
     items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="caption")
     result = job.run(items, total)

@@ -175,12 +175,16 @@ def finish(result, *, output: Path | None, quiet: bool) -> None:
     stats = getattr(result, "stats", result)
     if getattr(result, "dry_run", False):
         raise typer.Exit(EXIT_OK)
+    missing = getattr(result, "missing", 0)
+    if missing:
+        raise typer.Exit(EXIT_ITEMS_FAILED)
     if stats is not None and stats.failed:
         where = f"error records are in {output}" if output is not None else "see the messages above"
         console.message(f"{stats.failed} of {stats.total} images failed ({where})")
         raise typer.Exit(EXIT_ITEMS_FAILED)
     if (stats is None or stats.total == 0) and not (
         getattr(result, "skipped_existing", 0) or getattr(result, "resumed", 0)
+        or getattr(result, "merged", None)
     ):
         console.message("no images found in the inputs")
     elif stats is None or stats.total == 0:

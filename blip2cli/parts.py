@@ -1,0 +1,222 @@
+"""Scale-out: part files, shards, and merging them (``-o DIR``, ``--shard i/N``,
+``accelerate launch``).
+
+The sorted input list is cut into ``N`` contiguous slices; the process (or
+shard) with index ``i`` (0-based) captions slice ``i`` and appends its records
+to its own part file, ``DIR/.parts/part-0000i-of-0000N.jsonl``, one whole
+record at a time. ``DIR/.parts/manifest.json`` + ``inputs.jsonl`` record the
+command and the ordered input list, so that ``blip2 merge DIR`` can join the
+parts into ``DIR/captions.jsonl`` (``answers.jsonl``, ``embeddings.jsonl``) in
+input order, each input once, atomically, and say what is missing.
+
+A run into a directory always resumes: inputs with a successful record in any
+part file (whatever number of processes wrote it, with the same settings) are
+skipped; a torn last line is ignored, and the input redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import UsageError
+
+PARTS = ".parts"
+PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.jsonl$")
+FINAL_NAMES = {"caption": "captions.jsonl", "ask": "answers.jsonl", "embed": "embeddings.jsonl"}
+# What identifies one record of each command (ask: one record per image and question).
+RECORD_KEYS: dict[str, Callable[[dict], object]] = {
+    "caption": lambda r: r["path"],
+    "ask": lambda r: (r["path"], r.get("question")),
+    "embed": lambda r: r["path"],
+}
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+    launched: bool = False  # started by a launcher (accelerate/torchrun): merge at the end
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """Contiguous, balanced: slice sizes differ by at most one; nothing dropped."""
+        return n * self.index // self.count, n * (self.index + 1) // self.count
+
+
+def parse_shard(text: str) -> Shard:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise UsageError(f"--shard {text!r}: expected I/N, e.g. --shard 0/8")
+    index, count = int(m.group(1)), int(m.group(2))
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(
+            f"--shard {text}: the index must be between 0 and {count - 1}",
+            hint=f"shards are numbered from 0: --shard 0/{count} ... --shard {count - 1}/{count}",
+        )
+    return Shard(index, count)
+
+
+def launched_shard() -> Shard | None:
+    """The process's place when started by accelerate launch / torchrun (WORLD_SIZE > 1)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world <= 1:
+        return None
+    state = _partial_state()
+    return Shard(state.process_index, state.num_processes, launched=True)
+
+
+def _partial_state():
+    import torch
+    from accelerate import PartialState
+
+    # On a machine without GPUs a plain PartialState() makes every process think
+    # it is alone; cpu=True gives a real (gloo) process group.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def local_device(shard: Shard | None, requested: str) -> str:
+    """Under a launcher each process takes its own GPU."""
+    if shard is None or not shard.launched or requested not in ("auto", "cuda"):
+        return requested
+    import torch
+
+    if not torch.cuda.is_available():
+        return requested
+    return f"cuda:{_partial_state().local_process_index}"
+
+
+def wait_for_everyone() -> None:
+    _partial_state().wait_for_everyone()
+
+
+class PartsDir:
+    def __init__(self, root: str | Path, command: str):
+        self.root = Path(root)
+        self.command = command
+        self.parts = self.root / PARTS
+
+    @property
+    def final(self) -> Path:
+        return self.root / FINAL_NAMES.get(self.command, f"{self.command}.jsonl")
+
+    def part(self, shard: Shard) -> Path:
+        return self.parts / f"part-{shard.index:05d}-of-{shard.count:05d}.jsonl"
+
+    def part_files(self) -> list[Path]:
+        if not self.parts.is_dir():
+            return []
+        return sorted(p for p in self.parts.iterdir() if PART_RE.match(p.name))
+
+    # -- manifest ------------------------------------------------------------
+    def write_manifest(self, names: list[str], settings: dict) -> None:
+        """Record the command and the ordered inputs; refuse a directory started otherwise."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"-o {self.root}: a file is in the way; a directory is needed here")
+        self.parts.mkdir(parents=True, exist_ok=True)
+        manifest = self.parts / "manifest.json"
+        inputs = self.parts / "inputs.jsonl"
+        body = "".join(json.dumps(n, ensure_ascii=False) + "\n" for n in names)
+        if manifest.exists() and inputs.exists():
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+            if old.get("command") != self.command:
+                raise UsageError(f"{self.root} holds a `blip2 {old.get('command')}` run, not `{self.command}`")
+            if inputs.read_text(encoding="utf-8", errors="surrogateescape") != body:
+                raise UsageError(
+                    f"{self.root} was started with other inputs",
+                    hint="use the same inputs (and order) as the first run, or another output directory",
+                )
+            return
+        _atomic_write(inputs, body)
+        _atomic_write(manifest, json.dumps({"command": self.command, "inputs": len(names), "settings": settings},
+                                           ensure_ascii=False, indent=1) + "\n")
+
+    def read_inputs(self) -> list[str]:
+        inputs = self.parts / "inputs.jsonl"
+        if not inputs.exists():
+            raise UsageError(f"{self.root} has no {PARTS}/inputs.jsonl: not a blip2 output directory")
+        return [json.loads(l) for l in inputs.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if l]
+
+    def read_command(self) -> str:
+        manifest = self.parts / "manifest.json"
+        if not manifest.exists():
+            raise UsageError(f"{self.root} has no {PARTS}/manifest.json: not a blip2 output directory")
+        return json.loads(manifest.read_text(encoding="utf-8"))["command"]
+
+    # -- records -------------------------------------------------------------
+    def records(self) -> Iterable[dict]:
+        """Every whole record of every part file (torn last lines ignored)."""
+        for path in self.part_files():
+            data = path.read_bytes()
+            lines = data.split(b"\n")
+            lines.pop()  # after the last newline: empty, or a torn record
+            for raw in lines:
+                if not raw.strip():
+                    continue
+                try:
+                    yield json.loads(raw.decode("utf-8", "surrogateescape"))
+                except ValueError:
+                    continue  # a torn line in the middle cannot happen; be lenient anyway
+
+    def done_keys(self, settings: dict, key_of_record: Callable) -> set:
+        from .resume import _differences
+
+        done = set()
+        for record in self.records():
+            diff = _differences(record, settings)
+            if diff:
+                raise UsageError(
+                    f"{self.root} holds records made with other settings ({diff})",
+                    hint="run with the same options as before, or use another output directory",
+                )
+            if not record.get("error"):
+                done.add(key_of_record(record))
+        return done
+
+    def merge(self, key_of_record: Callable) -> tuple[int, list[str]]:
+        """Write the final output in input order; return (records written, missing inputs)."""
+        names = self.read_inputs()
+        by_path: dict[str, dict] = {}
+        for record in self.records():
+            slot = by_path.setdefault(record["path"], {})
+            key = key_of_record(record)
+            best = slot.get(key)
+            if best is None or (best.get("error") and not record.get("error")):
+                slot[key] = record  # first success wins; a success beats an error
+        written, missing = 0, []
+        lines = []
+        for name in names:
+            slot = by_path.get(name)
+            if not slot:
+                missing.append(name)
+                continue
+            for record in slot.values():
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
+        _atomic_write(self.final, "".join(lines))
+        return written, missing
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
