@@ -11,8 +11,13 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
+from .commands import ask as ask_cmd
 from .commands import caption as caption_cmd
 from .commands import merge as merge_cmd
+from .commands import embed as embed_cmd
+from .commands import score as score_cmd
+from .commands import search as search_cmd
+from .commands import chat as chat_cmd
 from .commands import tiny as tiny_cmd
 
 app = typer.Typer(
@@ -43,6 +48,11 @@ def _root(
 
 
 app.command("caption", no_args_is_help=False)(caption_cmd.caption)
+app.command("embed", no_args_is_help=False)(embed_cmd.embed)
+app.command("search", no_args_is_help=False)(search_cmd.search)
+app.command("score")(score_cmd.score)
+app.command("ask", no_args_is_help=False)(ask_cmd.ask)
+app.command("chat")(chat_cmd.chat)
 app.command("merge")(merge_cmd.merge)
 app.command("tiny-checkpoint")(tiny_cmd.tiny_checkpoint)
 

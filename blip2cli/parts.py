@@ -93,8 +93,25 @@ def local_device(shard: Shard | None, requested: str) -> str:
     return f"cuda:{_partial_state().local_process_index}"
 
 
-def wait_for_everyone() -> None:
-    _partial_state().wait_for_everyone()
+def wait_for_everyone(poll: float = 0.05) -> None:
+    """A barrier that signals can still interrupt.
+
+    A blocking barrier sits in C++ where Python's SIGTERM handler never runs:
+    when another process dies, the launcher's SIGTERM to the ones already
+    waiting would go unheard and the restart (--max_restarts) would hang. So
+    the barrier is asynchronous and polled.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    _partial_state()
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    work = dist.barrier(async_op=True)
+    while not work.is_completed():
+        time.sleep(poll)
+    work.wait()
 
 
 class PartsDir:

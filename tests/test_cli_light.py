@@ -42,7 +42,11 @@ def heavy_modules_imported(*args: str, env: dict | None = None) -> tuple[str, st
     return proc.stdout, heavy
 
 
-@pytest.mark.parametrize("args", [["--help"], ["caption", "--help"], ["--version"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["caption", "--help"], ["--version"], ["embed", "--help"], ["search", "--help"], ["score", "--help"],
+     ["ask", "--help"], ["chat", "--help"]],
+)
 def test_help_does_not_import_torch_or_transformers(args):
     out, heavy = heavy_modules_imported(*args)
     assert "torch" not in heavy and "transformers" not in heavy, heavy

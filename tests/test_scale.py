@@ -224,3 +224,4 @@ def test_three_shards_in_parallel_then_merge(tiny_opt, many, tmp_path, single_ru
     merged = subprocess.run([str(exe), "merge", str(out)], capture_output=True, text=True, timeout=120)
     assert merged.returncode == 0, merged.stderr
     assert essence(records(out / "captions.jsonl")) == essence(single_run)
+

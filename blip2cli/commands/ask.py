@@ -1,0 +1,213 @@
+"""``blip2 ask``: every question asked of every image, one record per (image, question)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import options as o
+from ..ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, ASK_NUM_BEAMS, DEFAULT_TEMPLATE
+from .common import check_output_path, drive, finish, handles_errors, resolve_items
+
+EXAMPLES = """
+
+Examples:
+
+\b
+  blip2 ask cat.jpg "how many cats are there?"
+  blip2 ask photos/ -q "what is in the picture?" -q "is it indoors?" -f jsonl
+  blip2 ask photos/ --questions-file questions.txt -o answers.csv
+  find . -name '*.png' | blip2 ask - "what color is the car?"
+  blip2 ask img.jpg "Describe the image in detail." --raw --max-new-tokens 40
+"""
+
+QUESTIONS = "Questions"
+
+Arguments = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        metavar="INPUTS... QUESTION",
+        help="Image files, directories, quoted globs or - (stdin), then the question. "
+        "With -q or --questions-file, every argument is an input.",
+        show_default=False,
+    ),
+]
+# ask's -q is --question, so its --quiet has no short form.
+QuietLong = Annotated[bool, typer.Option("--quiet", rich_help_panel=o.OUTPUT, help="No progress bar.")]
+
+
+@handles_errors
+def ask(
+    arguments: Arguments = None,
+    question: Annotated[
+        Optional[list[str]],
+        typer.Option("--question", "-q", metavar="QUESTION", rich_help_panel=QUESTIONS, show_default=False,
+                     help="A question to ask of every image (repeatable)."),
+    ] = None,
+    questions_file: Annotated[
+        Optional[str],
+        typer.Option("--questions-file", metavar="FILE", rich_help_panel=QUESTIONS, show_default=False,
+                     help="Read questions from FILE, one per line (- for stdin); blank lines skipped."),
+    ] = None,
+    template: Annotated[
+        Optional[str],
+        typer.Option("--template", metavar="TEXT", rich_help_panel=QUESTIONS, show_default=False,
+                     help=f'Prompt template; must contain {{question}}. Default: "{DEFAULT_TEMPLATE}".'),
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", rich_help_panel=QUESTIONS, help="Send each question as is, without a template.")
+    ] = False,
+    model: o.Model = o.DEFAULT_MODEL,
+    revision: o.Revision = None,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DtypeOpt = o.Dtype.auto,
+    quantize: o.QuantizeOpt = o.Quantize.none,
+    offline: o.Offline = False,
+    allow_pickle: o.AllowPickle = False,
+    recursive: o.Recursive = True,
+    ext: o.Ext = None,
+    null: o.Null = False,
+    files_from: o.FilesFrom = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = ASK_MAX_NEW_TOKENS,
+    min_new_tokens: Annotated[int, typer.Option(min=0, rich_help_panel=o.GENERATION)] = ASK_MIN_NEW_TOKENS,
+    num_beams: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy.")] = ASK_NUM_BEAMS,
+    num_answers: Annotated[
+        int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Answers per question (best beams, or samples).")
+    ] = 1,
+    sample: Annotated[bool, typer.Option("--sample", rich_help_panel=o.GENERATION, help="Nucleus sampling instead of beam search.")] = False,
+    temperature: Annotated[float, typer.Option(rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,
+    seed: Annotated[Optional[int], typer.Option(rich_help_panel=o.GENERATION, help="Random seed for --sample.")] = None,
+    repetition_penalty: Annotated[float, typer.Option(rich_help_panel=o.GENERATION)] = 1.0,
+    fmt: o.FormatOpt = None,
+    output: o.Output = None,
+    quiet: QuietLong = False,
+    batch_size: o.BatchSize = None,
+    workers: o.Workers = None,
+    preprocess: o.PreprocessOpt = o.Preprocess.fast,
+) -> None:
+    """Ask questions about images: one record per image and question, streamed in input order."""
+    from ..ask import AskTask, Asker, ImageStage, PAIRS_PER_IMAGE, answer_schema, check_template
+    from ..caption import GenerationOptions
+    from ..errors import UsageError
+    from ..loader import LoadOptions, load
+
+    if num_answers > num_beams and not sample:
+        raise UsageError(
+            f"--num-answers {num_answers} needs at least as many beams (--num-beams {num_beams})",
+            hint=f"add --num-beams {num_answers}, or --sample for varied answers",
+        )
+    gen = GenerationOptions(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        num_beams=num_beams,
+        num_captions=num_answers,
+        sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    gen.validate()
+    if raw and template is not None:
+        raise UsageError("--raw and --template contradict each other", hint="use one of them")
+    prompt_template = None if raw else check_template(template if template is not None else DEFAULT_TEMPLATE)
+    inputs, questions = gather_questions(arguments or [], question or [], questions_file, files_from)
+    fmt_name = o.infer_format(fmt, output)
+    check_output_path(output)
+    items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="ask")
+
+    loaded = load(
+        LoadOptions(
+            model=model,
+            revision=revision,
+            device=device,
+            dtype=dtype.value,
+            quantize=quantize.value,
+            offline=offline,
+            allow_pickle=allow_pickle,
+        ),
+        task="answer questions",
+    )
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    batch = batch_size or o.default_batch_size(loaded.device.type)
+    asker = Asker(loaded, gen, pairs_per_call=batch * PAIRS_PER_IMAGE)
+    task = AskTask(asker, ImageStage(loaded, preprocess.value), questions, prompt_template)
+    stats = drive(
+        items,
+        task,
+        answer_schema(num_answers),
+        fmt=fmt_name,
+        output=output,
+        quiet=quiet,
+        total=total,
+        batch_size=batch,
+        workers=workers or o.default_workers(),
+        description="answering",
+    )
+    finish(stats, output=output, quiet=quiet)
+
+
+def gather_questions(arguments: list[str], flags: list[str], questions_file: str | None, files_from) -> tuple[list[str], list[str]]:
+    """(inputs, questions): the positional question first, then -q in order, then the file's lines."""
+    import os
+    import sys
+
+    from ..ask import parse_questions, split_arguments
+    from ..errors import InputError, UsageError
+
+    others = bool(flags) or questions_file is not None
+    inputs, positional = split_arguments(arguments, others)
+    questions = [positional] if positional is not None else []
+    questions += flags
+    if questions_file is not None:
+        if questions_file == "-":
+            if "-" in inputs or "-" in list(files_from or []):
+                raise UsageError("stdin cannot hold both the inputs and the questions",
+                                 hint="put the questions in a file")
+            text = sys.stdin.read()
+        else:
+            try:
+                text = Path(questions_file).read_text(encoding="utf-8", errors="surrogateescape")
+            except OSError as exc:
+                raise InputError(f"cannot read the questions file {questions_file!r}: {exc.strerror or exc}") from exc
+        from_file = parse_questions(text)
+        if not from_file:
+            raise UsageError(f"the questions file {questions_file!r} holds no questions")
+        questions += from_file
+    questions = [q.strip() for q in questions]
+    if not questions or not all(questions):
+        raise UsageError(
+            "no question to ask" if not questions else "a question is empty",
+            hint='blip2 ask photo.jpg "what is in the picture?"   or   -q QUESTION / --questions-file FILE',
+        )
+    if others and inputs and not _looks_like_input(inputs[-1]):
+        # `blip2 ask img.jpg "how many?" -q "what color?"`: with -q every argument is an
+        # input, so the last one would become an error record; say so up front.
+        raise UsageError(
+            f"{inputs[-1]!r} is not a file: with -q or --questions-file, every argument is an input",
+            hint=f"pass that question with -q too: -q {inputs[-1]!r}",
+        )
+    if not others and not files_from and len(arguments) == 1 and os.path.exists(arguments[0]):
+        raise UsageError(
+            f"{arguments[0]!r} was taken as the question, which leaves no inputs",
+            hint=f'blip2 ask {arguments[0]} "your question"',
+        )
+    return inputs, questions
+
+
+def _looks_like_input(arg: str) -> bool:
+    """False for what is surely a question: no such path, words with spaces, no slash or star."""
+    import os
+
+    if arg == "-" or os.path.exists(arg) or "/" in arg or "*" in arg or os.sep in arg:
+        return True
+    return not (len(arg.split()) > 1)
+
+
+ask.__doc__ = (ask.__doc__ or "") + EXAMPLES

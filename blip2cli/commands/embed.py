@@ -1,0 +1,438 @@
+"""``blip2 embed``: BLIP-2's own vectors for images (and texts), as records or a vector store.
+
+Also the pieces ``search`` and ``score`` share: loading a model for features,
+the ``EmbedTask`` the pipeline runs, and embedding items into a store.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import console
+from .. import options as o
+from ..embed import DEFAULT_RETRIEVAL_MODEL
+from .common import check_output_path, finish, handles_errors, resolve_items, sigterm_as_interrupt
+
+FEATURES_PANEL = "Features"
+
+EXAMPLES = """
+
+Examples:
+
+\b
+  blip2 embed photos/ -o vectors.safetensors     # a vector store (+ vectors.safetensors.index.jsonl)
+  blip2 embed photos/ -o vectors.safetensors --prune   # again later: only new/changed files
+  blip2 embed cat.jpg -f jsonl | jq .dims
+  blip2 embed --text "a cat on a sofa" --text "a dog"
+  blip2 embed photos/ --pool mean -f csv -o vectors.csv
+  blip2 embed photos/ -m Salesforce/blip2-opt-2.7b --features vision -o vision.npy
+"""
+
+
+class Features(str, Enum):
+    auto = "auto"
+    itc = "itc"
+    vision = "vision"
+    qformer = "qformer"
+
+
+class Pool(str, Enum):
+    none = "none"
+    mean = "mean"
+
+
+class EmbedFormat(str, Enum):
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class StoreDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+FeaturesOpt = Annotated[
+    Features,
+    typer.Option(
+        "--features", rich_help_panel=FEATURES_PANEL, case_sensitive=False,
+        help="itc: BLIP-2's image-text embeddings (retrieval checkpoints); vision: the vision "
+        "tower's pooled output; qformer: the Q-Former's query outputs. auto: itc on a retrieval "
+        "checkpoint, qformer on a captioning one.",
+    ),
+]
+PoolOpt = Annotated[
+    Optional[Pool],
+    typer.Option(
+        "--pool", rich_help_panel=FEATURES_PANEL, case_sensitive=False, show_default=False,
+        help="none (default): every query embedding per image (32 x 256 for ITC); mean: their "
+        "mean (re-normalised for ITC), one vector per image. An existing store keeps its own.",
+    ),
+]
+
+
+def model_key(model: str) -> str:
+    """What a store records as its model: a local folder as an absolute path, else the hub id."""
+    expanded = os.path.expanduser(model)
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else model
+
+
+def load_for_features(model: str, revision, device, dtype, quantize, offline, allow_pickle, *,
+                      features: str, task: str, need_text: bool = False, need_itm: bool = False):
+    """Check the checkpoint against what the command needs (before any weights), then load."""
+    from ..embed import no_text_side_hint, resolve_features
+    from ..errors import ModelError, UsageError
+    from ..loader import ALL_ARCHITECTURES, RETRIEVAL, LoadOptions, load, resolve_checkpoint
+
+    opts = LoadOptions(
+        model=model, revision=revision, device=device, dtype=dtype.value, quantize=quantize.value,
+        offline=offline, allow_pickle=allow_pickle,
+    )
+    ckpt = resolve_checkpoint(opts)
+    retrieval = ckpt.architecture in RETRIEVAL
+    if (need_text or need_itm) and not retrieval:
+        what = "image-text matching" if need_itm else "text embeddings"
+        raise ModelError(
+            f"{what} need a retrieval checkpoint: {model!r} is a {ckpt.architecture} checkpoint, "
+            "whose features have no text side",
+            hint=no_text_side_hint(),
+        )
+    resolved = resolve_features(features, ckpt.architecture)
+    if need_text and resolved != "itc":
+        raise UsageError(f"texts live in the image-text (itc) space, not in --features {resolved}",
+                         hint="drop --features, or use --features itc")
+    if retrieval and quantize.value != "none":
+        raise UsageError(
+            f"--quantize {quantize.value}: a retrieval checkpoint has no language model to quantize",
+            hint="drop --quantize (use --dtype float16 or bfloat16 on a GPU to save memory)",
+        )
+    return load(opts, architectures=ALL_ARCHITECTURES, task=task)
+
+
+class EmbedTask:
+    """Joins the image stage and the embedder for the pipeline.
+
+    ``identity=True`` (vector stores): ``prepare`` reads the file once, hashes its
+    bytes and decodes the same bytes, so the row records what was embedded.
+    """
+
+    def __init__(self, loaded, embedder, preprocess: str, *, identity: bool = False):
+        self.loaded = loaded
+        self.embedder = embedder
+        self.reference = preprocess == "reference"
+        self.spec = loaded.image_spec
+        self.identity = identity
+
+    def _decode(self, source):
+        from ..images import open_image, prepare
+
+        return open_image(source) if self.reference else prepare(source, self.spec)
+
+    def prepare(self, item):
+        from ..images import ImageError
+
+        if not self.identity:
+            return self._decode(item.source), None
+        if not isinstance(item.source, str):
+            raise ImageError("raw image bytes on stdin cannot go into a vector store (its rows are "
+                             "files); pass paths, or use -f jsonl")
+        import hashlib
+
+        try:
+            st = os.stat(item.source)
+            with open(item.source, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            self._decode(item.source)  # raises the readable reason (no such file, directory, ...)
+            raise ImageError(f"cannot read file ({exc.strerror or exc})") from None
+        if not data:
+            raise ImageError("empty file (0 bytes)")
+        digest = hashlib.sha256(data).hexdigest()
+        return self._decode(data), (st.st_size, st.st_mtime_ns, digest)
+
+    def pixels(self, prepared):
+        from ..images import reference_pixel_values, to_pixel_values
+
+        loaded = self.loaded
+        if self.reference:
+            pixels = reference_pixel_values(prepared, loaded.processor.image_processor)
+            return pixels.to(loaded.device, loaded.dtype)
+        return to_pixel_values(prepared, self.spec, device=loaded.device, dtype=loaded.dtype)
+
+    def run_batch(self, prepared):
+        vectors = self.embedder.image_vectors(self.pixels([p for p, _ in prepared])).numpy()
+        return [(vectors[i], ident) for i, (_, ident) in enumerate(prepared)]
+
+    def record(self, item, result, error):
+        from ..embed import image_record
+
+        vector, ident = result if result is not None else (None, None)
+        if self.identity:
+            return {"path": item.name, "source": item.source, "vector": vector, "ident": ident, "error": error}
+        return image_record(item.name, vector, error)
+
+
+class StoreSink:
+    """The pipeline's writer for a vector store: each good row goes to the update."""
+
+    def __init__(self, update):
+        self.update = update
+
+    def write(self, record: dict) -> None:
+        from ..store import Entry
+
+        if record.get("error") or record.get("vector") is None:
+            return
+        size, mtime_ns, digest = record["ident"]
+        path, abspath = record["path"], os.path.abspath(record["source"])
+        entry = Entry(path, path if abspath == path else abspath, size, mtime_ns, digest)  # one string if equal
+        self.update.add(entry, record["vector"])
+
+    def close(self) -> None:
+        pass
+
+
+def embed_into_store(items, update, task, *, total, batch_size: int, workers: int, quiet: bool,
+                     description: str = "embedding"):
+    """Embed what the store lacks, then commit; returns the pipeline's Stats.
+
+    Ctrl-C or SIGTERM: the rows finished so far are committed (atomically) before
+    the interruption goes on, so a long run is never lost.
+    """
+    from ..console import Reporter
+    from ..errors import Interrupted
+    from ..pipeline import run
+
+    reporter = Reporter(quiet=quiet, total=total, description=description)
+    try:
+        with sigterm_as_interrupt():
+            try:
+                stats = run(items, task, StoreSink(update), batch_size=batch_size, workers=workers,
+                            reporter=reporter)
+            except (KeyboardInterrupt, Interrupted):
+                reporter.close()
+                if update.pending_rows:
+                    console.message("interrupted: saving the vectors embedded so far")
+                update.commit()
+                raise
+    finally:
+        reporter.close()
+    update.commit()
+    return stats
+
+
+def open_update(path: Path, *, meta, prune: bool, dtype_given: bool):
+    from ..store import StoreUpdate
+
+    return StoreUpdate(path, meta, prune=prune, dtype_given=dtype_given)
+
+
+def store_settings(path, model, revision, features: str, pool: str | None):
+    """(model, revision, features, pool) for a run on the store at ``path``.
+
+    An existing store supplies the defaults (its vectors only compare with vectors
+    made the same way); an option that contradicts it is refused before any
+    weights are read. Without a store: the retrieval checkpoint, pool ``none``.
+    """
+    from ..errors import UsageError
+    from ..store import VectorStore
+
+    if path is None or not VectorStore.exists(path):
+        return model or DEFAULT_RETRIEVAL_MODEL, revision, features, pool or "none"
+    meta = VectorStore.open(path).meta
+    diffs = []
+    if model is not None and model_key(model) != meta.model:
+        diffs.append(f"model {meta.model!r} (store) vs {model_key(model)!r}")
+    if revision is not None and revision != meta.revision:
+        diffs.append(f"revision {meta.revision!r} (store) vs {revision!r}")
+    if features != "auto" and features != meta.features:
+        diffs.append(f"features {meta.features} (store) vs {features}")
+    if pool is not None and pool != meta.pool:
+        diffs.append(f"pool {meta.pool} (store) vs {pool}")
+    if diffs:
+        raise UsageError(
+            f"the vector store {str(path)!r} holds other vectors: " + "; ".join(diffs),
+            hint="drop those options (the store's settings are the defaults), or write a new store with -o",
+        )
+    return meta.model, meta.revision, meta.features, meta.pool
+
+
+def store_summary(path, ustats, stats) -> str:
+    parts = [f"{ustats.new} new", f"{ustats.changed} changed", f"{ustats.unchanged} unchanged"]
+    if ustats.pruned:
+        parts.append(f"{ustats.pruned} pruned")
+    if stats is not None and stats.failed:
+        parts.append(f"{stats.failed} failed")
+    return f"{path}: {ustats.rows} rows ({', '.join(parts)})"
+
+
+def finish_store(stats) -> None:
+    """Exit 1 if some images failed (their messages are above), else 0."""
+    from ..errors import EXIT_ITEMS_FAILED, EXIT_OK
+
+    if stats.failed:
+        console.message(f"{stats.failed} of {stats.total} images failed (see the messages above)")
+        raise typer.Exit(EXIT_ITEMS_FAILED)
+    raise typer.Exit(EXIT_OK)
+
+
+def _read_texts(texts, texts_file) -> list[str]:
+    import sys
+
+    from ..errors import InputError
+
+    out = list(texts or [])
+    if texts_file is not None:
+        try:
+            if str(texts_file) == "-":
+                data = sys.stdin.read()
+            else:
+                data = Path(texts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --texts-file {str(texts_file)!r}: {exc}") from exc
+        out.extend(line.rstrip("\r") for line in data.split("\n") if line.strip())
+    return out
+
+
+@handles_errors
+def embed(
+    inputs: o.Inputs = None,
+    text: Annotated[
+        Optional[list[str]],
+        typer.Option("--text", "-t", rich_help_panel=FEATURES_PANEL, show_default=False,
+                     help="A text to embed in the image-text space (repeatable)."),
+    ] = None,
+    texts_file: Annotated[
+        Optional[Path],
+        typer.Option("--texts-file", rich_help_panel=FEATURES_PANEL, show_default=False,
+                     help="Embed each non-empty line of FILE as a text (- for stdin)."),
+    ] = None,
+    features: FeaturesOpt = Features.auto,
+    pool: PoolOpt = None,
+    model: o.RetrievalModel = None,
+    revision: o.Revision = None,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DtypeOpt = o.Dtype.auto,
+    quantize: o.QuantizeOpt = o.Quantize.none,
+    offline: o.Offline = False,
+    allow_pickle: o.AllowPickle = False,
+    recursive: o.Recursive = True,
+    ext: o.Ext = None,
+    null: o.Null = False,
+    files_from: o.FilesFrom = None,
+    fmt: Annotated[
+        Optional[EmbedFormat],
+        typer.Option("--format", "-f", rich_help_panel=o.OUTPUT, case_sensitive=False, show_default=False,
+                     help="jsonl | csv. Default: from the -o extension; .safetensors or .npy write a vector store."),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", rich_help_panel=o.OUTPUT, show_default=False,
+                     help="Write to FILE instead of stdout. FILE.safetensors or FILE.npy: a vector store "
+                     "with its index beside it (FILE.safetensors.index.jsonl), updated incrementally."),
+    ] = None,
+    prune: Annotated[
+        bool,
+        typer.Option("--prune", rich_help_panel=o.OUTPUT,
+                     help="Vector store: drop the rows of files that no longer exist."),
+    ] = False,
+    store_dtype: Annotated[
+        Optional[StoreDtype],
+        typer.Option("--store-dtype", rich_help_panel=o.OUTPUT, case_sensitive=False, show_default=False,
+                     help="Vector store: float32 (default for a new store) or float16 (half the size)."),
+    ] = None,
+    quiet: o.Quiet = False,
+    batch_size: o.BatchSize = None,
+    workers: o.Workers = None,
+    preprocess: o.PreprocessOpt = o.Preprocess.fast,
+) -> None:
+    """Embed images (and texts) with BLIP-2: one vector record per image, or a vector store."""
+    from ..embed import Embedder, embed_schema, text_record
+    from ..errors import UsageError
+    from ..store import StoreMeta, is_store_path
+
+    to_store = is_store_path(output)
+    if to_store and fmt is not None:
+        raise UsageError(f"-o {output} writes a vector store; --format {fmt.value} does not apply",
+                         hint="drop --format, or name a .jsonl/.csv output")
+    if not to_store and (prune or store_dtype is not None):
+        raise UsageError("--prune and --store-dtype apply to a vector store",
+                         hint="name one with -o vectors.safetensors (or .npy)")
+    fmt_name = fmt.value if fmt is not None else ("csv" if output is not None and output.suffix.lower() == ".csv" else "jsonl")
+    if texts_file is not None and str(texts_file) == "-" and "-" in [*(inputs or []), *(files_from or [])]:
+        raise UsageError("stdin cannot hold both the texts (--texts-file -) and the images (-)")
+    texts = _read_texts(text, texts_file)
+    if texts and to_store:
+        raise UsageError("a vector store holds images; texts go to JSON Lines or CSV",
+                         hint="embed the texts in a separate run: blip2 embed --text ... -f jsonl")
+    have_images = bool(inputs or files_from)
+    if not texts and not have_images:
+        raise UsageError(
+            "nothing to embed: name images (files, folders, globs, -) or give --text",
+            hint="blip2 embed photos/ -o vectors.safetensors   or   blip2 embed --text 'a cat'",
+        )
+    check_output_path(output)
+    model, revision, features_name, pool_name = store_settings(
+        output if to_store else None, model, revision, features.value, pool.value if pool is not None else None
+    )
+    items, total = (None, 0)
+    if have_images:
+        items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="embed")
+
+    loaded = load_for_features(model, revision, device, dtype, quantize, offline, allow_pickle,
+                               features=features_name, task="embed", need_text=bool(texts))
+    embedder = Embedder(loaded, features_name, pool_name)
+    batch = batch_size or o.default_batch_size(loaded.device.type)
+    jobs = workers or o.default_workers()
+
+    if to_store:
+        meta = StoreMeta(
+            model=model_key(model), revision=revision, features=embedder.features, pool=pool_name,
+            dims=embedder.dims, normalized=embedder.normalized,
+            dtype=(store_dtype.value if store_dtype is not None else "float32"),
+        )
+        with open_update(output, meta=meta, prune=prune, dtype_given=store_dtype is not None) as update:
+            selected = update.select(items)
+            if total is not None:
+                selected = list(selected)
+                total = len(selected)
+            task = EmbedTask(loaded, embedder, preprocess.value, identity=True)
+            stats = embed_into_store(selected, update, task, total=total, batch_size=batch, workers=jobs,
+                                     quiet=quiet)
+            console.message(store_summary(output, update.stats, stats))
+        finish_store(stats)
+
+    from ..console import Reporter
+    from ..pipeline import Stats, run
+    from ..writers import Output, make_writer
+
+    out = Output(str(output) if output is not None else None)
+    stream = out.open()
+    stats = Stats()
+    try:
+        writer = make_writer(fmt_name, stream, embed_schema())
+        if texts:
+            vectors = embedder.text_vectors(texts).numpy()
+            for t, v in zip(texts, vectors):
+                writer.write(text_record(t, v))
+        if have_images:
+            reporter = Reporter(quiet=quiet, total=total, description="embedding")
+            try:
+                with sigterm_as_interrupt():
+                    stats = run(items, EmbedTask(loaded, embedder, preprocess.value), writer,
+                                batch_size=batch, workers=jobs, reporter=reporter)
+            finally:
+                reporter.close()
+        writer.close()
+    finally:
+        out.close()
+    if not have_images:
+        raise typer.Exit(0)
+    finish(stats, output=output, quiet=quiet)
+
+
+embed.__doc__ = (embed.__doc__ or "") + EXAMPLES

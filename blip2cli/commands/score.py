@@ -1,0 +1,91 @@
+"""``blip2 score``: how well each text matches an image (ITM probability and ITC similarity)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Optional
+
+import typer
+
+from .. import console
+from .. import options as o
+from ..embed import DEFAULT_RETRIEVAL_MODEL
+from .common import check_output_path, handles_errors
+from .embed import EmbedTask, Features, load_for_features
+
+EXAMPLES = """
+
+Examples:
+
+\b
+  blip2 score cat.jpg "a cat" "a dog"                  # text<TAB>itm<TAB>itc per text
+  blip2 score cat.jpg "a cat on a sofa" -f jsonl
+  curl -s https://example.com/cat.jpg | blip2 score - "a cat" "a dog"
+"""
+
+
+@handles_errors
+def score(
+    image: Annotated[str, typer.Argument(help="An image file, or - for image bytes on stdin.", show_default=False)],
+    texts: Annotated[
+        Optional[list[str]], typer.Argument(help="Texts to score against the image.", show_default=False)
+    ] = None,
+    model: o.RetrievalModel = None,
+    revision: o.Revision = None,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DtypeOpt = o.Dtype.auto,
+    offline: o.Offline = False,
+    allow_pickle: o.AllowPickle = False,
+    fmt: o.FormatOpt = None,
+    output: o.Output = None,
+    preprocess: o.PreprocessOpt = o.Preprocess.fast,
+) -> None:
+    """Score texts against an image: the image-text matching (ITM) head's match
+    probability, and the ITC similarity (max over the query embeddings of the
+    cosine with the text embedding), one line per text."""
+    import sys
+
+    from ..embed import Embedder, itc_similarity, score_schema
+    from ..errors import UsageError
+    from ..images import ImageError
+    from ..writers import Output, make_writer
+
+    texts = list(texts or [])
+    if not texts:
+        raise UsageError("no texts to score", hint='blip2 score img.jpg "a cat" "a dog"')
+    fmt_name = o.infer_format(fmt, output)
+    check_output_path(output)
+    loaded = load_for_features(model or DEFAULT_RETRIEVAL_MODEL, revision, device, dtype, o.Quantize.none,
+                               offline, allow_pickle, features="itc", task="score", need_text=True,
+                               need_itm=True)
+    embedder = Embedder(loaded, Features.itc.value, "none")
+    task = EmbedTask(loaded, embedder, preprocess.value)
+    error = None
+    try:
+        source = sys.stdin.buffer.read() if image == "-" else image
+        prepared = task._decode(source)
+    except ImageError as exc:
+        error = str(exc)
+    if error is None:
+        vision = embedder.encode_images(task.pixels([prepared]))
+        image_vectors = embedder.image_vectors(vision=vision)[0]
+        itc = itc_similarity(image_vectors, embedder.text_vectors(texts)).tolist()
+        itm = embedder.itm_probabilities(vision.last_hidden_state, texts).tolist()
+        records = [{"path": image, "text": t, "itm": m, "itc": c, "error": None} for t, m, c in zip(texts, itm, itc)]
+    else:
+        console.message(f"{image}: {error}")
+        records = [{"path": image, "text": t, "itm": None, "itc": None, "error": error} for t in texts]
+
+    out = Output(str(output) if output is not None else None)
+    stream = out.open()
+    try:
+        writer = make_writer(fmt_name, stream, score_schema())
+        for record in records:
+            writer.write(record)
+        writer.close()
+    finally:
+        out.close()
+    raise typer.Exit(1 if error else 0)
+
+
+score.__doc__ = inspect.cleandoc(score.__doc__ or "") + EXAMPLES

@@ -1,0 +1,335 @@
+"""The vector store without a model: format, append, incremental decisions, atomic
+commits, locking, and chunked search against brute force."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blip2cli import store as st
+from blip2cli.errors import UsageError
+from blip2cli.sources import Item
+from blip2cli.store import Entry, StoreMeta, StoreUpdate, VectorStore, index_path, top_k
+
+DIMS = (4, 8)
+
+
+def meta(dims=DIMS, **kw) -> StoreMeta:
+    base = dict(model="tiny", features="itc", pool="none" if len(dims) == 2 else "mean", dims=dims, normalized=True)
+    base.update(kw)
+    return StoreMeta(**base)
+
+
+def unit(rng, *shape):
+    v = rng.standard_normal(shape).astype(np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def make_files(folder: Path, names, content=b"x") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in names:
+        p = folder / n
+        p.write_bytes(content + n.encode())
+        out.append(p)
+    return out
+
+
+def entry_for(path: Path) -> Entry:
+    size, mtime, digest = st.file_identity(str(path))
+    return Entry(str(path), os.path.abspath(path), size, mtime, digest)
+
+
+def write_store(path: Path, files, vectors, m=None, prune=False) -> st.UpdateStats:
+    with StoreUpdate(path, m or meta(), prune=prune) as up:
+        for f, v in zip(files, vectors):
+            up.add(entry_for(f), v)
+        return up.commit()
+
+
+@pytest.mark.parametrize("name", ["v.safetensors", "v.npy"])
+def test_round_trip_and_standard_readers(tmp_path, name):
+    rng = np.random.default_rng(0)
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg", "c.jpg"])
+    vecs = unit(rng, 3, *DIMS)
+    path = tmp_path / name
+    stats = write_store(path, files, vecs)
+    assert stats.rows == 3 and stats.added == 3 and stats.rewritten
+    store = VectorStore.open(path)
+    assert store.rows == 3 and store.meta.dims == DIMS
+    np.testing.assert_array_equal(np.asarray(store.matrix), vecs)
+    assert [e.path for e in store.entries] == [str(f) for f in files]
+    # the matrix is a plain file for other tools
+    if name.endswith(".npy"):
+        np.testing.assert_array_equal(np.load(path), vecs)
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            np.testing.assert_array_equal(f.get_tensor("vectors"), vecs)
+            assert json.loads(f.metadata()["dims"]) == list(DIMS)
+    lines = index_path(path).read_text().splitlines()
+    head = json.loads(lines[0])
+    assert head["format"] == "blip2-vector-store" and head["rows"] == 3
+    assert [json.loads(line)["row"] for line in lines[1:]] == [0, 1, 2]
+    # no leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["img", name, name + ".index.jsonl"])
+
+
+def test_append_keeps_old_rows_and_float16(tmp_path):
+    rng = np.random.default_rng(1)
+    files = make_files(tmp_path / "img", [f"{i}.jpg" for i in range(5)])
+    vecs = unit(rng, 5, *DIMS)
+    path = tmp_path / "v.safetensors"
+    write_store(path, files[:3], vecs[:3], meta(dtype="float16"))
+    with StoreUpdate(path, meta(), dtype_given=False) as up:  # keeps the store's dtype
+        for f, v in zip(files[3:], vecs[3:]):
+            up.add(entry_for(f), v)
+        up.commit()
+    store = VectorStore.open(path)
+    assert store.meta.dtype == "float16" and store.rows == 5
+    np.testing.assert_allclose(np.asarray(store.matrix, dtype=np.float32), vecs, atol=1e-3)
+    assert [e.path for e in store.entries] == [str(f) for f in files]
+    with pytest.raises(UsageError, match="float16"):
+        StoreUpdate(path, meta(dtype="float32"), dtype_given=True)
+
+
+def test_empty_store(tmp_path):
+    path = tmp_path / "v.safetensors"
+    write_store(path, [], [])
+    store = VectorStore.open(path)
+    assert store.rows == 0 and store.matrix is None
+    assert top_k(store, np.ones(8, np.float32), 3, mode="text") == []
+
+
+def test_select_reuses_unchanged_redoes_changed_and_prunes(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "img"
+    files = make_files(folder, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    path = tmp_path / "v.npy"
+    vecs = unit(rng, 4, *DIMS)
+    write_store(path, files, vecs)
+
+    # a: untouched; b: touched (new mtime, same bytes); c: changed; d: deleted; e: new
+    os.utime(files[1], ns=(files[1].stat().st_atime_ns, files[1].stat().st_mtime_ns + 5_000_000_000))
+    files[2].write_bytes(b"other content!")
+    files[3].unlink()
+    new = make_files(folder, ["e.jpg"])[0]
+    items = [Item(str(p), str(p)) for p in (files[0], files[1], files[2], new)]
+    with StoreUpdate(path, meta(), prune=False) as up:
+        todo = [i.name for i in up.select(items)]
+        assert todo == [str(files[2]), str(new)]
+        assert (up.stats.new, up.stats.changed, up.stats.unchanged) == (1, 1, 2)
+        fresh = unit(rng, 2, *DIMS)
+        up.add(entry_for(files[2]), fresh[0])
+        up.add(entry_for(new), fresh[1])
+        up.commit()
+    store = VectorStore.open(path)
+    # kept rows first (a, b, and d: no --prune), then the new ones in order
+    assert [Path(e.path).name for e in store.entries] == ["a.jpg", "b.jpg", "d.jpg", "c.jpg", "e.jpg"]
+    np.testing.assert_array_equal(np.asarray(store.matrix[:3]), vecs[[0, 1, 3]])
+    np.testing.assert_array_equal(np.asarray(store.matrix[3:]), fresh)
+    assert store.entries[1].mtime_ns == files[1].stat().st_mtime_ns  # the touch was recorded
+
+    with StoreUpdate(path, meta(), prune=True) as up:
+        assert list(up.select(items)) == []  # everything is current now
+        stats = up.commit()
+    assert stats.pruned == 1 and stats.rows == 4
+    assert "d.jpg" not in {Path(e.path).name for e in VectorStore.open(path).entries}
+
+
+def test_unchanged_store_is_not_rewritten(tmp_path):
+    files = make_files(tmp_path / "img", ["a.jpg"])
+    path = tmp_path / "v.safetensors"
+    write_store(path, files, unit(np.random.default_rng(3), 1, *DIMS))
+    before = (path.stat().st_mtime_ns, index_path(path).stat().st_mtime_ns)
+    with StoreUpdate(path, meta()) as up:
+        assert list(up.select([Item(str(files[0]), str(files[0]))])) == []
+        stats = up.commit()
+    assert not stats.rewritten
+    assert (path.stat().st_mtime_ns, index_path(path).stat().st_mtime_ns) == before
+
+
+def test_other_settings_are_refused(tmp_path):
+    files = make_files(tmp_path / "img", ["a.jpg"])
+    path = tmp_path / "v.safetensors"
+    write_store(path, files, unit(np.random.default_rng(4), 1, *DIMS))
+    with pytest.raises(UsageError, match="model 'tiny' .store. vs 'other'"):
+        StoreUpdate(path, meta(model="other"))
+    with pytest.raises(UsageError, match="pool"):
+        StoreUpdate(path, meta(dims=(8,), pool="mean"))
+
+
+def test_one_writer_at_a_time(tmp_path):
+    path = tmp_path / "v.safetensors"
+    with StoreUpdate(path, meta()):
+        with pytest.raises(st.StoreError, match="another blip2 process"):
+            StoreUpdate(path, meta())
+    with StoreUpdate(path, meta()) as up:  # released
+        up.commit()
+
+
+def _fail_on_replace(monkeypatch, which: int):
+    real = os.replace
+    calls = {"n": 0}
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == which:
+            raise KeyboardInterrupt("simulated crash")
+        return real(src, dst)
+
+    monkeypatch.setattr(st.os, "replace", replace)
+
+
+@pytest.mark.parametrize("name", ["v.safetensors", "v.npy"])
+def test_crash_before_the_commit_point_leaves_the_old_store(tmp_path, monkeypatch, name):
+    rng = np.random.default_rng(5)
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
+    path = tmp_path / name
+    old = unit(rng, 1, *DIMS)
+    write_store(path, files[:1], old)
+    old_bytes = path.read_bytes(), index_path(path).read_bytes()
+
+    # a crash while the new matrix is being written (the copy loop fails)
+    real_write_matrix = StoreUpdate._write_matrix
+
+    def broken(self, tmp, *a, **k):
+        real_write_matrix(self, tmp, *a, **k)
+        raise KeyboardInterrupt("simulated crash after writing the temporary matrix")
+
+    monkeypatch.setattr(StoreUpdate, "_write_matrix", broken)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(path, files[1:], unit(rng, 1, *DIMS))
+    monkeypatch.undo()
+    assert (path.read_bytes(), index_path(path).read_bytes()) == old_bytes
+
+    # a crash at the first rename (kill -9 would leave the temporary files behind)
+    _fail_on_replace(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(path, files[1:], unit(rng, 1, *DIMS))
+    monkeypatch.undo()
+    assert (path.read_bytes(), index_path(path).read_bytes()) == old_bytes
+    store = VectorStore.open(path)
+    np.testing.assert_array_equal(np.asarray(store.matrix), old)
+
+    # kill -9 while writing: half-written temporary files are left behind; readers
+    # ignore them and the next writer removes them
+    st._matrix_tmp(path).write_bytes(b"half a matrix")
+    st._index_tmp(path).write_text('{"format": "blip2-vector-store", "rows": 9')
+    np.testing.assert_array_equal(np.asarray(VectorStore.open(path).matrix), old)
+    with StoreUpdate(path, meta()) as up:
+        up.commit()
+    assert not st._matrix_tmp(path).exists() and not st._index_tmp(path).exists()
+    assert (path.read_bytes(), index_path(path).read_bytes()) == old_bytes
+
+
+def test_crash_between_the_renames_rolls_forward(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
+    path = tmp_path / "v.safetensors"
+    write_store(path, files[:1], unit(rng, 1, *DIMS))
+    new = unit(rng, 1, *DIMS)
+    # the matrix is renamed, then the process dies before the index is
+    real = os.replace
+    calls = {"n": 0}
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SystemExit("simulated kill between the two renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(st.os, "replace", replace)
+    with StoreUpdate(path, meta()) as up:
+        up.add(entry_for(files[1]), new[0])
+        with pytest.raises(SystemExit):
+            up.commit()
+    monkeypatch.undo()
+    assert st._index_tmp(path).exists()
+    # a reader sees the new store whole
+    store = VectorStore.open(path)
+    assert store.rows == 2
+    np.testing.assert_array_equal(np.asarray(store.matrix[1]), new[0])
+    # the next writer finishes the rename
+    with StoreUpdate(path, meta()) as up:
+        up.commit()
+    assert not st._index_tmp(path).exists()
+    assert json.loads(index_path(path).read_text().splitlines()[0])["rows"] == 2
+
+
+def test_mismatched_files_are_reported(tmp_path):
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    write_store(a, files[:1], unit(np.random.default_rng(7), 1, *DIMS))
+    write_store(b, files, unit(np.random.default_rng(8), 2, *DIMS))
+    index_path(a).write_bytes(index_path(b).read_bytes())
+    with pytest.raises(st.StoreError, match="do not belong together"):
+        VectorStore.open(a)
+    plain = tmp_path / "plain.npy"
+    np.save(plain, np.zeros((2, 3), np.float32))
+    with pytest.raises(st.StoreError, match="does not"):
+        VectorStore.open(plain)
+
+
+def brute_force(matrix, query, mode, rows=None):
+    m = np.asarray(matrix, dtype=np.float64)
+    q = np.asarray(query, dtype=np.float64)
+    if mode == "text":
+        scores = (m @ q).max(axis=1) if m.ndim == 3 else m @ q
+    else:
+        pooled = m.mean(axis=1) if m.ndim == 3 else m
+        pooled = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        scores = pooled @ q
+    ids = np.arange(len(m)) if rows is None else np.asarray(sorted(rows))
+    order = sorted(ids, key=lambda i: (-scores[i], i))
+    return [int(i) for i in order], scores
+
+
+@pytest.mark.parametrize("dims, mode", [((4, 8), "text"), ((8,), "text"), ((4, 8), "image"), ((8,), "image")])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_chunked_search_equals_brute_force(tmp_path, dims, mode, chunk, dtype):
+    rng = np.random.default_rng(9)
+    n = 50
+    files = make_files(tmp_path / "img", [f"{i}.jpg" for i in range(n)])
+    vecs = unit(rng, n, *dims).astype(dtype).astype(np.float32)  # what the store holds
+    path = tmp_path / "v.npy"
+    write_store(path, files, vecs, meta(dims=dims, dtype=dtype))
+    store = VectorStore.open(path)
+    query = unit(rng, dims[-1])
+    want, scores = brute_force(vecs, query, mode)
+    for k in (1, 5, n + 3):
+        hits = top_k(store, query, k, mode=mode, chunk_rows=chunk)
+        assert [h.row for h in hits] == want[:k]
+        np.testing.assert_allclose([h.score for h in hits], scores[want[:k]], rtol=1e-5, atol=1e-6)
+    subset = [3, 17, 18, 40, 49]
+    want_sub, _ = brute_force(vecs, query, mode, rows=subset)
+    assert [h.row for h in top_k(store, query, 3, mode=mode, rows=subset, chunk_rows=chunk)] == want_sub[:3]
+
+
+def test_ties_go_to_the_lower_row(tmp_path):
+    files = make_files(tmp_path / "img", [f"{i}.jpg" for i in range(6)])
+    vecs = np.zeros((6, 8), np.float32)
+    vecs[:, 0] = [0.5, 1, 1, 0.5, 1, 0.2]
+    path = tmp_path / "v.npy"
+    write_store(path, files, vecs, meta(dims=(8,), normalized=False))
+    q = np.eye(8, dtype=np.float32)[0]
+    assert [h.row for h in top_k(VectorStore.open(path), q, 4, mode="text", chunk_rows=2)] == [1, 2, 4, 0]
+
+
+def test_float16_conversion_is_the_same_with_or_without_torch(monkeypatch):
+    import sys
+
+    src = np.random.default_rng(10).standard_normal((5, 4, 8)).astype(np.float16)
+    want = src.astype(np.float32)
+    pytest.importorskip("torch")
+    got_torch = st._as_float32(src, np.empty(src.shape, np.float32))
+    monkeypatch.delitem(sys.modules, "torch")
+    got_numpy = st._as_float32(src, np.empty(src.shape, np.float32))
+    np.testing.assert_array_equal(got_torch, want)
+    np.testing.assert_array_equal(got_numpy, want)
