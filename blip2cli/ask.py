@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 
 from .caption import GenerationOptions, _eos_ids, prompt_ids, trim_at_eos
 from .errors import UsageError
+from .images import ImageStage
 from .writers import Schema
 
 PLACEHOLDER = "{question}"
@@ -101,32 +102,6 @@ def split_arguments(args: Sequence[str], has_other_questions: bool) -> tuple[lis
 
 
 # -- the image stage, shared by ask and chat -------------------------------------
-class ImageStage:
-    """Decode/resize (``prepare``, thread-safe) and normalise on the device (``pixels``),
-    with the fast path or the checkpoint's own image processor (``--preprocess reference``)."""
-
-    def __init__(self, loaded, preprocess: str = "fast"):
-        self.loaded = loaded
-        self.reference = preprocess == "reference"
-        self.spec = loaded.image_spec
-
-    def prepare(self, source):
-        from .images import open_image, prepare
-
-        if self.reference:
-            return open_image(source)
-        return prepare(source, self.spec)
-
-    def pixels(self, prepared: list):
-        from .images import reference_pixel_values, to_pixel_values
-
-        loaded = self.loaded
-        if self.reference:
-            values = reference_pixel_values(prepared, loaded.processor.image_processor)
-            return values.to(loaded.device, loaded.dtype)
-        return to_pixel_values(prepared, self.spec, device=loaded.device, dtype=loaded.dtype)
-
-
 # -- the asker ---------------------------------------------------------------------
 class Asker:
     """Answers questions about batches of images, running each image through the
@@ -429,7 +404,6 @@ __all__ = [
     "Asker",
     "AskTask",
     "ChatSession",
-    "ImageStage",
     "Turn",
     "answer_record",
     "answer_schema",

@@ -705,3 +705,25 @@ def reference_pixel_values(images, image_processor):
     """The checkpoint's own transformers image processor on decoded images
     (``--preprocess reference``)."""
     return image_processor(images=list(images), return_tensors="pt").pixel_values
+
+
+class ImageStage:
+    """Decode/resize (``prepare``, thread-safe) and normalise on the device (``pixels``),
+    with the fast path or the checkpoint's own image processor (``--preprocess reference``)."""
+
+    def __init__(self, loaded, preprocess: str = "fast"):
+        self.loaded = loaded
+        self.reference = preprocess == "reference"
+        self.spec = loaded.image_spec
+
+    def prepare(self, source):
+        if self.reference:
+            return open_image(source)
+        return prepare(source, self.spec)
+
+    def pixels(self, prepared: list):
+        loaded = self.loaded
+        if self.reference:
+            values = reference_pixel_values(prepared, loaded.processor.image_processor)
+            return values.to(loaded.device, loaded.dtype)
+        return to_pixel_values(prepared, self.spec, device=loaded.device, dtype=loaded.dtype)

@@ -122,6 +122,7 @@ class Job:
         appending = False
         sink_path = self.output
         parts = None
+        done: set = set()
         if shard is not None:
             from .parts import PartsDir
             from .resume import load_resume
@@ -145,6 +146,7 @@ class Job:
             from .resume import load_resume
 
             state = load_resume(str(self.output), settings, self.key_of_record)
+            done = state.done
             result.resumed = state.kept
             appending = os.path.exists(self.output) and os.path.getsize(self.output) > 0
             if state.kept or state.retried or state.torn:
@@ -207,6 +209,8 @@ class Job:
 
         try:
             writer = make_writer(self.fmt, sink, self.schema, header=not appending)
+            if done:
+                writer = _SkipDone(writer, done, self.key_of_record)
             if self.sidecar is not None:
                 from .sidecar import SidecarWriter
 
@@ -267,6 +271,24 @@ def _launched() -> bool:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
     except ValueError:
         return False
+
+
+class _SkipDone:
+    """Drops records already in the output (ask: the done questions of an image redone
+    for its missing ones), so nothing is written twice."""
+
+    def __init__(self, inner, done: set, key_of_record: Callable):
+        self.inner = inner
+        self.done = done
+        self.key_of_record = key_of_record
+
+    def write(self, record: dict) -> None:
+        if not record.get("error") and self.key_of_record(record) in self.done:
+            return
+        self.inner.write(record)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class _Recorded:

@@ -157,7 +157,7 @@ class OutputPath(type(Path())):
     wants_directory = False
 
 
-def _output_path(value: str) -> Path:
+def output_path(value: str) -> Path:
     path = OutputPath(value)
     path.wants_directory = value.endswith(("/", os.sep))
     return path
@@ -166,7 +166,7 @@ def _output_path(value: str) -> Path:
 Output = Annotated[
     Optional[Path],
     typer.Option(
-        "--output", "-o", rich_help_panel=OUTPUT, show_default=False, parser=_output_path,
+        "--output", "-o", rich_help_panel=OUTPUT, show_default=False, parser=output_path,
         help="Write records to FILE instead of stdout (a directory, -o out/, for part files of --shard "
         "and multi-process runs).",
     ),

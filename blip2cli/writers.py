@@ -197,9 +197,5 @@ class Sink:
             self._fh = None
 
 
-# Backwards-compatible name: ``Output(path).open()`` returns the sink.
-Output = Sink
-
-
 def make_writer(fmt: str, stream, schema: Schema, *, header: bool = True) -> Writer:
     return WRITERS[fmt](stream, schema, header=header)

@@ -373,3 +373,37 @@ def test_cli_score_equals_transformers(tiny_itm, reference, example_images):
 def test_cli_score_refuses_a_captioning_checkpoint(tiny_opt, example_images):
     result = cli("score", example_images[0], "a cat", "-m", tiny_opt)
     assert result.exit_code == 2 and "Salesforce/blip2-itm-vit-g" in result.stderr
+
+
+def test_cli_embed_resume_and_shards_through_the_common_job(tiny_itm, example_images, tmp_path):
+    """Image records to JSON Lines resume (issue 6) and split into shards (issue 7) like caption."""
+    import json as _json
+
+    from typer.testing import CliRunner as _Runner
+
+    from blip2cli.cli import app as _app
+
+    run = _Runner().invoke
+    out = tmp_path / "vec.jsonl"
+    full = run(_app, ["embed", *map(str, example_images), "--model", str(tiny_itm), "-o", str(out)])
+    assert full.exit_code == 0, full.output
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][:10])  # killed mid-record
+    res = run(_app, ["embed", *map(str, example_images), "--model", str(tiny_itm), "-o", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    recs = [_json.loads(l) for l in out.read_text().splitlines()]
+    assert sorted(r["path"] for r in recs) == sorted(map(str, example_images))
+    want = {_json.loads(l)["path"]: _json.loads(l)["vector"] for l in lines}
+    assert all(r["vector"] == want[r["path"]] for r in recs)
+
+    d = tmp_path / "shards"
+    for i in range(2):
+        res = run(_app, ["embed", *map(str, example_images), "--model", str(tiny_itm), "-o", str(d), "--shard", f"{i}/2"])
+        assert res.exit_code == 0, res.output
+    assert run(_app, ["merge", str(d)]).exit_code == 0
+    merged = [_json.loads(l) for l in (d / "embeddings.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in merged] == list(map(str, example_images))
+    assert all(r["vector"] == want[r["path"]] for r in merged)
+    res = run(_app, ["embed", str(example_images[0]), "--model", str(tiny_itm), "--text", "a cat", "--resume",
+                     "-o", str(tmp_path / "t.jsonl")])
+    assert res.exit_code == 2

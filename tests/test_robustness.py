@@ -396,3 +396,28 @@ def test_awkward_paths_survive_every_format(tiny_opt, example_images, tmp_path, 
         assert len(lines) == len(names)
         got = [l.split("\t")[0].replace("\\n", "\n") for l in lines]
     assert got == paths
+
+
+# -- the same machinery for ask ---------------------------------------------------
+def test_ask_sidecar_holds_the_answer(tiny_opt, photos):
+    res = cli("ask", photos / "chelsea.png", "what is this?", "--model", tiny_opt, "--sidecar", "-f", "jsonl", *FAST)
+    assert res.exit_code == 0, res.output
+    rec = jsonl(res.stdout)[0]
+    assert (photos / "chelsea.txt").read_text() == rec["answer"] + "\n"
+    res = cli("ask", photos / "chelsea.png", "--model", tiny_opt, "--sidecar", "-q", "a?", "-q", "b?")
+    assert res.exit_code == 2 and "one question" in res.stderr
+
+
+def test_ask_resume_redoes_only_missing_questions(tiny_opt, photos, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    args = ["ask", photos / "chelsea.png", photos / "coffee.png", "-q", "what?", "-q", "where?", "--model", tiny_opt,
+            "-o", out, *FAST]
+    assert cli(*args).exit_code == 0
+    full = jsonl(out.read_text())
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]))  # the last (coffee, where?) pair is missing
+    res = cli(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    final = jsonl(out.read_text())
+    assert sorted((r["path"], r["question"]) for r in final) == sorted((r["path"], r["question"]) for r in full)
+    assert len(final) == 4 and final[3] == full[3]

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from blip2cli.caption import caption_record, caption_schema
-from blip2cli.writers import WRITERS, Output, escape_text, make_writer
+from blip2cli.writers import WRITERS, Sink, escape_text, make_writer
 
 NASTY = ['photos/a, b "c".jpg', "new\nline.jpg", "tab\there.jpg", "ünï cödé 猫.png", "back\\slash.jpg"]
 
@@ -92,10 +92,10 @@ def test_each_record_is_flushed_whole(fmt):
 def test_output_file_and_unwritable_path(tmp_path):
     from blip2cli.errors import OutputError
 
-    out = Output(str(tmp_path / "x.jsonl"))
+    out = Sink(str(tmp_path / "x.jsonl"))
     stream = out.open()
     stream.write("surrogate \udcff kept\n")
     out.close()
     assert (tmp_path / "x.jsonl").read_bytes() == b"surrogate \xff kept\n"
     with pytest.raises(OutputError, match="cannot write"):
-        Output(str(tmp_path / "no" / "such" / "dir.jsonl")).open()
+        Sink(str(tmp_path / "no" / "such" / "dir.jsonl")).open()

@@ -9,7 +9,7 @@ import typer
 
 from .. import options as o
 from ..ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, ASK_NUM_BEAMS, DEFAULT_TEMPLATE
-from .common import check_output_path, drive, finish, handles_errors, resolve_items
+from .common import check_output_path, finish, handles_errors, resolve_items, sidecar_policy
 
 EXAMPLES = """
 
@@ -87,12 +87,25 @@ def ask(
     batch_size: o.BatchSize = None,
     workers: o.Workers = None,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
+    sidecar: o.Sidecar = False,
+    sidecar_ext: o.SidecarExt = ".txt",
+    output_dir: o.OutputDir = None,
+    existing: o.Existing = o.ExistingOpt.skip,
+    prefix: o.Prefix = "",
+    suffix: o.Suffix = "",
+    separator: o.Separator = ", ",
+    dry_run: o.DryRun = False,
+    resume: o.Resume = False,
+    fail_fast: o.FailFast = False,
+    shard: o.ShardOpt = None,
 ) -> None:
     """Ask questions about images: one record per image and question, streamed in input order."""
-    from ..ask import AskTask, Asker, ImageStage, PAIRS_PER_IMAGE, answer_schema, check_template
+    from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema, check_template
     from ..caption import GenerationOptions
     from ..errors import UsageError
-    from ..loader import LoadOptions, load
+    from ..images import ImageStage
+    from ..job import Job
+    from ..loader import LoadOptions
 
     if num_answers > num_beams and not sample:
         raise UsageError(
@@ -115,12 +128,15 @@ def ask(
         raise UsageError("--raw and --template contradict each other", hint="use one of them")
     prompt_template = None if raw else check_template(template if template is not None else DEFAULT_TEMPLATE)
     inputs, questions = gather_questions(arguments or [], question or [], questions_file, files_from)
-    fmt_name = o.infer_format(fmt, output)
-    check_output_path(output)
-    items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="ask")
-
-    loaded = load(
-        LoadOptions(
+    policy = sidecar_policy(sidecar, sidecar_ext, output_dir, existing, prefix, suffix, separator)
+    if policy is not None and len(questions) != 1:
+        raise UsageError(
+            f"--sidecar holds the answer to one question; {len(questions)} were given",
+            hint="ask one question per sidecar run (use --sidecar-ext to keep several answers apart)",
+        )
+    job = Job(
+        command="ask",
+        load_options=LoadOptions(
             model=model,
             revision=revision,
             device=device,
@@ -129,28 +145,41 @@ def ask(
             offline=offline,
             allow_pickle=allow_pickle,
         ),
-        task="answer questions",
-    )
-    if seed is not None:
-        import torch
-
-        torch.manual_seed(seed)
-    batch = batch_size or o.default_batch_size(loaded.device.type)
-    asker = Asker(loaded, gen, pairs_per_call=batch * PAIRS_PER_IMAGE)
-    task = AskTask(asker, ImageStage(loaded, preprocess.value), questions, prompt_template)
-    stats = drive(
-        items,
-        task,
-        answer_schema(num_answers),
-        fmt=fmt_name,
+        make_task=lambda loaded: AskTask(
+            Asker(loaded, gen, pairs_per_call=(batch_size or o.default_batch_size(loaded.device.type)) * PAIRS_PER_IMAGE),
+            ImageStage(loaded, preprocess.value),
+            questions,
+            prompt_template,
+        ),
+        schema=answer_schema(num_answers),
+        fmt=o.infer_format(fmt, output),
         output=output,
+        extra_settings={
+            "preprocess": preprocess.value,
+            "template": prompt_template,
+            "generation": gen.describe(),
+        },
         quiet=quiet,
-        total=total,
-        batch_size=batch,
-        workers=workers or o.default_workers(),
+        batch_size=batch_size,
+        workers=workers,
+        sidecar=policy,
+        sidecar_text=lambda r: r.get("answers") or [],
+        resume=resume,
+        dry_run=dry_run,
+        fail_fast=fail_fast,
+        keys_of_item=lambda item: [(item.name, q) for q in questions],
+        key_of_record=lambda r: (r["path"], r.get("question")),
         description="answering",
+        seed=seed,
+        shard=shard,
     )
-    finish(stats, output=output, quiet=quiet)
+    if job.parts_mode() and fmt is None:
+        job.fmt = "jsonl"
+    job.check()
+    if not dry_run and not job.parts_mode():
+        check_output_path(output)
+    items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="ask")
+    finish(job.run(items, total), output=output, quiet=quiet)
 
 
 def gather_questions(arguments: list[str], flags: list[str], questions_file: str | None, files_from) -> tuple[list[str], list[str]]:

@@ -27,28 +27,16 @@ class CaptionTask:
     """Joins the image stage and the captioner for the pipeline."""
 
     def __init__(self, loaded, captioner, preprocess: str):
-        self.loaded = loaded
+        from ..images import ImageStage
+
+        self.stage = ImageStage(loaded, preprocess)
         self.captioner = captioner
-        self.reference = preprocess == "reference"
-        self.spec = loaded.image_spec
 
     def prepare(self, item):
-        from ..images import open_image, prepare
-
-        if self.reference:
-            return open_image(item.source)
-        return prepare(item.source, self.spec)
+        return self.stage.prepare(item.source)
 
     def run_batch(self, prepared):
-        from ..images import reference_pixel_values, to_pixel_values
-
-        loaded = self.loaded
-        if self.reference:
-            pixels = reference_pixel_values(prepared, loaded.processor.image_processor)
-            pixels = pixels.to(loaded.device, loaded.dtype)
-        else:
-            pixels = to_pixel_values(prepared, self.spec, device=loaded.device, dtype=loaded.dtype)
-        return self.captioner.caption(pixels)
+        return self.captioner.caption(self.stage.pixels(prepared))
 
     def record(self, item, result, error):
         from ..caption import caption_record

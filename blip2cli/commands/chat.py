@@ -283,7 +283,8 @@ def chat(
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
 ) -> None:
     """Talk about an image: each question carries the earlier turns, the image is encoded once."""
-    from ..ask import Asker, ChatSession, ImageStage, check_template
+    from ..ask import Asker, ChatSession, check_template
+    from ..images import ImageStage
     from ..caption import GenerationOptions
     from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, InputError, UsageError
     from ..images import ImageError, open_image

@@ -1,5 +1,5 @@
 """What every command does the same way: map our errors to messages and exit
-codes, build the loader options, and drive the pipeline into a writer."""
+codes, resolve inputs, build the sidecar policy, and sum up a run."""
 
 from __future__ import annotations
 
@@ -126,25 +126,6 @@ def resolve_items(inputs, files_from, *, recursive: bool, ext, null: bool, comma
         return items, None
     items = list(items)
     return items, len(items)
-
-
-def drive(items, task, schema, *, fmt: str, output: Path | None, quiet: bool, total: int | None,
-          batch_size: int, workers: int, description: str = "captioning"):
-    """Run a task through the pipeline into the chosen output; return its Stats."""
-    from ..console import Reporter
-    from ..pipeline import run
-    from ..writers import Output, make_writer
-
-    out = Output(str(output) if output is not None else None)
-    stream = out.open()
-    reporter = Reporter(quiet=quiet, total=total, description=description)
-    try:
-        writer = make_writer(fmt, stream, schema)
-        with sigterm_as_interrupt():
-            return run(items, task, writer, batch_size=batch_size, workers=workers, reporter=reporter)
-    finally:
-        reporter.close()
-        out.close()
 
 
 def sidecar_policy(sidecar, ext, output_dir, existing, prefix, suffix, separator):

@@ -81,12 +81,26 @@ def model_key(model: str) -> str:
     return os.path.abspath(expanded) if os.path.isdir(expanded) else model
 
 
+def _wants_directory(output) -> bool:
+    return output is not None and (output.is_dir() or getattr(output, "wants_directory", False))
+
+
 def load_for_features(model: str, revision, device, dtype, quantize, offline, allow_pickle, *,
                       features: str, task: str, need_text: bool = False, need_itm: bool = False):
     """Check the checkpoint against what the command needs (before any weights), then load."""
+    from ..loader import ALL_ARCHITECTURES, load
+
+    opts = check_for_features(model, revision, device, dtype, quantize, offline, allow_pickle,
+                              features=features, need_text=need_text, need_itm=need_itm)
+    return load(opts, architectures=ALL_ARCHITECTURES, task=task)
+
+
+def check_for_features(model: str, revision, device, dtype, quantize, offline, allow_pickle, *,
+                       features: str, need_text: bool = False, need_itm: bool = False):
+    """The LoadOptions, once the checkpoint is known to fit the command (no weights read)."""
     from ..embed import no_text_side_hint, resolve_features
     from ..errors import ModelError, UsageError
-    from ..loader import ALL_ARCHITECTURES, RETRIEVAL, LoadOptions, load, resolve_checkpoint
+    from ..loader import RETRIEVAL, LoadOptions, resolve_checkpoint
 
     opts = LoadOptions(
         model=model, revision=revision, device=device, dtype=dtype.value, quantize=quantize.value,
@@ -110,7 +124,7 @@ def load_for_features(model: str, revision, device, dtype, quantize, offline, al
             f"--quantize {quantize.value}: a retrieval checkpoint has no language model to quantize",
             hint="drop --quantize (use --dtype float16 or bfloat16 on a GPU to save memory)",
         )
-    return load(opts, architectures=ALL_ARCHITECTURES, task=task)
+    return opts
 
 
 class EmbedTask:
@@ -121,16 +135,14 @@ class EmbedTask:
     """
 
     def __init__(self, loaded, embedder, preprocess: str, *, identity: bool = False):
-        self.loaded = loaded
+        from ..images import ImageStage
+
+        self.stage = ImageStage(loaded, preprocess)
         self.embedder = embedder
-        self.reference = preprocess == "reference"
-        self.spec = loaded.image_spec
         self.identity = identity
 
     def _decode(self, source):
-        from ..images import open_image, prepare
-
-        return open_image(source) if self.reference else prepare(source, self.spec)
+        return self.stage.prepare(source)
 
     def prepare(self, item):
         from ..images import ImageError
@@ -155,13 +167,7 @@ class EmbedTask:
         return self._decode(data), (st.st_size, st.st_mtime_ns, digest)
 
     def pixels(self, prepared):
-        from ..images import reference_pixel_values, to_pixel_values
-
-        loaded = self.loaded
-        if self.reference:
-            pixels = reference_pixel_values(prepared, loaded.processor.image_processor)
-            return pixels.to(loaded.device, loaded.dtype)
-        return to_pixel_values(prepared, self.spec, device=loaded.device, dtype=loaded.dtype)
+        return self.stage.pixels(prepared)
 
     def run_batch(self, prepared):
         vectors = self.embedder.image_vectors(self.pixels([p for p, _ in prepared])).numpy()
@@ -331,7 +337,7 @@ def embed(
     ] = None,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", rich_help_panel=o.OUTPUT, show_default=False,
+        typer.Option("--output", "-o", rich_help_panel=o.OUTPUT, show_default=False, parser=o.output_path,
                      help="Write to FILE instead of stdout. FILE.safetensors or FILE.npy: a vector store "
                      "with its index beside it (FILE.safetensors.index.jsonl), updated incrementally."),
     ] = None,
@@ -349,6 +355,9 @@ def embed(
     batch_size: o.BatchSize = None,
     workers: o.Workers = None,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
+    resume: o.Resume = False,
+    fail_fast: o.FailFast = False,
+    shard: o.ShardOpt = None,
 ) -> None:
     """Embed images (and texts) with BLIP-2: one vector record per image, or a vector store."""
     from ..embed import Embedder, embed_schema, text_record
@@ -375,13 +384,47 @@ def embed(
             "nothing to embed: name images (files, folders, globs, -) or give --text",
             hint="blip2 embed photos/ -o vectors.safetensors   or   blip2 embed --text 'a cat'",
         )
-    check_output_path(output)
+    if not (shard is not None or _wants_directory(output)):
+        check_output_path(output)
     model, revision, features_name, pool_name = store_settings(
         output if to_store else None, model, revision, features.value, pool.value if pool is not None else None
     )
     items, total = (None, 0)
     if have_images:
         items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="embed")
+
+    if not to_store and not texts:
+        # Image records to JSON Lines / CSV: the common job (--resume, -o DIR, --shard).
+        from ..job import Job
+        from ..loader import ALL_ARCHITECTURES
+
+        opts = check_for_features(model, revision, device, dtype, quantize, offline, allow_pickle,
+                                  features=features_name)
+        job = Job(
+            command="embed",
+            load_options=opts,
+            architectures=ALL_ARCHITECTURES,
+            make_task=lambda loaded: EmbedTask(loaded, Embedder(loaded, features_name, pool_name), preprocess.value),
+            schema=embed_schema(),
+            fmt="jsonl" if (fmt is None and (shard is not None or _wants_directory(output))) else fmt_name,
+            output=output,
+            extra_settings={"preprocess": preprocess.value, "features": features_name, "pool": pool_name},
+            quiet=quiet,
+            batch_size=batch_size,
+            workers=workers,
+            resume=resume,
+            fail_fast=fail_fast,
+            description="embedding",
+            shard=shard,
+        )
+        job.check()
+        finish(job.run(items, total), output=output, quiet=quiet)
+    if resume or shard is not None or fail_fast:
+        raise UsageError(
+            "--resume, --shard and --fail-fast apply to image records (JSON Lines or CSV); "
+            "a vector store is incremental by itself, and texts are quick to redo",
+            hint="drop the option, or embed images and texts in separate runs",
+        )
 
     loaded = load_for_features(model, revision, device, dtype, quantize, offline, allow_pickle,
                                features=features_name, task="embed", need_text=bool(texts))
@@ -408,9 +451,9 @@ def embed(
 
     from ..console import Reporter
     from ..pipeline import Stats, run
-    from ..writers import Output, make_writer
+    from ..writers import Sink, make_writer
 
-    out = Output(str(output) if output is not None else None)
+    out = Sink(str(output) if output is not None else None)
     stream = out.open()
     stats = Stats()
     try:

@@ -48,7 +48,7 @@ def score(
     from ..embed import Embedder, itc_similarity, score_schema
     from ..errors import UsageError
     from ..images import ImageError
-    from ..writers import Output, make_writer
+    from ..writers import Sink, make_writer
 
     texts = list(texts or [])
     if not texts:
@@ -76,7 +76,7 @@ def score(
         console.message(f"{image}: {error}")
         records = [{"path": image, "text": t, "itm": None, "itc": None, "error": error} for t in texts]
 
-    out = Output(str(output) if output is not None else None)
+    out = Sink(str(output) if output is not None else None)
     stream = out.open()
     try:
         writer = make_writer(fmt_name, stream, score_schema())

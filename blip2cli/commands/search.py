@@ -224,10 +224,10 @@ def search(
             })
         store.close()
 
-    from ..writers import Output, make_writer
+    from ..writers import Sink, make_writer
 
     schema = search_schema()
-    out = Output(str(output) if output is not None else None)
+    out = Sink(str(output) if output is not None else None)
     stream = out.open()
     try:
         writer = make_writer(fmt_name, stream, schema)
