@@ -70,6 +70,12 @@ class Reporter:
         else:
             message(f"{one_line(name)}: {one_line(error)}")
 
+    def note(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(f"blip2: {text}", markup=False, highlight=False)
+        else:
+            message(text)
+
     def advance(self, n: int = 1) -> None:
         if self._progress is not None:
             self._progress.advance(self._task, n)

@@ -181,7 +181,7 @@ BatchSize = Annotated[
     Optional[int],
     typer.Option(
         "--batch-size", "-b", min=1, rich_help_panel=PERFORMANCE, show_default=False,
-        help="Images per model call. Default: 8 on the CPU, 16 on mps, 32 on CUDA.",
+        help="Images per model call. Default: 16 on the CPU and mps, 32 on CUDA.",
     ),
 ]
 Workers = Annotated[
@@ -272,7 +272,7 @@ def default_workers() -> int:
 
 
 def default_batch_size(device_type: str) -> int:
-    return {"cpu": 8, "mps": 16}.get(device_type, 32)
+    return {"cpu": 16, "mps": 16}.get(device_type, 32)
 
 
 def infer_format(fmt: Optional[Format], output: Optional[Path]) -> str:

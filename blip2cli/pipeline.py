@@ -46,7 +46,17 @@ class Stats:
     done: int = 0
     failed: int = 0
     seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=lambda: {"wait_decode": 0.0, "model": 0.0, "write": 0.0})
+    # decode: worker time summed over threads; wait_decode: the main thread waiting for it.
+    stage_seconds: dict[str, float] = field(
+        default_factory=lambda: {"decode": 0.0, "wait_decode": 0.0, "model": 0.0, "write": 0.0}
+    )
+    batch_seconds: list[float] = field(default_factory=list)  # one model call per batch
+    batch_size_reduced_to: int | None = None  # after a CUDA out-of-memory error
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_decode(self, seconds: float) -> None:
+        with self._lock:
+            self.stage_seconds["decode"] += seconds
 
     @property
     def total(self) -> int:
@@ -94,12 +104,31 @@ class _Raise:
     exc: BaseException
 
 
-def _prepare(task: Task, item: Item) -> Any:
+def _prepare(task: Task, item: Item, stats: Stats) -> Any:
     if item.error is not None:
         from .images import ImageError
 
         raise ImageError(item.error)
-    return task.prepare(item)
+    t0 = time.perf_counter()
+    try:
+        return task.prepare(item)
+    finally:
+        stats.add_decode(time.perf_counter() - t0)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _free_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run(
@@ -128,8 +157,25 @@ def run(
             item = source.get(block=block)
             if item is None:
                 return
-            pending.append((item, pool.submit(_prepare, task, item)))
+            pending.append((item, pool.submit(_prepare, task, item, stats)))
             block = False
+
+    def run_model(prepared: list) -> list:
+        """On CUDA out-of-memory: halve, retry the same images, keep the size that worked."""
+        nonlocal batch_size
+        try:
+            return task.run_batch(prepared)
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if not _is_out_of_memory(exc) or len(prepared) == 1:
+                raise
+        _free_cuda_cache()
+        half = (len(prepared) + 1) // 2
+        if half < batch_size:
+            batch_size = half
+            stats.batch_size_reduced_to = half
+            if reporter is not None and hasattr(reporter, "note"):
+                reporter.note(f"out of GPU memory: batch size reduced to {half}")
+        return run_model(prepared[:half]) + run_model(prepared[half:])
 
     def flush() -> None:
         nonlocal batch, ready
@@ -139,8 +185,10 @@ def run(
         results: dict[int, Any] = {}
         if good:
             t0 = time.perf_counter()
-            outputs = task.run_batch([p for _, p in good])
-            stats.stage_seconds["model"] += time.perf_counter() - t0
+            outputs = run_model([p for _, p in good])
+            took = time.perf_counter() - t0
+            stats.stage_seconds["model"] += took
+            stats.batch_seconds.append(took)
             results = {i: out for (i, _), out in zip(good, outputs)}
         t0 = time.perf_counter()
         for i, (item, _, err) in enumerate(batch):
