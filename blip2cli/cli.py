@@ -12,6 +12,7 @@ import typer
 
 from . import __version__
 from .commands import ask as ask_cmd
+from .commands import bench as bench_cmd
 from .commands import caption as caption_cmd
 from .commands import merge as merge_cmd
 from .commands import embed as embed_cmd
@@ -53,6 +54,7 @@ app.command("search", no_args_is_help=False)(search_cmd.search)
 app.command("score")(score_cmd.score)
 app.command("ask", no_args_is_help=False)(ask_cmd.ask)
 app.command("chat")(chat_cmd.chat)
+app.command("bench")(bench_cmd.bench)
 app.command("merge")(merge_cmd.merge)
 app.command("tiny-checkpoint")(tiny_cmd.tiny_checkpoint)
 

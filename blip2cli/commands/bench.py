@@ -1,0 +1,165 @@
+"""``blip2 bench``: throughput of the real pipeline on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import options as o
+from .common import handles_errors
+
+BENCH = "Benchmark"
+
+
+@handles_errors
+def bench(
+    model: o.Model = o.DEFAULT_MODEL,
+    from_config: Annotated[
+        Optional[str],
+        typer.Option("--from-config", metavar="NAME", rich_help_panel=BENCH, show_default=False,
+                     help="Random weights in a known shape, no download: opt-2.7b, opt-6.7b, flan-t5-xl, flan-t5-xxl."),
+    ] = None,
+    images: Annotated[
+        Optional[Path],
+        typer.Option("--images", rich_help_panel=BENCH, show_default=False, help="A folder of your own images."),
+    ] = None,
+    synthetic: Annotated[int, typer.Option("--synthetic", min=1, rich_help_panel=BENCH, help="How many synthetic JPEGs.")] = 64,
+    size: Annotated[str, typer.Option("--size", rich_help_panel=BENCH, help="Size of the synthetic JPEGs, WxH.")] = "640x480",
+    batch_sizes: Annotated[
+        Optional[str],
+        typer.Option("--batch-size", "-b", rich_help_panel=BENCH, show_default=False,
+                     help="Batch sizes to measure, comma-separated. Default: 1,16 on the CPU, 8,32,128 on a GPU."),
+    ] = None,
+    task: Annotated[str, typer.Option("--task", rich_help_panel=BENCH, help="caption | ask | embed")] = "caption",
+    revision: o.Revision = None,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DtypeOpt = o.Dtype.auto,
+    quantize: o.QuantizeOpt = o.Quantize.none,
+    offline: o.Offline = False,
+    allow_pickle: o.AllowPickle = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = 20,
+    min_new_tokens: Annotated[
+        Optional[int], typer.Option(min=0, rich_help_panel=o.GENERATION, show_default=False,
+                                    help="Default: --max-new-tokens, so random weights are comparable."),
+    ] = None,
+    num_beams: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = 1,
+    workers: o.Workers = None,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, rich_help_panel=BENCH, help="Timed runs per configuration (median reported).")] = 2,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, rich_help_panel=BENCH, help="Untimed warm-up batches.")] = 1,
+    baseline: Annotated[bool, typer.Option("--baseline", rich_help_panel=BENCH, help="Also time the documented per-image usage and one plain batched generate.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", rich_help_panel=BENCH, help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Measure throughput on this machine with the real pipeline: files in, records on disk.
+
+    Reports per configuration: model load time, images/s, tokens/s, per-batch latency p50/p95,
+    time per stage (decode+preprocess, vision, Q-Former, language model, write) and peak memory.
+    Warm-up is excluded; the number of timed runs is printed."""
+    import tempfile
+    import time
+
+    from ..bench import (
+        KNOWN_CONFIGS, TASKS, environment, from_config as build_from_config, parse_batch_sizes, parse_size,
+        rows_to_json, run_config, synthetic_images,
+    )
+    from ..bench import baseline as run_baseline
+    from ..caption import GenerationOptions
+    from ..errors import UsageError
+
+    if task not in TASKS:
+        raise UsageError(f"--task {task!r}: use one of {', '.join(TASKS)}")
+    if from_config is not None and from_config not in KNOWN_CONFIGS:
+        raise UsageError(f"--from-config {from_config!r}: unknown", hint=f"one of {', '.join(KNOWN_CONFIGS)}")
+    if from_config is not None and quantize.value != "none":
+        raise UsageError("--quantize needs real weights to quantize; drop --from-config or --quantize")
+    if from_config is not None and task == "embed":
+        raise UsageError("--from-config builds captioning models; embed needs a retrieval checkpoint")
+    gen = GenerationOptions(max_new_tokens=max_new_tokens,
+                            min_new_tokens=max_new_tokens if min_new_tokens is None else min_new_tokens,
+                            num_beams=num_beams)
+    gen.validate()
+    wh = parse_size(size)
+    tmp = Path(tempfile.mkdtemp(prefix="blip2-bench-"))
+    if images is not None:
+        from ..sources import InputResolver
+
+        paths = [Path(i.name) for i in InputResolver().resolve([str(images)]) if i.error is None]
+        if not paths:
+            raise UsageError(f"--images {images}: no images found")
+        source = f"{len(paths)} images from {images}"
+    else:
+        paths = synthetic_images(tmp / "images", synthetic, wh)
+        source = f"{synthetic} synthetic JPEGs {wh[0]}x{wh[1]}"
+
+    t0 = time.perf_counter()
+    if from_config is not None:
+        loaded = build_from_config(from_config, device, dtype.value)
+    else:
+        from ..loader import ALL_ARCHITECTURES, GENERATIVE, LoadOptions, load
+
+        loaded = load(
+            LoadOptions(model=model, revision=revision, device=device, dtype=dtype.value,
+                        quantize=quantize.value, offline=offline, allow_pickle=allow_pickle),
+            architectures=ALL_ARCHITECTURES if task == "embed" else GENERATIVE, task=task,
+        )
+    load_s = time.perf_counter() - t0
+    sizes = parse_batch_sizes(batch_sizes or ("1,16" if loaded.device.type == "cpu" else "8,32,128"))
+    rows = [
+        run_config(loaded, task, paths, bs, workers or o.default_workers(), gen, repeat, warmup, tmp, load_s)
+        for bs in sizes
+    ]
+    base = run_baseline(loaded, paths, gen, max(sizes)) if baseline and task == "caption" else None
+    meta = environment({
+        "model": from_config and f"{from_config} (random weights: the text is meaningless)" or model,
+        "images": source, "task": task,
+        "generation": f"beams {gen.num_beams}, new tokens {gen.min_new_tokens}-{gen.max_new_tokens}",
+        "repeats": f"median of {repeat} timed runs after {warmup} warm-up batch(es)",
+    })
+    if as_json:
+        typer.echo(rows_to_json(rows, meta, base))
+        return
+    _print_table(rows, meta, base)
+
+
+def _print_table(rows, meta, base) -> None:
+    import sys
+
+    lines = [f"{k}: {v}" for k, v in meta.items() if v is not None]
+    header = ["batch", "load s", "images/s", "tokens/s", "p50 ms", "p95 ms", "decode s", "vision s",
+              "qformer s", "LM s", "write s", "peak CPU MB", "peak GPU MB"]
+    table = []
+    for r in rows:
+        st = r.stages_s
+        table.append([
+            str(r.batch_size), f"{r.load_s:.1f}", f"{r.images_per_s:.1f}",
+            f"{r.tokens_per_s:.0f}" if r.tokens_per_s else "-",
+            f"{r.batch_p50_ms:.0f}" if r.batch_p50_ms is not None else "-",
+            f"{r.batch_p95_ms:.0f}" if r.batch_p95_ms is not None else "-",
+            f"{st['decode+preprocess (worker threads, summed)']:.2f}", f"{st['vision']:.2f}",
+            f"{st['qformer']:.2f}", f"{st['language_model']:.2f}", f"{st['write']:.3f}",
+            f"{r.peak_cpu_mb:.0f}", f"{r.peak_gpu_mb:.0f}" if r.peak_gpu_mb is not None else "-",
+        ])
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(*header, title="blip2 bench")
+        for row in table:
+            t.add_row(*row)
+        console = Console()
+        for line in lines:
+            console.print(line, markup=False, highlight=False)
+        console.print(t)
+    else:
+        print("\n".join(lines))
+        print("\t".join(header))
+        for row in table:
+            print("\t".join(row))
+    if base:
+        best = max(r.images_per_s for r in rows)
+        print(f"documented per-image usage: {base['documented_per_image_images_per_s']:.1f} images/s "
+              f"-> blip2 {best / base['documented_per_image_images_per_s']:.1f}x")
+        print(f"plain batched generate (batch {base['plain_batch']}, tensors ready): "
+              f"{base['plain_batched_generate_images_per_s']:.1f} images/s -> blip2 "
+              f"{best / base['plain_batched_generate_images_per_s']:.2f}x")
