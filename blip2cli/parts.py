@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import UsageError
+from .fsutil import atomic_write
 
 PARTS = ".parts"
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.jsonl$")
@@ -151,8 +151,8 @@ class PartsDir:
                     hint="use the same inputs (and order) as the first run, or another output directory",
                 )
             return
-        _atomic_write(inputs, body)
-        _atomic_write(manifest, json.dumps({"command": self.command, "inputs": len(names), "settings": settings},
+        atomic_write(inputs, body)
+        atomic_write(manifest, json.dumps({"command": self.command, "inputs": len(names), "settings": settings},
                                            ensure_ascii=False, indent=1) + "\n")
 
     def read_inputs(self) -> list[str]:
@@ -217,23 +217,5 @@ class PartsDir:
             for record in slot.values():
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                 written += 1
-        _atomic_write(self.final, "".join(lines))
+        atomic_write(self.final, "".join(lines), fsync=True)
         return written, missing
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from .errors import UsageError
+from .fsutil import atomic_write
 
 SETTINGS_KEYS = ("model", "revision", "dtype", "quantize", "preprocess", "generation")
 
@@ -99,20 +99,4 @@ def _differences(record: dict, settings: dict) -> str:
 
 
 def _rewrite(path: str, lines: list[bytes]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for line in lines:
-                fh.write(line + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        st = os.stat(path)
-        os.chmod(tmp, st.st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, b"".join(line + b"\n" for line in lines), fsync=True)

@@ -10,11 +10,11 @@ sidecar never lands outside the image's folder or the chosen output folder.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from enum import Enum
 
 from .errors import UsageError
+from .fsutil import atomic_write
 
 
 class Existing(str, Enum):
@@ -104,27 +104,8 @@ def _relative_to_root(image: str, root: str | None) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write a sidecar: a reader sees the old file or the new one, never half."""
+    atomic_write(path, text)
 
 
 class SidecarWriter:

@@ -838,8 +838,6 @@ def score_rows(block, query, *, mode: str):
     is one dot product). ``mode="image"``: cosine similarity of mean-pooled
     rows with a pooled query ``[D]`` (unit length).
     """
-    import numpy as np
-
     if mode == "text":
         if block.ndim == 3:
             n, q, d = block.shape
