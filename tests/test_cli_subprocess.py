@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,3 +103,26 @@ def test_progress_bar_only_on_a_terminal(tiny_opt, example_images):
     assert proc.returncode == 0
     assert [json.loads(l)["path"] for l in out.decode().splitlines()] == [str(p) for p in example_images]
     assert "img/s" in err and f"{len(example_images)}/{len(example_images)}" in err
+
+
+def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_opt, example_images, tmp_path):
+    """A hub id resolves through the HF cache (the real from_pretrained path), no network."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--blip2-test--tiny-opt" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_opt, snap)
+    (cache / "models--blip2-test--tiny-opt" / "refs").mkdir()
+    (cache / "models--blip2-test--tiny-opt" / "refs" / "main").write_text(snap.name)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [*blip2_cmd(), "caption", str(example_images[0]), "--model", "blip2-test/tiny-opt", "-f", "jsonl",
+         "--max-new-tokens", "4"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)
+    assert rec["model"] == "blip2-test/tiny-opt" and rec["caption"]
+    missing = subprocess.run(
+        [*blip2_cmd(), "caption", str(example_images[0]), "--model", "blip2-test/not-here"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert missing.returncode == 2 and "hf download blip2-test/not-here" in missing.stderr
