@@ -261,7 +261,7 @@ class AskTask:
         self.prompts = [render_prompt(q, template) for q in self.questions]
 
     def prepare(self, item):
-        return self.stage.prepare(item.source)
+        return self.stage.prepare(item.source, key=item.name)
 
     def run_batch(self, prepared):
         features = self.asker.image_features(self.stage.pixels(prepared))

@@ -18,13 +18,14 @@ from .commands import merge as merge_cmd
 from .commands import embed as embed_cmd
 from .commands import score as score_cmd
 from .commands import search as search_cmd
+from .commands import sheet as sheet_cmd
 from .commands import chat as chat_cmd
 from .commands import tiny as tiny_cmd
 
 app = typer.Typer(
     name="blip2",
     help="Salesforce BLIP-2 vision-language models at a shell prompt.\n\n"
-    "Data goes to stdout (text, JSON Lines or CSV), messages and progress to stderr.",
+    "Data goes to stdout (text, JSON Lines, CSV or an HTML contact sheet), messages and progress to stderr.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -56,6 +57,7 @@ app.command("ask", no_args_is_help=False)(ask_cmd.ask)
 app.command("chat")(chat_cmd.chat)
 app.command("bench")(bench_cmd.bench)
 app.command("merge")(merge_cmd.merge)
+app.command("sheet")(sheet_cmd.sheet)
 app.command("tiny-checkpoint")(tiny_cmd.tiny_checkpoint)
 
 

@@ -45,6 +45,8 @@ __all__ = [
     "ImageSpec",
     "open_image",
     "prepare",
+    "make_thumbnail",
+    "Thumbnail",
     "to_pixel_values",
     "reference_pixel_values",
 ]
@@ -581,9 +583,49 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
 # --------------------------------------------------------------------------- #
 
 
-def prepare(source, spec: ImageSpec, *, fast: bool = True):
+# Contact-sheet thumbnails (``--format html``): longest side and JPEG quality.
+# 160 px at quality 70 is about 5-8 KB per photo, 7-11 KB as a base64 data URI.
+THUMBNAIL_SIZE = 160
+THUMBNAIL_QUALITY = 70
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A small JPEG of an image, aspect ratio kept."""
+
+    jpeg: bytes
+    width: int
+    height: int
+
+    def data_uri(self) -> str:
+        import base64
+
+        return "data:image/jpeg;base64," + base64.b64encode(self.jpeg).decode("ascii")
+
+
+def make_thumbnail(im, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY) -> Thumbnail:
+    """A decoded RGB image (``open_image``) -> a JPEG whose longest side is at most ``size``.
+
+    ``im`` is not modified: the model's input is made from it as if no thumbnail were taken."""
+    import io
+
+    Image = _pil()
+    w, h = im.size
+    scale = min(1.0, size / max(w, h, 1))
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    small = im if (tw, th) == (w, h) else im.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    small.convert("RGB").save(buffer, "JPEG", quality=quality, optimize=True)
+    return Thumbnail(buffer.getvalue(), tw, th)
+
+
+def prepare(source, spec: ImageSpec, *, fast: bool = True, thumbnail: int | None = None):
     """Decode ``source`` and resize it to ``spec`` -> ``uint8`` array (H, W, 3),
     C-contiguous. ``fast`` lets large JPEGs decode at reduced DCT scale (draft).
+
+    ``thumbnail=N``: return ``(array, Thumbnail)`` instead, the thumbnail (longest
+    side N) made from the same decoded image, so a contact sheet costs no second
+    decode; ``None`` in place of the thumbnail if it could not be made.
 
     Thread-safe; Pillow releases the GIL in decode and resize.
     """
@@ -591,6 +633,7 @@ def prepare(source, spec: ImageSpec, *, fast: bool = True):
 
     draft = (spec.width, spec.height) if (fast and spec.do_resize) else None
     im = open_image(source, draft_size=draft)
+    thumb = _try_thumbnail(im, thumbnail) if thumbnail else None
     if spec.do_resize and im.size != (spec.width, spec.height):
         try:
             im = im.resize((spec.width, spec.height), resample=spec.resample)
@@ -601,7 +644,14 @@ def prepare(source, spec: ImageSpec, *, fast: bool = True):
         raise ImageError(f"unexpected decoded image layout {arr.shape} {arr.dtype}")
     if not arr.flags.c_contiguous or not arr.flags.writeable:
         arr = np.array(arr, copy=True, order="C")
-    return arr
+    return (arr, thumb) if thumbnail else arr
+
+
+def _try_thumbnail(im, size: int) -> Thumbnail | None:
+    try:
+        return make_thumbnail(im, size)
+    except Exception:  # noqa: BLE001 - a missing preview must not fail the image
+        return None
 
 
 @functools.lru_cache(maxsize=32)
@@ -709,17 +759,30 @@ def reference_pixel_values(images, image_processor):
 
 class ImageStage:
     """Decode/resize (``prepare``, thread-safe) and normalise on the device (``pixels``),
-    with the fast path or the checkpoint's own image processor (``--preprocess reference``)."""
+    with the fast path or the checkpoint's own image processor (``--preprocess reference``).
 
-    def __init__(self, loaded, preprocess: str = "fast"):
+    With ``thumbnails`` (an ``html.Thumbnails``, for ``--format html``), ``prepare(source,
+    key=name)`` also leaves a small JPEG of the decoded image there under ``key``,
+    for the writer to take; the model's input is the same either way."""
+
+    def __init__(self, loaded, preprocess: str = "fast", thumbnails=None):
         self.loaded = loaded
         self.reference = preprocess == "reference"
         self.spec = loaded.image_spec
+        self.thumbnails = thumbnails
 
-    def prepare(self, source):
+    def prepare(self, source, key: str | None = None):
+        want = self.thumbnails is not None and key is not None
         if self.reference:
-            return open_image(source)
-        return prepare(source, self.spec)
+            im = open_image(source)
+            if want:
+                self.thumbnails.put(key, _try_thumbnail(im, self.thumbnails.size))
+            return im
+        if not want:
+            return prepare(source, self.spec)
+        arr, thumb = prepare(source, self.spec, thumbnail=self.thumbnails.size)
+        self.thumbnails.put(key, thumb)
+        return arr
 
     def pixels(self, prepared: list):
         loaded = self.loaded

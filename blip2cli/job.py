@@ -4,7 +4,8 @@ Joins what every model command does around the pipeline, in this order:
 plan the model load (cheap, no weights) → settle ``--resume`` against the
 existing output → drop items whose sidecar exists (``--existing skip``) →
 ``--dry-run`` stops here → load the weights (skipped when nothing is left) →
-run the pipeline into the writer (JSON Lines / CSV / text, plus sidecars).
+run the pipeline into the writer (JSON Lines / CSV / text / an HTML
+contact sheet, plus sidecars).
 
 Every record carries the settings that made it (model, revision, dtype,
 quantization, preprocessing, generation options), which is also what
@@ -55,6 +56,7 @@ class Job:
     description: str = "processing"
     seed: int | None = None
     shard: str | None = None  # "--shard I/N"
+    html: dict = field(default_factory=dict)  # --format html: the writer's options (thumbnails, links, per_card)
 
     def parts_mode(self) -> bool:
         """-o DIR, --shard or a launcher: records go to part files under the directory."""
@@ -208,7 +210,9 @@ class Job:
         from .options import default_batch_size, default_workers
 
         try:
-            writer = make_writer(self.fmt, sink, self.schema, header=not appending)
+            # The contact sheet's header shows the settings before the first record.
+            options = {"settings": settings, "command": self.command, **self.html} if self.fmt == "html" else {}
+            writer = make_writer(self.fmt, sink, self.schema, header=not appending, **options)
             if done:
                 writer = _SkipDone(writer, done, self.key_of_record)
             if self.sidecar is not None:
@@ -225,6 +229,7 @@ class Job:
                     reporter=reporter,
                     fail_fast=self.fail_fast,
                 )
+            writer.close()  # html: the last card and the closing tags (a cut page shows without them)
         finally:
             reporter.close()
             sink.close()

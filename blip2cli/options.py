@@ -40,6 +40,7 @@ class Format(str, Enum):
     text = "text"
     jsonl = "jsonl"
     csv = "csv"
+    html = "html"
 
 
 class Preprocess(str, Enum):
@@ -148,7 +149,8 @@ FormatOpt = Annotated[
     Optional[Format],
     typer.Option(
         "--format", "-f", rich_help_panel=OUTPUT, case_sensitive=False, show_default=False,
-        help="text | jsonl | csv. Default: from the -o extension (.jsonl, .csv), else text.",
+        help="text | jsonl | csv | html (a contact sheet). Default: from the -o extension "
+        "(.jsonl, .csv, .html), else text.",
     ),
 ]
 class OutputPath(type(Path())):
@@ -174,6 +176,14 @@ Output = Annotated[
 Quiet = Annotated[
     bool,
     typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, help="No progress bar."),
+]
+HtmlLinks = Annotated[
+    bool,
+    typer.Option(
+        "--html-links", rich_help_panel=OUTPUT,
+        help="--format html: link each image relative to the page instead of embedding a thumbnail "
+        "(a small page for very large sets; the images must stay where they are).",
+    ),
 ]
 
 # -- performance ---------------------------------------------------------------
@@ -284,6 +294,8 @@ def infer_format(fmt: Optional[Format], output: Optional[Path]) -> str:
             return "jsonl"
         if suffix == ".csv":
             return "csv"
+        if suffix in (".html", ".htm"):
+            return "html"
     return "text"
 
 

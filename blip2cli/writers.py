@@ -6,7 +6,8 @@ interrupted run only ever sees whole records (at most a torn last line after a
 ``kill -9``).
 
 What goes into the CSV and text columns is decided by the task, through a
-:class:`Schema`; JSON Lines writes the record as it is.
+:class:`Schema`; JSON Lines writes the record as it is; HTML makes a contact
+sheet of the records (the page itself is ``blip2cli.html``).
 """
 
 from __future__ import annotations
@@ -116,7 +117,59 @@ class CsvWriter(Writer):
         return self._line(self.schema.row(record))
 
 
-WRITERS: dict[str, type[Writer]] = {w.format: w for w in (TextWriter, JsonlWriter, CsvWriter)}
+class HtmlWriter(Writer):
+    """A contact sheet (``blip2cli.html``): the page head with the run's settings first,
+    then one card per image, each written and flushed whole, the closing tags at
+    ``close()``. A page cut after any card (an interrupted run) still shows.
+
+    The records of one image (ask: one per question) make one card: it is written when
+    it holds ``per_card`` records, or when a record of another image (or ``close()``)
+    comes. Thumbnails come from ``thumbnails`` (``html.Thumbnails``, filled where the
+    images are decoded), never from the records: other formats stay as they are.
+    """
+
+    format = "html"
+    extension = ".html"
+
+    def __init__(self, stream, schema: Schema, *, header: bool = True, settings: dict | None = None,
+                 command: str = "", title: str | None = None, subtitle: str = "", thumbnails=None,
+                 links: bool = False, root: str = ".", base: str = ".", per_card: int | None = None,
+                 group: bool = True):
+        from .html import Sheet
+
+        self.sheet = Sheet(title=title or f"blip2 {command}".strip(), subtitle=subtitle, settings=settings,
+                           thumbnails=thumbnails, links=links, root=root, base=base, group=group)
+        self.per_card = per_card
+        self._card: list[dict] = []
+        super().__init__(stream, schema, header=header)
+
+    def header(self) -> str:
+        return self.sheet.head()
+
+    def format_record(self, record: dict) -> str | None:  # cards are made in write()
+        return None
+
+    def write(self, record: dict) -> None:
+        from .html import record_path
+
+        if self._card and record_path(record) != record_path(self._card[0]):
+            self._write_card()
+        self._card.append(record)
+        if self.per_card and len(self._card) >= self.per_card:
+            self._write_card()
+
+    def _write_card(self) -> None:
+        card, self._card = self._card, []
+        self._emit(self.sheet.card(card))
+
+    def close(self) -> None:
+        if self._card:
+            self._write_card()
+        self._emit(self.sheet.tail())
+        super().close()
+
+
+WRITERS: dict[str, type[Writer]] = {w.format: w for w in (TextWriter, JsonlWriter, CsvWriter, HtmlWriter)}
 FORMATS = tuple(WRITERS)
 
 
@@ -197,5 +250,6 @@ class Sink:
             self._fh = None
 
 
-def make_writer(fmt: str, stream, schema: Schema, *, header: bool = True) -> Writer:
-    return WRITERS[fmt](stream, schema, header=header)
+def make_writer(fmt: str, stream, schema: Schema, *, header: bool = True, **options) -> Writer:
+    """``options``: what one format needs besides records (html: settings, thumbnails, links)."""
+    return WRITERS[fmt](stream, schema, header=header, **options)

@@ -379,7 +379,7 @@ def test_exif_rotation_the_model_sees_the_upright_image(tiny_opt, example_images
     assert untagged != up  # and the model does notice orientation
 
 
-@pytest.mark.parametrize("fmt", ["text", "jsonl", "csv"])
+@pytest.mark.parametrize("fmt", ["text", "jsonl", "csv", "html"])
 def test_awkward_paths_survive_every_format(tiny_opt, example_images, tmp_path, fmt):
     names = ["with space.png", "ünïcødé 猫.png", "comma, here.png", 'quote "q".png', "new\nline.png"]
     for n in names:
@@ -391,6 +391,11 @@ def test_awkward_paths_survive_every_format(tiny_opt, example_images, tmp_path, 
         got = [r["path"] for r in jsonl(res.stdout)]
     elif fmt == "csv":
         got = [r["path"] for r in csv.DictReader(io.StringIO(res.stdout, newline=""))]
+    elif fmt == "html":  # the full path of each card, as text in its name's title
+        import html
+        import re
+
+        got = [html.unescape(t) for t in re.findall(r'<div class="name" title="([^"]*)"', res.stdout)]
     else:
         lines = res.stdout.split("\n")[:-1]
         assert len(lines) == len(names)

@@ -9,7 +9,7 @@ import typer
 
 from .. import options as o
 from ..ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, ASK_NUM_BEAMS, DEFAULT_TEMPLATE
-from .common import check_output_path, finish, handles_errors, resolve_items, sidecar_policy
+from .common import check_output_path, finish, handles_errors, html_output, resolve_items, sidecar_policy
 
 EXAMPLES = """
 
@@ -21,6 +21,7 @@ Examples:
   blip2 ask photos/ --questions-file questions.txt -o answers.csv
   find . -name '*.png' | blip2 ask - "what color is the car?"
   blip2 ask img.jpg "Describe the image in detail." --raw --max-new-tokens 40
+  blip2 ask photos/ -q "is it blurry?" -q "is there a person?" -o answers.html
 """
 
 QUESTIONS = "Questions"
@@ -83,6 +84,7 @@ def ask(
     repetition_penalty: Annotated[float, typer.Option(rich_help_panel=o.GENERATION)] = 1.0,
     fmt: o.FormatOpt = None,
     output: o.Output = None,
+    html_links: o.HtmlLinks = False,
     quiet: QuietLong = False,
     batch_size: o.BatchSize = None,
     workers: o.Workers = None,
@@ -129,6 +131,9 @@ def ask(
     prompt_template = None if raw else check_template(template if template is not None else DEFAULT_TEMPLATE)
     inputs, questions = gather_questions(arguments or [], question or [], questions_file, files_from)
     policy = sidecar_policy(sidecar, sidecar_ext, output_dir, existing, prefix, suffix, separator)
+    fmt_name = o.infer_format(fmt, output)
+    # One card per image: the answers to all its questions.
+    thumbnails, html = html_output(fmt_name, html_links, output, per_card=len(questions))
     if policy is not None and len(questions) != 1:
         raise UsageError(
             f"--sidecar holds the answer to one question; {len(questions)} were given",
@@ -147,12 +152,12 @@ def ask(
         ),
         make_task=lambda loaded: AskTask(
             Asker(loaded, gen, pairs_per_call=(batch_size or o.default_batch_size(loaded.device.type)) * PAIRS_PER_IMAGE),
-            ImageStage(loaded, preprocess.value),
+            ImageStage(loaded, preprocess.value, thumbnails),
             questions,
             prompt_template,
         ),
         schema=answer_schema(num_answers),
-        fmt=o.infer_format(fmt, output),
+        fmt=fmt_name,
         output=output,
         extra_settings={
             "preprocess": preprocess.value,
@@ -172,6 +177,7 @@ def ask(
         description="answering",
         seed=seed,
         shard=shard,
+        html=html,
     )
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"

@@ -8,7 +8,7 @@ import typer
 
 from .. import options as o
 from ..caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, DEFAULT_NUM_BEAMS
-from .common import check_output_path, finish, handles_errors, resolve_items, sidecar_policy
+from .common import check_output_path, finish, handles_errors, html_output, resolve_items, sidecar_policy
 
 EXAMPLES = """
 
@@ -20,20 +20,21 @@ Examples:
   find . -name '*.png' | blip2 caption - -f csv
   curl -s https://example.com/cat.jpg | blip2 caption -
   blip2 caption img.jpg --prompt "a photo of" --num-beams 5 --num-captions 3
+  blip2 caption photos/ -o sheet.html          # a contact sheet to look through
 """
 
 
 class CaptionTask:
     """Joins the image stage and the captioner for the pipeline."""
 
-    def __init__(self, loaded, captioner, preprocess: str):
+    def __init__(self, loaded, captioner, preprocess: str, thumbnails=None):
         from ..images import ImageStage
 
-        self.stage = ImageStage(loaded, preprocess)
+        self.stage = ImageStage(loaded, preprocess, thumbnails)
         self.captioner = captioner
 
     def prepare(self, item):
-        return self.stage.prepare(item.source)
+        return self.stage.prepare(item.source, key=item.name)
 
     def run_batch(self, prepared):
         return self.captioner.caption(self.stage.pixels(prepared))
@@ -75,6 +76,7 @@ def caption(
     repetition_penalty: Annotated[float, typer.Option(rich_help_panel=o.GENERATION)] = 1.0,
     fmt: o.FormatOpt = None,
     output: o.Output = None,
+    html_links: o.HtmlLinks = False,
     quiet: o.Quiet = False,
     batch_size: o.BatchSize = None,
     workers: o.Workers = None,
@@ -110,6 +112,7 @@ def caption(
     )
     gen.validate()
     fmt_name = o.infer_format(fmt, output)
+    thumbnails, html = html_output(fmt_name, html_links, output, per_card=1)
     policy = sidecar_policy(
         sidecar, sidecar_ext, output_dir, existing, prefix, suffix, separator
     )
@@ -124,7 +127,7 @@ def caption(
             offline=offline,
             allow_pickle=allow_pickle,
         ),
-        make_task=lambda loaded: CaptionTask(loaded, Captioner(loaded, gen), preprocess.value),
+        make_task=lambda loaded: CaptionTask(loaded, Captioner(loaded, gen), preprocess.value, thumbnails),
         schema=caption_schema(gen.num_captions),
         fmt=fmt_name,
         output=output,
@@ -139,6 +142,7 @@ def caption(
         description="captioning",
         seed=seed,
         shard=shard,
+        html=html,
     )
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"  # an output directory holds JSON Lines part files

@@ -128,6 +128,36 @@ def resolve_items(inputs, files_from, *, recursive: bool, ext, null: bool, comma
     return items, len(items)
 
 
+def html_output(fmt: str, links: bool, output: Path | None, *, per_card: int | None = None):
+    """``--format html``: (the thumbnail store the image stage fills, the html writer's options).
+
+    Thumbnails are made where each image is decoded for the model (no second decode);
+    with ``--html-links`` none are made, the page links the images relative to its folder
+    (the current folder when the page goes to stdout). (None, {}) for other formats."""
+    from ..errors import UsageError
+
+    if fmt != "html":
+        if links:
+            raise UsageError("--html-links applies to --format html", hint="add -f html, or write to -o sheet.html")
+        return None, {}
+    from ..html import Thumbnails
+
+    thumbnails = None if links else Thumbnails()
+    base = output.parent if output is not None and str(output) != "-" else Path(".")
+    return thumbnails, {"thumbnails": thumbnails, "links": links, "base": str(base), "per_card": per_card}
+
+
+def no_html(fmt: str, command: str) -> None:
+    """Commands whose records are no contact sheet by themselves: say how to make one."""
+    if fmt == "html":
+        from ..errors import UsageError
+
+        raise UsageError(
+            f"blip2 {command} writes no HTML itself",
+            hint=f"write JSON Lines (-o {command}.jsonl), then: blip2 sheet {command}.jsonl -o {command}.html",
+        )
+
+
 def sidecar_policy(sidecar, ext, output_dir, existing, prefix, suffix, separator):
     """The SidecarPolicy for the sidecar options, or None without --sidecar/--output-dir."""
     from ..errors import UsageError

@@ -10,7 +10,7 @@ import typer
 from .. import console
 from .. import options as o
 from ..embed import DEFAULT_RETRIEVAL_MODEL
-from .common import check_output_path, handles_errors
+from .common import check_output_path, handles_errors, no_html
 from .embed import EmbedTask, Features, load_for_features
 
 EXAMPLES = """
@@ -54,6 +54,7 @@ def score(
     if not texts:
         raise UsageError("no texts to score", hint='blip2 score img.jpg "a cat" "a dog"')
     fmt_name = o.infer_format(fmt, output)
+    no_html(fmt_name, "score")
     check_output_path(output)
     loaded = load_for_features(model or DEFAULT_RETRIEVAL_MODEL, revision, device, dtype, o.Quantize.none,
                                offline, allow_pickle, features="itc", task="score", need_text=True,

@@ -11,7 +11,7 @@ import typer
 
 from .. import console
 from .. import options as o
-from .common import check_output_path, handles_errors, resolve_items
+from .common import check_output_path, handles_errors, no_html, resolve_items
 from .embed import (
     EmbedTask,
     Features,
@@ -151,6 +151,7 @@ def search(
         VectorStore.open(index)  # raises if there is no store to search
     model, revision, wanted_features, pool = store_settings(index, model, revision, features.value, None)
     fmt_name = o.infer_format(fmt, output)
+    no_html(fmt_name, "search")
     check_output_path(output)
     if image is not None and not Path(image).is_file():
         raise InputError(f"--image {image}: no such file")

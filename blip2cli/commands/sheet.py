@@ -1,0 +1,128 @@
+"""``blip2 sheet``: the HTML contact sheet of an earlier run's JSON Lines output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import options as o
+from .common import check_output_path, handles_errors
+
+EXAMPLES = """
+
+Each image is decoded again for its thumbnail (embedded as a small JPEG), or linked
+relative to the page with --html-links; cards are grouped by folder (search results
+keep their ranking), error records and missing images show as such.
+
+Examples:
+
+\b
+  blip2 sheet captions.jsonl -o sheet.html
+  blip2 sheet answers.jsonl -o answers.html --html-links
+  blip2 search "a red car" photos/ -f jsonl | blip2 sheet - -o cars.html
+  blip2 sheet /data/run/captions.jsonl --root /data/run -o sheet.html
+"""
+
+
+@handles_errors
+def sheet(
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE",
+            help="JSON Lines records of blip2 caption, ask, chat, search or score (- for stdin).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", rich_help_panel=o.OUTPUT, show_default=False,
+                     help="Write the page to FILE (sheet.html) instead of stdout."),
+    ] = None,
+    html_links: Annotated[
+        bool,
+        typer.Option("--html-links", rich_help_panel=o.OUTPUT,
+                     help="Link each image relative to the page instead of embedding a thumbnail "
+                     "(no decoding; the images must stay where they are)."),
+    ] = False,
+    root: Annotated[
+        Optional[Path],
+        typer.Option("--root", metavar="DIR", rich_help_panel=o.INPUT, show_default=False, file_okay=False,
+                     help="Folder the records' paths are relative to. Default: the current folder."),
+    ] = None,
+    title: Annotated[
+        Optional[str],
+        typer.Option("--title", rich_help_panel=o.OUTPUT, show_default=False, help="Page title. Default: FILE's name."),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option("--workers", "-j", min=1, rich_help_panel=o.PERFORMANCE, show_default=False,
+                     help="Threads decoding images for thumbnails. Default: the CPU count, at most 8."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=o.OUTPUT, help="No summary on stderr.")] = False,
+) -> None:
+    """An HTML contact sheet of earlier results: thumbnails with their captions, answers or scores."""
+    import io
+    import os
+    import sys
+    from itertools import chain
+
+    from .. import console
+    from ..errors import InputError
+    from ..html import Thumbnails, kind_of, read_records, render_records, settings_of
+    from ..writers import Sink, make_writer
+
+    if source == "-":
+        fh = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+    else:
+        try:
+            fh = open(source, encoding="utf-8", errors="surrogateescape")
+        except OSError as exc:
+            raise InputError(f"cannot read {source!r}: {exc.strerror or exc}",
+                             hint="pass the -o file of blip2 caption, ask or search (JSON Lines)") from exc
+    if str(output or "-") != "-":
+        check_output_path(output)
+    bad: list[int] = []
+    with fh:
+        records = read_records(fh, on_bad_line=bad.append)
+        first = next(records, None)
+        if first is None and bad:
+            raise InputError(f"{source!r} holds no JSON Lines records (line {bad[0]} is not a JSON object)",
+                             hint="blip2 sheet reads the -f jsonl output of caption, ask or search")
+        kind = kind_of(first) if first is not None else "records"
+        base = output.parent if output is not None and str(output) != "-" else Path(".")
+        thumbnails = Thumbnails()
+        sink = Sink(str(output) if output is not None else None).open()
+        try:
+            writer = make_writer(
+                "html", sink, None,
+                settings=settings_of(first) if first is not None else {},
+                title=title or ("standard input" if source == "-" else os.path.basename(source)),
+                subtitle=f"{kind}, blip2 sheet",
+                thumbnails=thumbnails,
+                links=html_links,
+                root=str(root) if root is not None else ".",
+                base=str(base),
+                group=kind != "search results",  # a ranking keeps its order
+            )
+            stream = records if first is None else chain([first], records)
+            render_records(stream, writer, thumbnails, root=str(root or "."), links=html_links,
+                           workers=workers or o.default_workers())
+            writer.close()
+        finally:
+            sink.close()
+    page = writer.sheet
+    if bad:
+        console.message(f"skipped {len(bad)} lines that are not JSON records (first: line {bad[0]})")
+    if not quiet:
+        notes = [f"{page.errors} failed"] if page.errors else []
+        if page.missing:
+            notes.append(f"{page.missing} images not found")
+        where = f"{output}: " if output is not None and str(output) != "-" else ""
+        console.message(f"{where}{page.cards} images" + (f" ({', '.join(notes)})" if notes else ""))
+    raise typer.Exit(0)
+
+
+sheet.__doc__ = (sheet.__doc__ or "") + EXAMPLES
