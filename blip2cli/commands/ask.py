@@ -141,15 +141,7 @@ def ask(
         )
     job = Job(
         command="ask",
-        load_options=LoadOptions(
-            model=model,
-            revision=revision,
-            device=device,
-            dtype=dtype.value,
-            quantize=quantize.value,
-            offline=offline,
-            allow_pickle=allow_pickle,
-        ),
+        load_options=LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle),
         make_task=lambda loaded: AskTask(
             Asker(loaded, gen, pairs_per_call=(batch_size or o.default_batch_size(loaded.device.type)) * PAIRS_PER_IMAGE),
             ImageStage(loaded, preprocess.value, thumbnails),

@@ -99,8 +99,7 @@ def bench(
         from ..loader import ALL_ARCHITECTURES, GENERATIVE, LoadOptions, load
 
         loaded = load(
-            LoadOptions(model=model, revision=revision, device=device, dtype=dtype.value,
-                        quantize=quantize.value, offline=offline, allow_pickle=allow_pickle),
+            LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle),
             architectures=ALL_ARCHITECTURES if task == "embed" else GENERATIVE, task=task,
         )
     load_s = time.perf_counter() - t0

@@ -118,15 +118,7 @@ def caption(
     )
     job = Job(
         command="caption",
-        load_options=LoadOptions(
-            model=model,
-            revision=revision,
-            device=device,
-            dtype=dtype.value,
-            quantize=quantize.value,
-            offline=offline,
-            allow_pickle=allow_pickle,
-        ),
+        load_options=LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle),
         make_task=lambda loaded: CaptionTask(loaded, Captioner(loaded, gen), preprocess.value, thumbnails),
         schema=caption_schema(gen.num_captions),
         fmt=fmt_name,

@@ -314,15 +314,7 @@ def chat(
 
     interactive = stdin_is_terminal()
     loaded = load(
-        LoadOptions(
-            model=model,
-            revision=revision,
-            device=device,
-            dtype=dtype.value,
-            quantize=quantize.value,
-            offline=offline,
-            allow_pickle=allow_pickle,
-        ),
+        LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle),
         task="chat",
     )
     if seed is not None:

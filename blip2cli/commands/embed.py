@@ -102,10 +102,7 @@ def check_for_features(model: str, revision, device, dtype, quantize, offline, a
     from ..errors import ModelError, UsageError
     from ..loader import RETRIEVAL, LoadOptions, resolve_checkpoint
 
-    opts = LoadOptions(
-        model=model, revision=revision, device=device, dtype=dtype.value, quantize=quantize.value,
-        offline=offline, allow_pickle=allow_pickle,
-    )
+    opts = LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle)
     ckpt = resolve_checkpoint(opts)
     retrieval = ckpt.architecture in RETRIEVAL
     if (need_text or need_itm) and not retrieval:
