@@ -276,3 +276,28 @@ def test_quantized_load_on_cpu(tiny_opt, example_images, bits):
                      "--max-new-tokens", "6")
     assert result.exit_code == 0, result.output
     assert all(json.loads(l)["caption"] is not None for l in result.stdout.splitlines())
+
+
+def test_allow_pickle_is_the_only_way_to_load_bin_weights(tiny_opt, example_images, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    ck = tmp_path / "pickled"
+    shutil.copytree(tiny_opt, ck)
+    torch.save(load_file(ck / "model.safetensors"), ck / "pytorch_model.bin")
+    (ck / "model.safetensors").unlink()
+    refused = run_cli(example_images[0], "--model", ck, "-f", "jsonl", "--max-new-tokens", "4")
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.stderr
+    allowed = run_cli(example_images[0], "--model", ck, "-f", "jsonl", "--max-new-tokens", "4", "--allow-pickle")
+    assert allowed.exit_code == 0, allowed.output
+    safe = run_cli(example_images[0], "--model", tiny_opt, "-f", "jsonl", "--max-new-tokens", "4")
+    assert json.loads(allowed.stdout)["caption"] == json.loads(safe.stdout)["caption"]
+
+
+def test_explicit_dtype_is_used_and_recorded(tiny_opt, example_images):
+    res = run_cli(example_images[0], "--model", tiny_opt, "-f", "jsonl", "--max-new-tokens", "4",
+                  "--dtype", "bfloat16", "--num-beams", "1")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["dtype"] == "bfloat16"
+    loaded = load(LoadOptions(model=str(tiny_opt), device="cpu", dtype="bfloat16"))
+    assert next(loaded.model.language_model.parameters()).dtype.__str__() == "torch.bfloat16"
