@@ -35,6 +35,9 @@ class GenerationOptions:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # --compile: a static KV cache (on CUDA transformers then compiles the decoding
+    # step). The tokens stay the same, so it is not part of describe() / --resume.
+    static_cache: bool = False
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -76,10 +79,12 @@ class GenerationOptions:
             # The checkpoint's generation_config may carry sampling settings;
             # greedy/beam must not inherit them.
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.static_cache:
+            kwargs["cache_implementation"] = "static"
         return kwargs
 
     def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "static_cache"}
 
 
 def prompt_ids(loaded, prompt: str | None) -> list[int]:

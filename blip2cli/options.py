@@ -201,6 +201,14 @@ Workers = Annotated[
         help="Threads decoding images ahead of the model. Default: the CPU count, at most 8.",
     ),
 ]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile", rich_help_panel=PERFORMANCE,
+        help="Static KV cache for decoding (on CUDA transformers also compiles the decoding step; the "
+        "first batch pays for it). Same tokens.",
+    ),
+]
 PreprocessOpt = Annotated[
     Preprocess,
     typer.Option(

@@ -301,3 +301,29 @@ def test_explicit_dtype_is_used_and_recorded(tiny_opt, example_images):
     assert json.loads(res.stdout)["dtype"] == "bfloat16"
     loaded = load(LoadOptions(model=str(tiny_opt), device="cpu", dtype="bfloat16"))
     assert next(loaded.model.language_model.parameters()).dtype.__str__() == "torch.bfloat16"
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_compile_static_cache_gives_the_same_tokens(kind, request, example_images):
+    """--compile (a static KV cache) must not change a single token, greedy or beam."""
+    path = request.getfixturevalue(f"tiny_{kind}")
+    for beams in ("1", "3"):
+        common = [*example_images, "--model", path, "-f", "jsonl", "--num-beams", beams, "--max-new-tokens", "10"]
+        plain = run_cli(*common)
+        static = run_cli(*common, "--compile")
+        assert plain.exit_code == static.exit_code == 0, static.output
+        assert [json.loads(l)["captions"] for l in plain.stdout.splitlines()] == \
+            [json.loads(l)["captions"] for l in static.stdout.splitlines()]
+    from blip2cli.caption import GenerationOptions as G
+
+    assert G(static_cache=True).generate_kwargs()["cache_implementation"] == "static"
+    assert "static_cache" not in G(static_cache=True).describe()  # resumable either way
+
+
+def test_ask_compile_gives_the_same_answers(tiny_opt, example_images):
+    common = ["ask", *map(str, example_images[:2]), "-q", "what is it?", "-q", "and where is this?",
+              "--model", str(tiny_opt), "-f", "jsonl", "--num-beams", "2", "--max-new-tokens", "6"]
+    plain = runner.invoke(app, common)
+    static = runner.invoke(app, [*common, "--compile"])
+    assert plain.exit_code == static.exit_code == 0, static.output
+    assert plain.stdout == static.stdout

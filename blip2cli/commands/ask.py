@@ -89,6 +89,7 @@ def ask(
     batch_size: o.BatchSize = None,
     workers: o.Workers = None,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
+    compile_: o.Compile = False,
     sidecar: o.Sidecar = False,
     sidecar_ext: o.SidecarExt = ".txt",
     output_dir: o.OutputDir = None,
@@ -124,6 +125,7 @@ def ask(
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
+        static_cache=compile_,
     )
     gen.validate()
     if raw and template is not None:

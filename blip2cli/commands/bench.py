@@ -46,6 +46,7 @@ def bench(
     ] = None,
     num_beams: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = 1,
     workers: o.Workers = None,
+    compile_: o.Compile = False,
     repeat: Annotated[int, typer.Option("--repeat", min=1, rich_help_panel=BENCH, help="Timed runs per configuration (median reported).")] = 2,
     warmup: Annotated[int, typer.Option("--warmup", min=0, rich_help_panel=BENCH, help="Untimed warm-up batches.")] = 1,
     baseline: Annotated[bool, typer.Option("--baseline", rich_help_panel=BENCH, help="Also time the documented per-image usage and one plain batched generate.")] = False,
@@ -77,7 +78,7 @@ def bench(
         raise UsageError("--from-config builds captioning models; embed needs a retrieval checkpoint")
     gen = GenerationOptions(max_new_tokens=max_new_tokens,
                             min_new_tokens=max_new_tokens if min_new_tokens is None else min_new_tokens,
-                            num_beams=num_beams)
+                            num_beams=num_beams, static_cache=compile_)
     gen.validate()
     wh = parse_size(size)
     tmp = Path(tempfile.mkdtemp(prefix="blip2-bench-"))
@@ -112,7 +113,8 @@ def bench(
     meta = environment({
         "model": from_config and f"{from_config} (random weights: the text is meaningless)" or model,
         "images": source, "task": task,
-        "generation": f"beams {gen.num_beams}, new tokens {gen.min_new_tokens}-{gen.max_new_tokens}",
+        "generation": f"beams {gen.num_beams}, new tokens {gen.min_new_tokens}-{gen.max_new_tokens}"
+                      + (", static KV cache (--compile)" if compile_ else ""),
         "repeats": f"median of {repeat} timed runs after {warmup} warm-up batch(es)",
     })
     if as_json:

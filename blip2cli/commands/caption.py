@@ -81,6 +81,7 @@ def caption(
     batch_size: o.BatchSize = None,
     workers: o.Workers = None,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
+    compile_: o.Compile = False,
     sidecar: o.Sidecar = False,
     sidecar_ext: o.SidecarExt = ".txt",
     output_dir: o.OutputDir = None,
@@ -109,6 +110,7 @@ def caption(
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
+        static_cache=compile_,
     )
     gen.validate()
     fmt_name = o.infer_format(fmt, output)
