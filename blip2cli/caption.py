@@ -39,7 +39,10 @@ class GenerationOptions:
     # step). The tokens stay the same, so it is not part of describe() / --resume.
     static_cache: bool = False
 
-    def validate(self) -> None:
+    def validate(self, count_flag: str = "--num-captions") -> None:
+        """Raise UsageError for impossible options; ``count_flag`` names the
+        how-many option in messages (``--num-answers`` for ask)."""
+        noun = count_flag.removeprefix("--num-")
         if self.max_new_tokens < 1:
             raise UsageError("--max-new-tokens must be at least 1")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
@@ -50,12 +53,12 @@ class GenerationOptions:
         if self.num_beams < 1:
             raise UsageError("--num-beams must be at least 1")
         if self.num_captions < 1:
-            raise UsageError("--num-captions must be at least 1")
+            raise UsageError(f"{count_flag} must be at least 1")
         if not self.sample and self.num_captions > self.num_beams:
             raise UsageError(
-                f"--num-captions {self.num_captions} needs at least as many beams "
+                f"{count_flag} {self.num_captions} needs at least as many beams "
                 f"(--num-beams {self.num_beams})",
-                hint=f"add --num-beams {self.num_captions}, or --sample for varied captions",
+                hint=f"add --num-beams {self.num_captions}, or --sample for varied {noun}",
             )
         if self.sample and self.temperature <= 0:
             raise UsageError("--temperature must be greater than 0")

@@ -7,6 +7,10 @@ failures are not exceptions at this level: they become error records.
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
 # Exit codes, documented in the README.
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
@@ -62,3 +66,21 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the run like Ctrl-C does (finished records stay), exit 143."""
+
+    def handler(signum, frame):  # pragma: no cover - exercised through subprocess tests
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some test runners)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -206,7 +206,7 @@ class Job:
         from .console import Reporter
 
         reporter = Reporter(quiet=self.quiet, total=total, description=self.description)
-        from .commands.common import sigterm_as_interrupt
+        from .errors import sigterm_as_interrupt
         from .options import default_batch_size, default_workers
 
         try:

@@ -290,3 +290,14 @@ def test_usage_errors_exit_2_before_loading(tmp_path, monkeypatch, args, words):
     result = run_ask(*args, "--model", tmp_path / "no-model")
     assert result.exit_code == 2, result.output
     assert words in result.stderr
+
+
+def test_num_answers_above_beams_names_the_ask_option(tiny_opt, example_images):
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+
+    res = CliRunner().invoke(app, ["ask", str(example_images[0]), "what?", "--model", str(tiny_opt),
+                                   "--num-answers", "3", "--num-beams", "2"])
+    assert res.exit_code == 2
+    assert "--num-answers 3 needs at least as many beams" in res.stderr and "varied answers" in res.stderr

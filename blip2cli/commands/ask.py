@@ -110,11 +110,6 @@ def ask(
     from ..job import Job
     from ..loader import LoadOptions
 
-    if num_answers > num_beams and not sample:
-        raise UsageError(
-            f"--num-answers {num_answers} needs at least as many beams (--num-beams {num_beams})",
-            hint=f"add --num-beams {num_answers}, or --sample for varied answers",
-        )
     gen = GenerationOptions(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
@@ -127,7 +122,7 @@ def ask(
         seed=seed,
         static_cache=compile_,
     )
-    gen.validate()
+    gen.validate(count_flag="--num-answers")
     if raw and template is not None:
         raise UsageError("--raw and --template contradict each other", hint="use one of them")
     prompt_template = None if raw else check_template(template if template is not None else DEFAULT_TEMPLATE)

@@ -21,7 +21,8 @@ import typer
 from .. import console
 from .. import options as o
 from ..ask import ASK_MIN_NEW_TOKENS, ASK_NUM_BEAMS, CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPLATE
-from .common import handles_errors, sigterm_as_interrupt, stdin_is_terminal
+from ..errors import sigterm_as_interrupt
+from .common import handles_errors, stdin_is_terminal
 
 EXAMPLES = """
 
@@ -284,10 +285,9 @@ def chat(
 ) -> None:
     """Talk about an image: each question carries the earlier turns, the image is encoded once."""
     from ..ask import Asker, ChatSession, check_template
-    from ..images import ImageStage
     from ..caption import GenerationOptions
     from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, InputError, UsageError
-    from ..images import ImageError, open_image
+    from ..images import ImageError, ImageStage, open_image
     from ..loader import LoadOptions, load
 
     gen = GenerationOptions(

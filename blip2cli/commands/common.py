@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import sys
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import typer
 
@@ -72,24 +70,6 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # not a real file (e.g. a test runner)
         pass
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the run like Ctrl-C does (finished records stay), exit 143."""
-
-    def handler(signum, frame):  # pragma: no cover - exercised through subprocess tests
-        raise Interrupted(signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. some test runners)
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def check_output_path(output: Path | None) -> None:

@@ -16,7 +16,8 @@ import typer
 from .. import console
 from .. import options as o
 from ..embed import DEFAULT_RETRIEVAL_MODEL
-from .common import check_output_path, finish, handles_errors, resolve_items, sigterm_as_interrupt
+from ..errors import sigterm_as_interrupt
+from .common import check_output_path, finish, handles_errors, resolve_items
 
 FEATURES_PANEL = "Features"
 
