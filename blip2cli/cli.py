@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from typer import _click as click
+from typer.core import TyperCommand
 
 from . import __version__
 from .commands import ask as ask_cmd
@@ -21,6 +23,54 @@ from .commands import search as search_cmd
 from .commands import sheet as sheet_cmd
 from .commands import chat as chat_cmd
 from .commands import tiny as tiny_cmd
+
+from . import options as o
+
+
+class Command(TyperCommand):
+    """Plain-text help in sections: each option's ``rich_help_panel`` names its
+    section (Inputs, Model, Generation, ...), and the usage line writes the
+    arguments as click does (``IMAGE``, ``[IMAGES]...``), from their metavars."""
+
+    FIRST = (o.INPUT,)
+    LAST = (o.LOADER, o.GENERATION, o.OUTPUT, o.SIDECARS, o.FAULTS, o.PERFORMANCE)
+    OTHER = "Help"
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        pieces += [usage_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return pieces
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        arguments, panels = [], {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append((usage_name(param).replace("[", "").replace("]", ""), record[1]))
+            else:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or self.OTHER, []).append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        own = [p for p in panels if p not in (*self.FIRST, *self.LAST, self.OTHER)]
+        for title in (*self.FIRST, *own, *self.LAST, self.OTHER):
+            if title in panels:
+                with formatter.section(title):
+                    formatter.write_dl(panels[title])
+
+
+def usage_name(param: click.Parameter) -> str:
+    """An argument on the usage line: its metavar (verbatim when it already says
+    how many, e.g. ``[IMAGES]... [QUESTION]``), else NAME, [NAME] or [NAME]...."""
+    name = param.metavar or param.name.upper()
+    if "..." in name or " " in name:
+        return name
+    if not param.required:
+        name = f"[{name}]"
+    return name + ("..." if param.nargs != 1 else "")
+
 
 app = typer.Typer(
     name="blip2",
@@ -49,16 +99,36 @@ def _root(
     """Salesforce BLIP-2 vision-language models at a shell prompt."""
 
 
-app.command("caption", no_args_is_help=False)(caption_cmd.caption)
-app.command("embed", no_args_is_help=False)(embed_cmd.embed)
-app.command("search", no_args_is_help=False)(search_cmd.search)
-app.command("score")(score_cmd.score)
-app.command("ask", no_args_is_help=False)(ask_cmd.ask)
-app.command("chat")(chat_cmd.chat)
-app.command("bench")(bench_cmd.bench)
-app.command("merge")(merge_cmd.merge)
-app.command("sheet")(sheet_cmd.sheet)
-app.command("tiny-checkpoint")(tiny_cmd.tiny_checkpoint)
+# The one-line summaries of `blip2 --help` (and of shell completion): short
+# enough for an 80-column terminal, where click would cut the docstring with "...".
+SUMMARIES = {
+    "caption": "Caption images: one record per image.",
+    "embed": "Embed images and texts: vectors or a vector store.",
+    "search": "Rank images by similarity to a text or an image.",
+    "score": "Score texts against an image (ITM and ITC).",
+    "ask": "Ask questions about images: one record per answer.",
+    "chat": "Talk about an image, question after question.",
+    "bench": "Measure throughput on this machine.",
+    "merge": "Join the part files of sharded runs.",
+    "sheet": "An HTML contact sheet of earlier results.",
+    "tiny-checkpoint": "Write a tiny random checkpoint for tests.",
+}
+
+
+def _command(name: str, func, **kwargs) -> None:
+    app.command(name, cls=Command, short_help=SUMMARIES[name], **kwargs)(func)
+
+
+_command("caption", caption_cmd.caption, no_args_is_help=False)
+_command("embed", embed_cmd.embed, no_args_is_help=False)
+_command("search", search_cmd.search, no_args_is_help=False)
+_command("score", score_cmd.score)
+_command("ask", ask_cmd.ask, no_args_is_help=False)
+_command("chat", chat_cmd.chat)
+_command("bench", bench_cmd.bench)
+_command("merge", merge_cmd.merge)
+_command("sheet", sheet_cmd.sheet)
+_command("tiny-checkpoint", tiny_cmd.tiny_checkpoint)
 
 
 def main() -> None:

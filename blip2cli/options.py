@@ -15,12 +15,13 @@ import typer
 
 from .loader import DEFAULT_MODEL
 
-LOADER = "Model loading"
+# The sections of every command's --help (each option names one; cli.Command
+# prints them in this order, a command's own sections right after Inputs).
 INPUT = "Inputs"
-OUTPUT = "Output"
+LOADER = "Model"
 GENERATION = "Generation"
+OUTPUT = "Output"
 PERFORMANCE = "Performance"
-
 
 
 class Dtype(str, Enum):
@@ -48,6 +49,11 @@ class Preprocess(str, Enum):
     reference = "reference"
 
 
+def choices(enum: type[Enum]) -> str:
+    """The metavar of a choice option: ``[a|b|c]``, as click writes choices."""
+    return "[" + "|".join(member.value for member in enum) + "]"
+
+
 def _complete_device(incomplete: str) -> list[str]:
     return [d for d in ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps") if d.startswith(incomplete)]
 
@@ -56,32 +62,32 @@ def _complete_device(incomplete: str) -> list[str]:
 Model = Annotated[
     str,
     typer.Option(
-        "--model", "-m", envvar="BLIP2_MODEL", show_envvar=True, rich_help_panel=LOADER,
+        "--model", "-m", metavar="NAME", envvar="BLIP2_MODEL", show_envvar=True, rich_help_panel=LOADER,
         help="Hub id or local folder of a BLIP-2 checkpoint.",
     ),
 ]
 Revision = Annotated[
     Optional[str],
-    typer.Option("--revision", rich_help_panel=LOADER, help="Branch, tag or commit of a hub model."),
+    typer.Option("--revision", metavar="REV", rich_help_panel=LOADER, help="Branch, tag or commit of a hub model."),
 ]
 DeviceOpt = Annotated[
     str,
     typer.Option(
-        "--device", rich_help_panel=LOADER, autocompletion=_complete_device,
+        "--device", metavar="DEVICE", rich_help_panel=LOADER, autocompletion=_complete_device,
         help="auto|cpu|cuda|cuda:N|mps. auto: cuda, then mps, then cpu.",
     ),
 ]
 DtypeOpt = Annotated[
     Dtype,
     typer.Option(
-        "--dtype", rich_help_panel=LOADER, case_sensitive=False,
+        "--dtype", metavar=choices(Dtype), rich_help_panel=LOADER, case_sensitive=False,
         help="auto: float16 on GPUs for OPT, bfloat16 for Flan-T5, float32 on the CPU.",
     ),
 ]
 QuantizeOpt = Annotated[
     Quantize,
     typer.Option(
-        "--quantize", rich_help_panel=LOADER, case_sensitive=False,
+        "--quantize", metavar=choices(Quantize), rich_help_panel=LOADER, case_sensitive=False,
         help="Load the language model in 8 or 4 bits (bitsandbytes).",
     ),
 ]
@@ -106,7 +112,7 @@ AllowPickle = Annotated[
 RetrievalModel = Annotated[
     Optional[str],
     typer.Option(
-        "--model", "-m", envvar="BLIP2_RETRIEVAL_MODEL", show_envvar=True, rich_help_panel=LOADER,
+        "--model", "-m", metavar="NAME", envvar="BLIP2_RETRIEVAL_MODEL", show_envvar=True, rich_help_panel=LOADER,
         show_default=False,
         help="Hub id or local folder of a BLIP-2 checkpoint: a retrieval one for ITC/ITM, "
         "or a captioning one with --features vision|qformer. Default: Salesforce/blip2-itm-vit-g, "
@@ -118,6 +124,7 @@ RetrievalModel = Annotated[
 Inputs = Annotated[
     Optional[list[str]],
     typer.Argument(
+        metavar="IMAGES",
         help="Image files, directories, quoted globs ('photos/**/*.jpg'), or - for stdin "
         "(a list of paths, or raw image bytes).",
         show_default=False,
@@ -130,7 +137,7 @@ Recursive = Annotated[
 Ext = Annotated[
     Optional[list[str]],
     typer.Option(
-        "--ext", rich_help_panel=INPUT, show_default=False,
+        "--ext", metavar="EXT", rich_help_panel=INPUT, show_default=False,
         help="Image extensions to pick up in directories and globs (repeatable or comma-separated). "
         "Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.",
     ),
@@ -141,14 +148,14 @@ Null = Annotated[
 ]
 FilesFrom = Annotated[
     Optional[list[str]],
-    typer.Option("--files-from", rich_help_panel=INPUT, show_default=False, help="Read input paths from FILE (- for stdin)."),
+    typer.Option("--files-from", metavar="FILE", rich_help_panel=INPUT, show_default=False, help="Read input paths from FILE (- for stdin)."),
 ]
 
 # -- output --------------------------------------------------------------------
 FormatOpt = Annotated[
     Optional[Format],
     typer.Option(
-        "--format", "-f", rich_help_panel=OUTPUT, case_sensitive=False, show_default=False,
+        "--format", "-f", metavar=choices(Format), rich_help_panel=OUTPUT, case_sensitive=False, show_default=False,
         help="text | jsonl | csv | html (a contact sheet). Default: from the -o extension "
         "(.jsonl, .csv, .html), else text.",
     ),
@@ -168,14 +175,14 @@ def output_path(value: str) -> Path:
 Output = Annotated[
     Optional[Path],
     typer.Option(
-        "--output", "-o", rich_help_panel=OUTPUT, show_default=False, parser=output_path,
+        "--output", "-o", metavar="PATH", rich_help_panel=OUTPUT, show_default=False, parser=output_path,
         help="Write records to FILE instead of stdout (a directory, -o out/, for part files of --shard "
         "and multi-process runs).",
     ),
 ]
 Quiet = Annotated[
     bool,
-    typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, help="No progress bar."),
+    typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, help="No progress bar and no summary line; errors still show."),
 ]
 HtmlLinks = Annotated[
     bool,
@@ -190,14 +197,14 @@ HtmlLinks = Annotated[
 BatchSize = Annotated[
     Optional[int],
     typer.Option(
-        "--batch-size", "-b", min=1, rich_help_panel=PERFORMANCE, show_default=False,
+        "--batch-size", "-b", metavar="N", min=1, rich_help_panel=PERFORMANCE, show_default=False,
         help="Images per model call. Default: 16 on the CPU and mps, 32 on CUDA.",
     ),
 ]
 Workers = Annotated[
     Optional[int],
     typer.Option(
-        "--workers", "-j", min=1, rich_help_panel=PERFORMANCE, show_default=False,
+        "--workers", "-j", metavar="N", min=1, rich_help_panel=PERFORMANCE, show_default=False,
         help="Threads decoding images ahead of the model. Default: the CPU count, at most 8.",
     ),
 ]
@@ -212,7 +219,7 @@ Compile = Annotated[
 PreprocessOpt = Annotated[
     Preprocess,
     typer.Option(
-        "--preprocess", rich_help_panel=PERFORMANCE, case_sensitive=False,
+        "--preprocess", metavar=choices(Preprocess), rich_help_panel=PERFORMANCE, case_sensitive=False,
         help="fast: our own decode+resize path; reference: the checkpoint's transformers "
         "image processor, bit for bit.",
     ),
@@ -221,7 +228,7 @@ PreprocessOpt = Annotated[
 
 # -- sidecars, resume and faults (shared by caption and ask) ------------------
 SIDECARS = "Sidecar files"
-FAULTS = "Resume and faults"
+FAULTS = "Resume, shards and failures"
 
 
 class ExistingOpt(str, Enum):
@@ -237,30 +244,30 @@ Sidecar = Annotated[
 ]
 SidecarExt = Annotated[
     str,
-    typer.Option("--sidecar-ext", rich_help_panel=SIDECARS, help="Extension of sidecar files, e.g. .caption."),
+    typer.Option("--sidecar-ext", metavar="EXT", rich_help_panel=SIDECARS, help="Extension of sidecar files, e.g. .caption."),
 ]
 OutputDir = Annotated[
     Optional[Path],
     typer.Option(
-        "--output-dir", rich_help_panel=SIDECARS, show_default=False, file_okay=False,
+        "--output-dir", metavar="DIR", rich_help_panel=SIDECARS, show_default=False, file_okay=False,
         help="Write sidecars under DIR, mirroring the input tree, instead of beside the images (implies --sidecar).",
     ),
 ]
 Existing = Annotated[
     ExistingOpt,
     typer.Option(
-        "--existing", rich_help_panel=SIDECARS, case_sensitive=False,
+        "--existing", metavar=choices(ExistingOpt), rich_help_panel=SIDECARS, case_sensitive=False,
         help="What to do with a sidecar that already exists. skip: leave it, and the image is not processed.",
     ),
 ]
 Prefix = Annotated[
-    str, typer.Option("--prefix", rich_help_panel=SIDECARS, help="Text put before each sidecar caption (trigger words), verbatim."),
+    str, typer.Option("--prefix", metavar="TEXT", rich_help_panel=SIDECARS, help="Text put before each sidecar caption (trigger words), verbatim."),
 ]
 Suffix = Annotated[
-    str, typer.Option("--suffix", rich_help_panel=SIDECARS, help="Text put after each sidecar caption, verbatim."),
+    str, typer.Option("--suffix", metavar="TEXT", rich_help_panel=SIDECARS, help="Text put after each sidecar caption, verbatim."),
 ]
 Separator = Annotated[
-    str, typer.Option("--separator", rich_help_panel=SIDECARS, help="Joins old and new text for --existing append|prepend."),
+    str, typer.Option("--separator", metavar="TEXT", rich_help_panel=SIDECARS, help="Joins old and new text for --existing append|prepend."),
 ]
 DryRun = Annotated[
     bool,

@@ -29,14 +29,14 @@ QUESTIONS = "Questions"
 Arguments = Annotated[
     Optional[list[str]],
     typer.Argument(
-        metavar="INPUTS... QUESTION",
+        metavar="[IMAGES]... [QUESTION]",
         help="Image files, directories, quoted globs or - (stdin), then the question. "
         "With -q or --questions-file, every argument is an input.",
         show_default=False,
     ),
 ]
 # ask's -q is --question, so its --quiet has no short form.
-QuietLong = Annotated[bool, typer.Option("--quiet", rich_help_panel=o.OUTPUT, help="No progress bar.")]
+QuietLong = Annotated[bool, typer.Option("--quiet", rich_help_panel=o.OUTPUT, help="No progress bar and no summary line; errors still show.")]
 
 
 @handles_errors
@@ -75,13 +75,13 @@ def ask(
     min_new_tokens: Annotated[int, typer.Option(min=0, rich_help_panel=o.GENERATION)] = ASK_MIN_NEW_TOKENS,
     num_beams: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy.")] = ASK_NUM_BEAMS,
     num_answers: Annotated[
-        int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Answers per question (best beams, or samples).")
+        int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Answers per question (best beams, or samples).")
     ] = 1,
     sample: Annotated[bool, typer.Option("--sample", rich_help_panel=o.GENERATION, help="Nucleus sampling instead of beam search.")] = False,
-    temperature: Annotated[float, typer.Option(rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,
-    seed: Annotated[Optional[int], typer.Option(rich_help_panel=o.GENERATION, help="Random seed for --sample.")] = None,
-    repetition_penalty: Annotated[float, typer.Option(rich_help_panel=o.GENERATION)] = 1.0,
+    temperature: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,
+    seed: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=o.GENERATION, help="Random seed for --sample.")] = None,
+    repetition_penalty: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION)] = 1.0,
     fmt: o.FormatOpt = None,
     output: o.Output = None,
     html_links: o.HtmlLinks = False,

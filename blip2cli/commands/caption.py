@@ -61,19 +61,19 @@ def caption(
     files_from: o.FilesFrom = None,
     prompt: Annotated[
         Optional[str],
-        typer.Option(rich_help_panel=o.GENERATION, help='Text the caption continues, e.g. "a photo of".'),
+        typer.Option(metavar="TEXT", rich_help_panel=o.GENERATION, help='Text the caption continues, e.g. "a photo of".'),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = DEFAULT_MAX_NEW_TOKENS,
     min_new_tokens: Annotated[int, typer.Option(min=0, rich_help_panel=o.GENERATION)] = DEFAULT_MIN_NEW_TOKENS,
     num_beams: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy.")] = DEFAULT_NUM_BEAMS,
     num_captions: Annotated[
-        int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Captions per image (best beams, or samples).")
+        int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Captions per image (best beams, or samples).")
     ] = 1,
     sample: Annotated[bool, typer.Option("--sample", rich_help_panel=o.GENERATION, help="Nucleus sampling instead of beam search.")] = False,
-    temperature: Annotated[float, typer.Option(rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,
-    seed: Annotated[Optional[int], typer.Option(rich_help_panel=o.GENERATION, help="Random seed for --sample.")] = None,
-    repetition_penalty: Annotated[float, typer.Option(rich_help_panel=o.GENERATION)] = 1.0,
+    temperature: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,
+    seed: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=o.GENERATION, help="Random seed for --sample.")] = None,
+    repetition_penalty: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION)] = 1.0,
     fmt: o.FormatOpt = None,
     output: o.Output = None,
     html_links: o.HtmlLinks = False,

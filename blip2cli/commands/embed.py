@@ -60,7 +60,7 @@ class StoreDtype(str, Enum):
 FeaturesOpt = Annotated[
     Features,
     typer.Option(
-        "--features", rich_help_panel=FEATURES_PANEL, case_sensitive=False,
+        "--features", metavar=o.choices(Features), rich_help_panel=FEATURES_PANEL, case_sensitive=False,
         help="itc: BLIP-2's image-text embeddings (retrieval checkpoints); vision: the vision "
         "tower's pooled output; qformer: the Q-Former's query outputs. auto: itc on a retrieval "
         "checkpoint, qformer on a captioning one.",
@@ -69,7 +69,7 @@ FeaturesOpt = Annotated[
 PoolOpt = Annotated[
     Optional[Pool],
     typer.Option(
-        "--pool", rich_help_panel=FEATURES_PANEL, case_sensitive=False, show_default=False,
+        "--pool", metavar=o.choices(Pool), rich_help_panel=FEATURES_PANEL, case_sensitive=False, show_default=False,
         help="none (default): every query embedding per image (32 x 256 for ITC); mean: their "
         "mean (re-normalised for ITC), one vector per image. An existing store keeps its own.",
     ),
@@ -307,12 +307,12 @@ def embed(
     inputs: o.Inputs = None,
     text: Annotated[
         Optional[list[str]],
-        typer.Option("--text", "-t", rich_help_panel=FEATURES_PANEL, show_default=False,
+        typer.Option("--text", "-t", metavar="TEXT", rich_help_panel=FEATURES_PANEL, show_default=False,
                      help="A text to embed in the image-text space (repeatable)."),
     ] = None,
     texts_file: Annotated[
         Optional[Path],
-        typer.Option("--texts-file", rich_help_panel=FEATURES_PANEL, show_default=False,
+        typer.Option("--texts-file", metavar="FILE", rich_help_panel=FEATURES_PANEL, show_default=False,
                      help="Embed each non-empty line of FILE as a text (- for stdin)."),
     ] = None,
     features: FeaturesOpt = Features.auto,
@@ -330,12 +330,12 @@ def embed(
     files_from: o.FilesFrom = None,
     fmt: Annotated[
         Optional[EmbedFormat],
-        typer.Option("--format", "-f", rich_help_panel=o.OUTPUT, case_sensitive=False, show_default=False,
-                     help="jsonl | csv. Default: from the -o extension; .safetensors or .npy write a vector store."),
+        typer.Option("--format", "-f", metavar=o.choices(EmbedFormat), rich_help_panel=o.OUTPUT, case_sensitive=False,
+                     show_default=False, help="jsonl | csv. Default: from the -o extension; .safetensors or .npy write a vector store."),
     ] = None,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", rich_help_panel=o.OUTPUT, show_default=False, parser=o.output_path,
+        typer.Option("--output", "-o", metavar="PATH", rich_help_panel=o.OUTPUT, show_default=False, parser=o.output_path,
                      help="Write to FILE instead of stdout. FILE.safetensors or FILE.npy: a vector store "
                      "with its index beside it (FILE.safetensors.index.jsonl), updated incrementally."),
     ] = None,
@@ -346,7 +346,7 @@ def embed(
     ] = False,
     store_dtype: Annotated[
         Optional[StoreDtype],
-        typer.Option("--store-dtype", rich_help_panel=o.OUTPUT, case_sensitive=False, show_default=False,
+        typer.Option("--store-dtype", metavar=o.choices(StoreDtype), rich_help_panel=o.OUTPUT, case_sensitive=False, show_default=False,
                      help="Vector store: float32 (default for a new store) or float16 (half the size)."),
     ] = None,
     quiet: o.Quiet = False,

@@ -12,7 +12,7 @@ from .common import handles_errors
 
 @handles_errors
 def merge(
-    directory: Annotated[Path, typer.Argument(help="The -o directory the shards wrote to.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The -o directory the shards wrote to.")],
 ) -> None:
     """Merge DIR/.parts/part-*.jsonl into DIR/captions.jsonl (answers.jsonl, embeddings.jsonl):
     input order, each input once (a success beats an earlier error), written atomically.

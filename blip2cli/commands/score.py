@@ -26,9 +26,9 @@ Examples:
 
 @handles_errors
 def score(
-    image: Annotated[str, typer.Argument(help="An image file, or - for image bytes on stdin.", show_default=False)],
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help="An image file, or - for image bytes on stdin.", show_default=False)],
     texts: Annotated[
-        Optional[list[str]], typer.Argument(help="Texts to score against the image.", show_default=False)
+        Optional[list[str]], typer.Argument(metavar="TEXTS", help="Texts to score against the image.", show_default=False)
     ] = None,
     model: o.RetrievalModel = None,
     revision: o.Revision = None,

@@ -68,6 +68,7 @@ def search(
     arguments: Annotated[
         Optional[list[str]],
         typer.Argument(
+            metavar="[QUERY] [IMAGES]...",
             help="The QUERY text, then the images to search (files, folders, globs, -). "
             "With --image, only images.",
             show_default=False,
@@ -75,21 +76,21 @@ def search(
     ] = None,
     image: Annotated[
         Optional[Path],
-        typer.Option("--image", rich_help_panel=SEARCH_PANEL, show_default=False,
+        typer.Option("--image", metavar="FILE", rich_help_panel=SEARCH_PANEL, show_default=False,
                      help="Search by image: rank by similarity to this image instead of a text."),
     ] = None,
     index: Annotated[
         Optional[Path],
-        typer.Option("--index", rich_help_panel=SEARCH_PANEL, show_default=False,
+        typer.Option("--index", metavar="FILE", rich_help_panel=SEARCH_PANEL, show_default=False,
                      help="A vector store (FILE.safetensors or FILE.npy) to search; images named as "
                      "inputs that it lacks (or that changed) are embedded into it first."),
     ] = None,
     top_k: Annotated[
-        int, typer.Option("--top-k", "-k", min=1, rich_help_panel=SEARCH_PANEL, help="How many results to print."),
+        int, typer.Option("--top-k", "-k", metavar="N", min=1, rich_help_panel=SEARCH_PANEL, help="How many results to print."),
     ] = 10,
     rerank: Annotated[
         Optional[int],
-        typer.Option("--rerank", min=1, rich_help_panel=SEARCH_PANEL, show_default=False,
+        typer.Option("--rerank", metavar="N", min=1, rich_help_panel=SEARCH_PANEL, show_default=False,
                      help="Re-score the N best with the image-text matching head and rank them by "
                      "its match probability (N >= -k; text queries, retrieval checkpoints)."),
     ] = None,

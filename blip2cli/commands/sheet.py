@@ -38,7 +38,7 @@ def sheet(
     ],
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", rich_help_panel=o.OUTPUT, show_default=False,
+        typer.Option("--output", "-o", metavar="FILE", rich_help_panel=o.OUTPUT, show_default=False,
                      help="Write the page to FILE (sheet.html) instead of stdout."),
     ] = None,
     html_links: Annotated[
@@ -54,11 +54,11 @@ def sheet(
     ] = None,
     title: Annotated[
         Optional[str],
-        typer.Option("--title", rich_help_panel=o.OUTPUT, show_default=False, help="Page title. Default: FILE's name."),
+        typer.Option("--title", metavar="TEXT", rich_help_panel=o.OUTPUT, show_default=False, help="Page title. Default: FILE's name."),
     ] = None,
     workers: Annotated[
         Optional[int],
-        typer.Option("--workers", "-j", min=1, rich_help_panel=o.PERFORMANCE, show_default=False,
+        typer.Option("--workers", "-j", metavar="N", min=1, rich_help_panel=o.PERFORMANCE, show_default=False,
                      help="Threads decoding images for thumbnails. Default: the CPU count, at most 8."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=o.OUTPUT, help="No summary on stderr.")] = False,

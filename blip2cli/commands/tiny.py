@@ -12,12 +12,12 @@ from .common import handles_errors
 
 @handles_errors
 def tiny_checkpoint(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint to.")],
-    kind: Annotated[str, typer.Option("--kind", help="opt | t5 | itm")] = "opt",
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    out_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Folder to write the checkpoint to.")],
+    kind: Annotated[str, typer.Option("--kind", metavar="[opt|t5|itm]", rich_help_panel="Checkpoint", help="opt: captioning, OPT decoder; t5: captioning, Flan-T5; itm: retrieval.")] = "opt",
+    seed: Annotated[int, typer.Option(metavar="N", rich_help_panel="Checkpoint", help="Seed of the random weights.")] = 0,
 ) -> None:
     """Write a tiny, randomly initialised BLIP-2 checkpoint (same file layout as the
-    real ones) to OUT_DIR, to test a pipeline offline: blip2 caption --model OUT_DIR ...
+    real ones) to DIR, to test a pipeline offline: blip2 caption --model DIR ...
 
     Its captions are meaningless strings; they are deterministic for a seed."""
     from ..errors import UsageError
