@@ -161,49 +161,119 @@ class PartsDir:
             raise UsageError(f"{self.root} has no {PARTS}/inputs.jsonl: not a blip2 output directory")
         return [json.loads(l) for l in inputs.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if l]
 
-    def read_command(self) -> str:
+    def read_manifest(self) -> dict:
         manifest = self.parts / "manifest.json"
         if not manifest.exists():
             raise UsageError(f"{self.root} has no {PARTS}/manifest.json: not a blip2 output directory")
-        return json.loads(manifest.read_text(encoding="utf-8"))["command"]
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{manifest} cannot be read ({exc})",
+                             hint="it is written by the first run into the directory; rerun one shard to write it") from None
+        if not isinstance(data, dict) or not isinstance(data.get("command"), str):
+            raise UsageError(f"{manifest} is not a blip2 manifest")
+        return data
+
+    def read_command(self) -> str:
+        return self.read_manifest()["command"]
+
+    def check_settings(self, settings: dict) -> None:
+        """Refuse a run whose settings differ from those the directory was started with."""
+        from .resume import differences
+
+        if not (self.parts / "manifest.json").exists():
+            return
+        started = self.read_manifest().get("settings")
+        if not isinstance(started, dict):
+            return  # written before manifests held settings: the records are compared instead
+        diff = differences(started, settings)
+        if diff:
+            raise UsageError(
+                f"{self.root} was started with other settings ({'; '.join(diff)}); "
+                "this run would mix them",
+                hint="run with the same options as the first run, or use another output directory",
+            )
 
     # -- records -------------------------------------------------------------
-    def records(self) -> Iterable[dict]:
-        """Every whole record of every part file (torn last lines ignored)."""
+    def numbered_records(self) -> Iterable[tuple[Path, int, dict]]:
+        """(part file, line number, record) for every whole record of every part file.
+
+        A torn last line (a process killed mid-write, or one still writing) is
+        ignored; anything else that is not a blip2 record is an error naming the
+        part file and line."""
         for path in self.part_files():
             data = path.read_bytes()
             lines = data.split(b"\n")
             lines.pop()  # after the last newline: empty, or a torn record
-            for raw in lines:
+            for number, raw in enumerate(lines, 1):
                 if not raw.strip():
                     continue
                 try:
-                    yield json.loads(raw.decode("utf-8", "surrogateescape"))
+                    record = json.loads(raw.decode("utf-8", "surrogateescape"))
                 except ValueError:
-                    continue  # a torn line in the middle cannot happen; be lenient anyway
+                    record = None
+                if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+                    what = "not JSON" if record is None else 'without a "path"'
+                    raise UsageError(
+                        f"{path} line {number} is not a blip2 record ({what})",
+                        hint=f"part files hold only what blip2 wrote: remove that line, or remove {path.name} "
+                        "and rerun its shard",
+                    )
+                yield path, number, record
+
+    def records(self) -> Iterable[dict]:
+        """Every whole record of every part file (torn last lines ignored)."""
+        for _, _, record in self.numbered_records():
+            yield record
+
+    def _check_record(self, path: Path, number: int, record: dict, settings: dict, *, then: str, now: str,
+                      hint: str) -> None:
+        from .resume import differences
+
+        diff = differences(record, settings, then=then, now=now)
+        if diff:
+            raise UsageError(
+                f"{path} line {number} was made with other settings ({'; '.join(diff)})",
+                hint=hint,
+            )
 
     def done_keys(self, settings: dict, key_of_record: Callable) -> set:
-        from .resume import _differences
-
+        self.check_settings(settings)
         done = set()
-        for record in self.records():
-            diff = _differences(record, settings)
-            if diff:
-                raise UsageError(
-                    f"{self.root} holds records made with other settings ({diff})",
-                    hint="run with the same options as before, or use another output directory",
-                )
+        for path, number, record in self.numbered_records():
+            self._check_record(
+                path, number, record, settings, then="in the part", now="now",
+                hint="run with the same options as before, or use another output directory",
+            )
             if not record.get("error"):
                 done.add(key_of_record(record))
         return done
 
     def merge(self, key_of_record: Callable) -> tuple[int, list[str]]:
-        """Write the final output in input order; return (records written, missing inputs)."""
+        """Write the final output in input order; return (records written, missing inputs).
+
+        Every record's settings are compared with the manifest's (the first run's):
+        a mix is refused, naming the part file, line and setting, before anything
+        is written."""
+        from .resume import settings_of
+
         names = self.read_inputs()
+        settings = self.read_manifest().get("settings")
         by_path: dict[str, dict] = {}
-        for record in self.records():
+        for path, number, record in self.numbered_records():
+            if not isinstance(settings, dict):  # an old manifest: the first record sets the standard
+                settings = settings_of(record)
+            self._check_record(
+                path, number, record, settings, then="in the part", now="in the manifest",
+                hint=f"rerun that shard with the directory's settings (delete {path.name} first), "
+                "or merge only parts made the same way",
+            )
+            try:
+                key = key_of_record(record)
+            except KeyError as exc:
+                raise UsageError(f"{path} line {number} is not a blip2 `{self.command}` record "
+                                 f"(no {exc.args[0]!r})") from None
             slot = by_path.setdefault(record["path"], {})
-            key = key_of_record(record)
             best = slot.get(key)
             if best is None or (best.get("error") and not record.get("error")):
                 slot[key] = record  # first success wins; a success beats an error
