@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from .errors import UsageError
+from .errors import OptionError
 from .writers import Schema
 
 # Defaults follow LAVIS' Blip2OPT/Blip2T5.generate: beam search with 5 beams,
@@ -21,14 +21,26 @@ from .writers import Schema
 DEFAULT_MAX_NEW_TOKENS = 30
 DEFAULT_MIN_NEW_TOKENS = 1
 DEFAULT_NUM_BEAMS = 5
+# Sampling without an explicit beam width draws one sequence per sample
+# (multinomial sampling, as LAVIS' nucleus-sampling demo does); an explicit
+# num_beams > 1 with sample=True is transformers' beam-sample.
+DEFAULT_SAMPLE_BEAMS = 1
 
 
 @dataclass
 class GenerationOptions:
+    """How ``generate`` decodes, with LAVIS' defaults.
+
+    ``num_beams=None`` means the default for the decoding asked for: 5 beams for
+    beam search, 1 with ``sample=True`` (plain multinomial sampling with
+    ``temperature`` and ``top_p``). Messages name the parameters (``num_beams``);
+    the CLI words them with its flags (``--num-beams``).
+    """
+
     prompt: str | None = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     min_new_tokens: int = DEFAULT_MIN_NEW_TOKENS
-    num_beams: int = DEFAULT_NUM_BEAMS
+    num_beams: int | None = None
     num_captions: int = 1
     sample: bool = False
     temperature: float = 1.0
@@ -39,39 +51,49 @@ class GenerationOptions:
     # step). The tokens stay the same, so it is not part of describe() / --resume.
     static_cache: bool = False
 
-    def validate(self, count_flag: str = "--num-captions") -> None:
-        """Raise UsageError for impossible options; ``count_flag`` names the
-        how-many option in messages (``--num-answers`` for ask)."""
-        noun = count_flag.removeprefix("--num-")
+    @property
+    def beams(self) -> int:
+        """The beam width generate gets: ``num_beams``, or the default for the decoding."""
+        if self.num_beams is not None:
+            return self.num_beams
+        return DEFAULT_SAMPLE_BEAMS if self.sample else DEFAULT_NUM_BEAMS
+
+    def validate(self, count_name: str = "num_captions") -> None:
+        """Raise OptionError (a ValueError) for impossible options, naming the
+        parameters; ``count_name`` is what the how-many parameter is called
+        (``num_answers`` for ask)."""
+        noun = count_name.removeprefix("num_")
         if self.max_new_tokens < 1:
-            raise UsageError("--max-new-tokens must be at least 1")
+            raise OptionError("max_new_tokens must be at least 1", params=["max_new_tokens"])
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise UsageError(
-                f"--min-new-tokens ({self.min_new_tokens}) must be between 0 and "
-                f"--max-new-tokens ({self.max_new_tokens})"
+            raise OptionError(
+                f"min_new_tokens ({self.min_new_tokens}) must be between 0 and "
+                f"max_new_tokens ({self.max_new_tokens})",
+                params=["min_new_tokens", "max_new_tokens"],
             )
-        if self.num_beams < 1:
-            raise UsageError("--num-beams must be at least 1")
+        if self.num_beams is not None and self.num_beams < 1:
+            raise OptionError("num_beams must be at least 1", params=["num_beams"])
         if self.num_captions < 1:
-            raise UsageError(f"{count_flag} must be at least 1")
-        if not self.sample and self.num_captions > self.num_beams:
-            raise UsageError(
-                f"{count_flag} {self.num_captions} needs at least as many beams "
-                f"(--num-beams {self.num_beams})",
-                hint=f"add --num-beams {self.num_captions}, or --sample for varied {noun}",
+            raise OptionError(f"{count_name} must be at least 1", params=[count_name])
+        if not self.sample and self.num_captions > self.beams:
+            raise OptionError(
+                f"{count_name} {self.num_captions} needs at least as many beams "
+                f"(num_beams {self.beams})",
+                hint=f"add num_beams={self.num_captions}, or sample=True for varied {noun}",
+                params=[count_name, "num_beams", "sample"],
             )
         if self.sample and self.temperature <= 0:
-            raise UsageError("--temperature must be greater than 0")
+            raise OptionError("temperature must be greater than 0", params=["temperature"])
         if self.sample and not 0 < self.top_p <= 1:
-            raise UsageError("--top-p must be in (0, 1]")
+            raise OptionError("top_p must be in (0, 1]", params=["top_p"])
         if self.repetition_penalty <= 0:
-            raise UsageError("--repetition-penalty must be greater than 0")
+            raise OptionError("repetition_penalty must be greater than 0", params=["repetition_penalty"])
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "min_new_tokens": self.min_new_tokens,
-            "num_beams": self.num_beams,
+            "num_beams": self.beams,
             "num_return_sequences": self.num_captions,
             "do_sample": self.sample,
             "repetition_penalty": self.repetition_penalty,
@@ -87,7 +109,9 @@ class GenerationOptions:
         return kwargs
 
     def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None and k != "static_cache"}
+        """The settings recorded beside each result (the effective beam width included)."""
+        values = dict(asdict(self), num_beams=self.beams)
+        return {k: v for k, v in values.items() if v is not None and k != "static_cache"}
 
 
 def prompt_ids(loaded, prompt: str | None) -> list[int]:
@@ -138,6 +162,26 @@ class Captioner:
         texts = self.loaded.tokenizer.batch_decode(rows, skip_special_tokens=True)
         n = self.options.num_captions
         return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(texts) // n)]
+
+
+class CaptionTask:
+    """The pipeline task of ``blip2 caption`` (and ``blip2cli.caption_files``): joins
+    the image stage and the captioner."""
+
+    def __init__(self, loaded, captioner: Captioner, preprocess: str, thumbnails=None):
+        from .images import ImageStage
+
+        self.stage = ImageStage(loaded, preprocess, thumbnails)
+        self.captioner = captioner
+
+    def prepare(self, item):
+        return self.stage.prepare(item.source, key=item.name)
+
+    def run_batch(self, prepared):
+        return self.captioner.caption(self.stage.pixels(prepared))
+
+    def record(self, item, result, error):
+        return caption_record(item.name, result, error)
 
 
 def trim_at_eos(row: list[int], eos: set[int]) -> list[int]:

@@ -38,6 +38,32 @@ class UsageError(Blip2Error):
     """Options that contradict each other or make no sense."""
 
 
+class OptionError(UsageError, ValueError):
+    """An impossible option value, worded with the parameters' Python names
+    (``num_beams must be at least 1``; hints as ``num_beams=3``). ``params`` lists
+    the names a message uses, so a front end can respell them (``reworded``): the
+    CLI shows its flags (``--num-beams``). A ``ValueError`` for library callers."""
+
+    def __init__(self, message: str, hint: str | None = None, *, params=()):
+        super().__init__(message, hint)
+        self.params = tuple(params)
+
+    def reworded(self, spell) -> "OptionError":
+        """The same error with each parameter respelt: ``spell(name, value)`` for
+        ``name=value`` in a hint, ``spell(name, None)`` for a bare name."""
+        import re
+
+        def respell(text: str | None) -> str | None:
+            if text is None:
+                return None
+            for name in sorted(self.params, key=len, reverse=True):
+                text = re.sub(rf"\b{re.escape(name)}=([^\s,;)]+)", lambda m: spell(name, m.group(1)), text)
+                text = re.sub(rf"(?<![-\w]){re.escape(name)}\b", lambda m: spell(name, None), text)
+            return text
+
+        return OptionError(respell(self.message), respell(self.hint), params=self.params)
+
+
 class InputError(Blip2Error):
     """An input argument that cannot be resolved at all (not a per-image failure)."""
 

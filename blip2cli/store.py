@@ -25,8 +25,16 @@ any point leaves either the old store or the new one, never a mix:
   two renames: the new matrix belongs to that index; readers use it, and the
   next writer finishes the rename (roll forward).
 
-The matrix's row count, dims, dtype and (safetensors) a generation id are checked
-against the index on every open. One writer at a time: a writer holds an
+Every commit has a generation id, written into both files: the index's header
+line, and the matrix (``.safetensors``: its header's ``__metadata__``; ``.npy``:
+a 40-byte trailer after the rows, ``BLIP2GEN`` + the id, which numpy's readers
+never reach: ``np.load`` reads the rows its header announces). The matrix's
+row count, dims, dtype, size on disk and generation are checked against the
+index on every open, so a matrix and an index from different commits (a crash
+between the renames whose new index was lost, files copied separately) are
+refused, never served: same row counts are not enough, the rows may be other
+images. (An ``.npy`` written before the trailer existed has no generation; it
+is checked by rows alone until its next commit.) One writer at a time: a writer holds an
 exclusive ``flock`` on the side file (POSIX; no lock on Windows).
 
 Old rows are copied into the new matrix a chunk at a time, and new rows wait in
@@ -229,6 +237,17 @@ def _safetensors_header(meta: StoreMeta, rows: int, generation: str) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+NPY_TRAILER_MAGIC = b"BLIP2GEN"
+NPY_TRAILER_BYTES = len(NPY_TRAILER_MAGIC) + 32  # + the generation: 32 hex digits
+
+
+def _npy_trailer(generation: str) -> bytes:
+    raw = generation.encode("ascii")
+    if len(raw) != 32:
+        raise ValueError(f"a generation id is 32 hex digits, not {generation!r}")
+    return NPY_TRAILER_MAGIC + raw
+
+
 def _npy_header(meta: StoreMeta, rows: int) -> bytes:
     import io
 
@@ -249,6 +268,21 @@ class _MatrixInfo:
     offset: int
     generation: str | None
 
+    @property
+    def nbytes(self) -> int:
+        import numpy as np
+
+        return self.rows * int(np.prod(self.dims)) * np.dtype(self.dtype).itemsize
+
+
+def _truncated(path: Path, info: _MatrixInfo, size: int, expected: int) -> StoreError:
+    return StoreError(
+        f"the vector store {str(path)!r} is truncated: {size} bytes on disk, {expected} needed for the "
+        f"{info.rows} rows its header announces (an interrupted copy, or a full disk?)",
+        hint=f"restore it together with {str(index_path(path))!r} from where it was copied, or rebuild it: "
+        f"delete both files and run blip2 embed PHOTOS -o {path} again",
+    )
+
 
 def _read_matrix_info(path: Path) -> _MatrixInfo:
     import numpy as np
@@ -256,6 +290,7 @@ def _read_matrix_info(path: Path) -> _MatrixInfo:
     kind = _kind(path)
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             if kind == "npy":
                 version = np.lib.format.read_magic(f)
                 if version == (1, 0):
@@ -264,7 +299,19 @@ def _read_matrix_info(path: Path) -> _MatrixInfo:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                 if fortran or len(shape) < 2 or dtype.name not in STORE_DTYPES:
                     raise ValueError(f"an array of shape {shape} and dtype {dtype} in {'Fortran' if fortran else 'C'} order")
-                return _MatrixInfo(int(shape[0]), tuple(int(x) for x in shape[1:]), dtype.name, f.tell(), None)
+                info = _MatrixInfo(int(shape[0]), tuple(int(x) for x in shape[1:]), dtype.name, f.tell(), None)
+                end = info.offset + info.nbytes
+                if size < end:
+                    raise _truncated(path, info, size, end)
+                if size == end + NPY_TRAILER_BYTES:
+                    f.seek(end)
+                    tail = f.read(NPY_TRAILER_BYTES)
+                    if tail.startswith(NPY_TRAILER_MAGIC):
+                        info.generation = tail[len(NPY_TRAILER_MAGIC):].decode("ascii", "replace")
+                        return info
+                if size != end:  # neither a trailer nor a store written before trailers existed
+                    raise ValueError(f"{size - end} unexpected bytes after its {info.rows} rows")
+                return info
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100 << 20:
                 raise ValueError("header too large")
@@ -277,11 +324,16 @@ def _read_matrix_info(path: Path) -> _MatrixInfo:
             if dtype is None or len(shape) < 2:
                 raise ValueError(f"tensor {TENSOR_NAME!r} is {info['dtype']} {shape}")
             generation = (header.get("__metadata__") or {}).get("generation")
-            return _MatrixInfo(int(shape[0]), tuple(int(x) for x in shape[1:]), dtype,
-                               8 + n + int(info["data_offsets"][0]), generation)
+            begin, stop = (int(x) for x in info["data_offsets"])
+            matrix = _MatrixInfo(int(shape[0]), tuple(int(x) for x in shape[1:]), dtype, 8 + n + begin, generation)
+            if stop - begin != matrix.nbytes:
+                raise ValueError(f"its data_offsets span {stop - begin} bytes, not the {matrix.nbytes} of its shape")
+            if size < matrix.offset + matrix.nbytes:
+                raise _truncated(path, matrix, size, matrix.offset + matrix.nbytes)
+            return matrix
     except OSError as exc:
         raise StoreError(f"cannot read the vector store {str(path)!r}: {exc.strerror or exc}") from exc
-    except (ValueError, KeyError, TypeError, struct.error) as exc:
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
         raise StoreError(
             f"{str(path)!r} is not a blip2 vector store ({exc})",
             hint="choose another -o name, or delete the file",
@@ -300,6 +352,7 @@ class _Index:
     generation: str
     created: str | None
     entries: list[Entry]
+    failed: dict = field(default_factory=dict)  # abspath -> {"path", "abspath", "error"}: no row yet
 
 
 def _read_index(path: Path) -> _Index:
@@ -315,7 +368,10 @@ def _read_index(path: Path) -> _Index:
                 )
             entries = [Entry.from_json(json.loads(line)) for line in f if line.strip()]
         meta = StoreMeta.from_settings(head)
-        return _Index(meta, int(head["rows"]), str(head["generation"]), head.get("created"), entries)
+        failed = {str(f["abspath"]): {"path": str(f["path"]), "abspath": str(f["abspath"]),
+                                      "error": f.get("error")}
+                  for f in head.get("failed") or []}
+        return _Index(meta, int(head["rows"]), str(head["generation"]), head.get("created"), entries, failed)
     except OSError as exc:
         raise StoreError(f"cannot read the store index {str(path)!r}: {exc.strerror or exc}") from exc
     except (ValueError, KeyError, TypeError) as exc:
@@ -328,6 +384,26 @@ def _consistent(index: _Index, info: _MatrixInfo) -> bool:
         and index.meta.dims == info.dims
         and index.meta.dtype == info.dtype
         and (info.generation is None or info.generation == index.generation)
+    )
+
+
+def _mismatch(path: Path, idx: Path, info: _MatrixInfo, index: _Index) -> StoreError:
+    """The matrix and the index were not written by the same commit: say how they differ."""
+    why = []
+    if index.rows != info.rows or len(index.entries) != index.rows:
+        why.append(f"the matrix has {info.rows} rows, the index {len(index.entries)}")
+    if index.meta.dims != info.dims or index.meta.dtype != info.dtype:
+        why.append(f"the matrix holds {info.dtype} rows of {_show(info.dims)}, the index says "
+                   f"{index.meta.dtype} rows of {_show(index.meta.dims)}")
+    if info.generation is not None and info.generation != index.generation:
+        why.append(f"the matrix is from commit {info.generation[:12]}, the index from commit {index.generation[:12]}")
+    return StoreError(
+        f"the vector store {str(path)!r} and its index {str(idx)!r} do not belong together: they come "
+        f"from different commits ({'; '.join(why) or 'they disagree'}). Rows would be matched to the wrong "
+        "images, so the store is not used (a writer was killed between its two renames and the new "
+        "index was lost, or one of the files was copied or restored without the other)",
+        hint=f"restore both files from the same copy, or rebuild the store: delete {str(path)!r} and "
+        f"{str(idx)!r} and run blip2 embed PHOTOS -o {path} again",
     )
 
 
@@ -365,6 +441,7 @@ class VectorStore:
         self.entries = index.entries
         self.generation = index.generation
         self.created = index.created
+        self.failed = index.failed  # files that failed to embed (no row): retried by the next update
         self._info = info
         self._matrix = None
         self._file = None
@@ -407,11 +484,13 @@ class VectorStore:
                 newer = None
             if newer is not None and _consistent(newer, info):
                 return cls(path, newer, info)
-        raise StoreError(
-            f"the vector store {str(path)!r} ({info.rows} rows) and its index {str(idx)!r} "
-            f"({index.rows} rows) do not belong together",
-            hint="rebuild it: delete both files and run blip2 embed again",
-        )
+        try:  # a writer may have renamed its index just now: read it once more
+            again = _read_index(idx)
+        except StoreError:
+            again = None
+        if again is not None and _consistent(again, info):
+            return cls(path, again, info)
+        raise _mismatch(path, idx, info, index)
 
     @property
     def matrix(self):
@@ -479,6 +558,8 @@ class UpdateStats:
     unchanged: int = 0  # same size and mtime, or same content hash: reused
     pruned: int = 0  # rows of files that are gone, dropped (--prune)
     added: int = 0  # rows written by this run
+    failed: int = 0  # files that failed to embed in this run (no row; remembered in the index)
+    retried: int = 0  # files that had failed before, tried again (not counted as new)
     rows: int = 0  # rows after the commit
     rewritten: bool = False  # whether the matrix was rewritten
 
@@ -556,6 +637,8 @@ class StoreUpdate:
         self._old: VectorStore | None = None
         self._keep: list[bool] = []
         self._touched: dict[int, Entry] = {}
+        self._kinds: dict[str, str] = {}  # abspath -> "new" | "changed" | "retried", as select() counted it
+        self._failed: dict[str, dict] = {}  # abspath -> what failed in this run
         self._np = np
         self._lock.acquire()
         try:
@@ -632,7 +715,12 @@ class StoreUpdate:
         abspath = os.path.abspath(source)
         row = self._old.row_of(abspath) if self._old is not None else None
         if row is None or not self._keep[row]:
-            self.stats.new += 1
+            if self._old is not None and abspath in self._old.failed:
+                self.stats.retried += 1  # failed before: tried again, but not new
+                self._kinds[abspath] = "retried"
+            else:
+                self.stats.new += 1
+                self._kinds[abspath] = "new"
             return False
         entry = self._old.entries[row]
         try:
@@ -656,6 +744,31 @@ class StoreUpdate:
         self.stats.changed += 1
         self._keep[row] = False
         return False
+
+    def fail(self, path: str, abspath: str, error: str | None) -> None:
+        """A file that could not be embedded: counted as failed (not new) and
+        remembered in the index, so the next update retries it and says so."""
+        with self._mutex:
+            if self._kinds.pop(abspath, None) == "new":
+                self.stats.new -= 1
+            if abspath not in self._failed:
+                self.stats.failed += 1
+            self._failed[abspath] = {"path": path, "abspath": abspath, "error": error}
+
+    def _failed_after(self) -> dict:
+        """The failures the new index remembers: this run's, and earlier ones not tried again."""
+        out = {}
+        if self._old is not None:
+            for abspath, info in self._old.failed.items():
+                if abspath in self._added_keys:
+                    continue  # embedded this time
+                if self.prune and not os.path.exists(abspath):
+                    continue
+                out[abspath] = info
+        for abspath, info in self._failed.items():
+            if abspath not in self._added_keys:
+                out[abspath] = info
+        return dict(sorted(out.items()))
 
     # -- collecting rows -------------------------------------------------------
     @property
@@ -691,13 +804,14 @@ class StoreUpdate:
         entries = [self._touched.get(r, old.entries[r]) for r in kept] + self._added
         self.stats.added = len(self._added)
         self.stats.rows = len(entries)
+        failed = self._failed_after()
         matrix_same = old is not None and len(kept) == old_rows and not self._added
-        if matrix_same and not self._touched:
+        if matrix_same and not self._touched and failed == old.failed:
             return self.stats  # nothing to write
         created = old.created if old is not None else None
         if matrix_same:
-            # Only mtimes changed: rewrite the index alone (one atomic rename).
-            self._write_index(_index_tmp(self.path), entries, old.generation, created)
+            # Only mtimes (or the failures remembered) changed: rewrite the index alone (one atomic rename).
+            self._write_index(_index_tmp(self.path), entries, old.generation, created, failed)
             os.replace(_index_tmp(self.path), index_path(self.path))
             _fsync_dir(self._folder())
             return self.stats
@@ -706,7 +820,7 @@ class StoreUpdate:
         committed = False
         try:
             self._write_matrix(mtmp, kept, len(entries), generation)
-            self._write_index(itmp, entries, generation, created)
+            self._write_index(itmp, entries, generation, created, failed)
             if old is not None:
                 old.close()  # no open handle on the file being replaced
             os.replace(mtmp, self.path)  # the commit point
@@ -760,10 +874,13 @@ class StoreUpdate:
                 out.write(block)
                 remaining -= len(block)
             pending.seek(0, os.SEEK_END)
+            if self.kind == "npy":
+                out.write(_npy_trailer(generation))  # ties the matrix to its index (see the module doc)
             out.flush()
             os.fsync(out.fileno())
 
-    def _write_index(self, tmp: Path, entries: Sequence[Entry], generation: str, created: str | None) -> None:
+    def _write_index(self, tmp: Path, entries: Sequence[Entry], generation: str, created: str | None,
+                     failed: dict | None = None) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         from . import __version__
 
@@ -778,6 +895,8 @@ class StoreUpdate:
             "updated": now,
             "blip2": __version__,
         }
+        if failed:
+            head["failed"] = list(failed.values())
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
             f.write(json.dumps(head, ensure_ascii=False) + "\n")
             for row, entry in enumerate(entries):

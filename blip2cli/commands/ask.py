@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import options as o
-from ..ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, ASK_NUM_BEAMS, DEFAULT_TEMPLATE
+from ..ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, DEFAULT_TEMPLATE
 from .common import check_output_path, finish, handles_errors, html_output, resolve_items, sidecar_policy
 
 EXAMPLES = """
@@ -73,7 +73,7 @@ def ask(
     files_from: o.FilesFrom = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = ASK_MAX_NEW_TOKENS,
     min_new_tokens: Annotated[int, typer.Option(min=0, rich_help_panel=o.GENERATION)] = ASK_MIN_NEW_TOKENS,
-    num_beams: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy.")] = ASK_NUM_BEAMS,
+    num_beams: Annotated[Optional[int], typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample).", show_default=False)] = None,
     num_answers: Annotated[
         int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Answers per question (best beams, or samples).")
     ] = 1,
@@ -122,7 +122,7 @@ def ask(
         seed=seed,
         static_cache=compile_,
     )
-    gen.validate(count_flag="--num-answers")
+    gen.validate(count_name="num_answers")
     if raw and template is not None:
         raise UsageError("--raw and --template contradict each other", hint="use one of them")
     prompt_template = None if raw else check_template(template if template is not None else DEFAULT_TEMPLATE)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import options as o
-from ..caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, DEFAULT_NUM_BEAMS
+from ..caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, CaptionTask  # noqa: F401 (CaptionTask re-exported)
 from .common import check_output_path, finish, handles_errors, html_output, resolve_items, sidecar_policy
 
 EXAMPLES = """
@@ -22,27 +22,6 @@ Examples:
   blip2 caption img.jpg --prompt "a photo of" --num-beams 5 --num-captions 3
   blip2 caption photos/ -o sheet.html          # a contact sheet to look through
 """
-
-
-class CaptionTask:
-    """Joins the image stage and the captioner for the pipeline."""
-
-    def __init__(self, loaded, captioner, preprocess: str, thumbnails=None):
-        from ..images import ImageStage
-
-        self.stage = ImageStage(loaded, preprocess, thumbnails)
-        self.captioner = captioner
-
-    def prepare(self, item):
-        return self.stage.prepare(item.source, key=item.name)
-
-    def run_batch(self, prepared):
-        return self.captioner.caption(self.stage.pixels(prepared))
-
-    def record(self, item, result, error):
-        from ..caption import caption_record
-
-        return caption_record(item.name, result, error)
 
 
 @handles_errors
@@ -65,7 +44,7 @@ def caption(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = DEFAULT_MAX_NEW_TOKENS,
     min_new_tokens: Annotated[int, typer.Option(min=0, rich_help_panel=o.GENERATION)] = DEFAULT_MIN_NEW_TOKENS,
-    num_beams: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy.")] = DEFAULT_NUM_BEAMS,
+    num_beams: Annotated[Optional[int], typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample).", show_default=False)] = None,
     num_captions: Annotated[
         int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Captions per image (best beams, or samples).")
     ] = 1,

@@ -20,7 +20,7 @@ import typer
 
 from .. import console
 from .. import options as o
-from ..ask import ASK_MIN_NEW_TOKENS, ASK_NUM_BEAMS, CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPLATE
+from ..ask import ASK_MIN_NEW_TOKENS, CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPLATE
 from ..errors import sigterm_as_interrupt
 from .common import handles_errors, stdin_is_terminal
 
@@ -270,7 +270,7 @@ def chat(
     allow_pickle: o.AllowPickle = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = CHAT_MAX_NEW_TOKENS,
     min_new_tokens: Annotated[int, typer.Option(min=0, rich_help_panel=o.GENERATION)] = ASK_MIN_NEW_TOKENS,
-    num_beams: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy.")] = ASK_NUM_BEAMS,
+    num_beams: Annotated[Optional[int], typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample).", show_default=False)] = None,
     sample: Annotated[bool, typer.Option("--sample", rich_help_panel=o.GENERATION, help="Nucleus sampling instead of beam search.")] = False,
     temperature: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,

@@ -20,6 +20,7 @@ from ..errors import (
     EXIT_OK,
     Blip2Error,
     Interrupted,
+    OptionError,
     OutputError,
 )
 
@@ -38,6 +39,8 @@ def handles_errors(func: Callable) -> Callable:
         except typer.Exit:
             raise
         except Blip2Error as exc:
+            if isinstance(exc, OptionError):
+                exc = exc.reworded(flag_spelling)  # the core names parameters; say the flags
             console.message(f"error: {exc.message}")
             if exc.hint:
                 console.message(f"hint: {exc.hint}")
@@ -61,6 +64,13 @@ def handles_errors(func: Callable) -> Callable:
             raise typer.Exit(EXIT_ITEMS_FAILED) from None
 
     return wrapper
+
+
+def flag_spelling(name: str, value: str | None) -> str:
+    """A parameter as the CLI spells it: ``num_beams`` -> ``--num-beams``,
+    ``num_beams=3`` -> ``--num-beams 3``, ``sample=True`` -> ``--sample``."""
+    flag = "--" + name.replace("_", "-")
+    return flag if value in (None, "True") else f"{flag} {value}"
 
 
 def _silence_stdout() -> None:

@@ -190,6 +190,9 @@ class StoreSink:
         from ..store import Entry
 
         if record.get("error") or record.get("vector") is None:
+            if isinstance(record.get("source"), str):  # counted as failed, retried next time
+                path, abspath = record["path"], os.path.abspath(record["source"])
+                self.update.fail(path, abspath, record.get("error"))
             return
         size, mtime_ns, digest = record["ident"]
         path, abspath = record["path"], os.path.abspath(record["source"])
@@ -271,7 +274,8 @@ def store_summary(path, ustats, stats) -> str:
         parts.append(f"{ustats.pruned} pruned")
     if stats is not None and stats.failed:
         parts.append(f"{stats.failed} failed")
-    return f"{path}: {ustats.rows} rows ({', '.join(parts)})"
+    retried = f"; {ustats.retried} failed before, retried" if ustats.retried else ""
+    return f"{path}: {ustats.rows} rows ({', '.join(parts)}{retried})"
 
 
 def finish_store(stats) -> None:
