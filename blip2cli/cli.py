@@ -130,6 +130,10 @@ _command("merge", merge_cmd.merge)
 _command("sheet", sheet_cmd.sheet)
 _command("tiny-checkpoint", tiny_cmd.tiny_checkpoint)
 
+from .commands import models as models_cmd  # noqa: E402  (a group: `models`, `models download`)
+
+models_cmd.register(app, Command)
+
 
 def main() -> None:
     app(prog_name="blip2")

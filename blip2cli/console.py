@@ -84,3 +84,11 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def status(text: str) -> None:
+    """What is happening before any progress bar exists (a model located, downloaded
+    or built), on one line: on a terminal only, so logs and pipes stay quiet."""
+    stream = _stderr()
+    if hasattr(stream, "isatty") and stream.isatty():
+        message(text)

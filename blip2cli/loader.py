@@ -3,9 +3,12 @@
 ``load(LoadOptions(...), task=...)`` resolves, in this order and before any
 weights are read:
 
-1. the checkpoint: a local folder or a hub id (``--revision``; the Hugging Face
-   cache is used, ``HF_HUB_OFFLINE``/``--offline`` forbid the network), read
-   from its ``config.json``: is it BLIP-2, which architecture, which text model;
+1. the checkpoint: a local folder, a short name of the catalogue (``opt-2.7b``,
+   ``itm``: ``blip2cli.models``; a folder of that name wins) or a hub id
+   (``--revision``; the Hugging Face cache is used, ``HF_HUB_OFFLINE``/``--offline``
+   forbid the network, and an unreachable hub is detected with one request, not
+   after half a minute of retries), read from its ``config.json``: is it BLIP-2,
+   which architecture, which text model;
 2. the weights format: safetensors only unless ``--allow-pickle``;
 3. the device (``auto``: cuda, then mps, then cpu) and whether it exists;
 4. the dtype (``auto``: float16 on GPUs for OPT, bfloat16 for Flan-T5, float32
@@ -13,13 +16,16 @@ weights are read:
 5. quantization through bitsandbytes, with the modules that stay unquantized.
 
 Only then ``from_pretrained`` runs. ``trust_remote_code`` is never passed: the
-concrete transformers classes are used, no code from the checkpoint runs.
+concrete transformers classes are used, no code from the checkpoint runs. The
+weights must fit the architecture exactly: a missing, unexpected or mis-sized
+tensor is a ``ModelError``, never a silently random layer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +79,7 @@ class Checkpoint:
     config: dict
     architecture: str
     text_model_type: str | None  # "opt", "t5", ... (None for retrieval models)
+    offline: bool = False  # the hub was unreachable: the cached copy is used, no more requests
 
     @property
     def is_t5(self) -> bool:
@@ -124,8 +131,11 @@ def _looks_local(model: str) -> bool:
 
 
 def resolve_checkpoint(opts: LoadOptions) -> Checkpoint:
-    model = os.path.expanduser(opts.model)
+    from .models import resolve as resolve_name
+
+    model = os.path.expanduser(resolve_name(opts.model))
     offline = offline_requested(opts.offline)
+    hub_unreachable = False
     if os.path.isdir(model):
         local = Path(model)
         config_path = local / "config.json"
@@ -142,7 +152,7 @@ def resolve_checkpoint(opts: LoadOptions) -> Checkpoint:
             hint=f"pass an existing folder or a hub id such as {DEFAULT_MODEL}",
         )
     else:
-        config_path = _hub_config(model, opts.revision, offline)
+        config_path, hub_unreachable = _hub_config(model, opts.revision, offline)
         local = config_path.parent
         source = model
     try:
@@ -165,13 +175,45 @@ def resolve_checkpoint(opts: LoadOptions) -> Checkpoint:
         text_type = None
     elif text_type is None:
         text_type = "opt"  # transformers' default text config for BLIP-2
-    ckpt = Checkpoint(source, local, config, architecture, text_type)
+    ckpt = Checkpoint(source, local, config, architecture, text_type, offline=hub_unreachable)
     if ckpt.local_dir is not None and os.path.isdir(model):
         _check_weights_format(ckpt.local_dir, opts.allow_pickle)
     return ckpt
 
 
-def _hub_config(repo_id: str, revision: str | None, offline: bool) -> Path:
+def _download_hint(repo_id: str, revision: str | None) -> str:
+    rev = f" --revision {revision}" if revision else ""
+    return (
+        f"download it once where the hub can be reached: `blip2 models download {repo_id}{rev}` "
+        f"(or `hf download {repo_id}{rev}`), then run with --offline; or pass a local folder with --model"
+    )
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One request to the hub's endpoint, no retries: can it be reached at all?
+
+    huggingface_hub retries a failed connection five times with a back-off
+    (about 24 s of warnings) before it falls back to the cache; this answers
+    the question once, through the same HTTP client (proxies, certificates),
+    and the answer is kept for the process."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    endpoint = constants.ENDPOINT
+    if endpoint not in _REACHABLE:
+        try:
+            get_session().request("HEAD", endpoint, timeout=timeout)
+            _REACHABLE[endpoint] = True
+        except Exception:  # noqa: BLE001 - any failure to get an answer: not reachable
+            _REACHABLE[endpoint] = False
+    return _REACHABLE[endpoint]
+
+
+def _hub_config(repo_id: str, revision: str | None, offline: bool) -> tuple[Path, bool]:
+    """The cached or downloaded config.json of a hub id; True when the hub was unreachable."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -181,15 +223,37 @@ def _hub_config(repo_id: str, revision: str | None, offline: bool) -> Path:
         RevisionNotFoundError,
     )
 
-    download_hint = (
-        f"download it once with network access: `hf download {repo_id}"
-        + (f" --revision {revision}" if revision else "")
-        + "` (or run blip2 once online), or pass a local folder with --model"
-    )
+    quiet_libraries(hub_only=True)
+    download_hint = _download_hint(repo_id, revision)
+    unreachable = False
+    if not offline:
+        try:
+            hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=True)
+            cached = True
+        except HFValidationError as exc:
+            raise ModelError(
+                f"{repo_id!r} is neither an existing folder nor a valid hub id",
+                hint="a hub id looks like owner/name; a folder must exist; `blip2 models` lists the short names",
+            ) from exc
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            cached = False
+        if not hub_reachable():
+            from huggingface_hub import constants
+
+            if not cached:
+                raise ModelError(
+                    f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) and model {repo_id!r} "
+                    "is not in the local cache",
+                    hint=download_hint,
+                )
+            from .console import message
+
+            message(f"the Hugging Face hub cannot be reached: using the cached copy of {repo_id}")
+            offline = unreachable = True
     try:
         return Path(
             hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=offline)
-        )
+        ), unreachable
     except LocalEntryNotFoundError as exc:
         why = "offline mode is on" if offline else "the hub cannot be reached"
         raise ModelError(
@@ -198,7 +262,8 @@ def _hub_config(repo_id: str, revision: str | None, offline: bool) -> Path:
     except RepositoryNotFoundError as exc:
         raise ModelError(
             f"no model {repo_id!r} on the Hugging Face hub (or it is private)",
-            hint=f"check the id; BLIP-2 captioning checkpoints include {DEFAULT_MODEL}",
+            hint=f"check the id; BLIP-2 captioning checkpoints include {DEFAULT_MODEL} "
+            "(`blip2 models` lists the short names)",
         ) from exc
     except RevisionNotFoundError as exc:
         raise ModelError(f"model {repo_id!r} has no revision {revision!r}") from exc
@@ -207,10 +272,15 @@ def _hub_config(repo_id: str, revision: str | None, offline: bool) -> Path:
     except HFValidationError as exc:
         raise ModelError(
             f"{repo_id!r} is neither an existing folder nor a valid hub id",
-            hint="a hub id looks like owner/name; a folder must exist",
+            hint="a hub id looks like owner/name; a folder must exist; `blip2 models` lists the short names",
         ) from exc
     except OSError as exc:  # network errors and the like
-        raise ModelError(f"cannot fetch {repo_id!r}: {exc}", hint=download_hint) from exc
+        raise ModelError(f"cannot fetch {repo_id!r}: {console_line(exc)}", hint=download_hint) from exc
+
+
+def console_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("…" if len(text) > 300 else "")
 
 
 def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
@@ -355,7 +425,15 @@ class LoadPlan:
 
 
 def plan(opts: LoadOptions, *, architectures: tuple[str, ...] = GENERATIVE, task: str = "caption") -> LoadPlan:
-    """Resolve checkpoint, device, dtype and quantization: cheap, with clear errors."""
+    """Resolve checkpoint, device, dtype and quantization: cheap, with clear errors.
+
+    A short name (``opt-2.7b``) is replaced by its hub id in the plan's options, so
+    records, ``--resume`` and ``merge`` see one name for one model."""
+    from dataclasses import replace
+
+    from .models import resolve as resolve_name
+
+    opts = replace(opts, model=resolve_name(opts.model))
     ckpt = resolve_checkpoint(opts)
     if ckpt.architecture not in architectures:
         if architectures == GENERATIVE:
@@ -380,24 +458,35 @@ def load(
     """Resolve everything (cheap, clear errors first), then read the weights."""
     if load_plan is None:
         load_plan = plan(opts, architectures=architectures, task=task)
+    opts = load_plan.options  # the model's short name resolved
     ckpt, device, dtype, qconfig = load_plan.checkpoint, load_plan.device, load_plan.dtype, load_plan.qconfig
 
-    _quiet_transformers()
+    quiet_libraries()
     from transformers import AutoProcessor
 
-    offline = offline_requested(opts.offline)
+    from .console import status
+
+    dtype_name = str(dtype).replace("torch.", "")
+    quant = f", {opts.quantize}" if opts.quantize != "none" else ""
+    status(f"loading {opts.model} ({dtype_name}{quant}, {device})…")
+    offline = offline_requested(opts.offline) or ckpt.offline
     common: dict[str, Any] = {"revision": opts.revision, "local_files_only": offline}
     kwargs: dict[str, Any] = dict(common, dtype=dtype)
     # use_safetensors=True refuses pickle files outright; None lets transformers
     # prefer safetensors and fall back to .bin only when the user opted in.
     kwargs["use_safetensors"] = None if opts.allow_pickle else True
+    # The loading report (missing / unexpected / mis-sized tensors) is checked
+    # below: a mis-sized tensor becomes our ModelError naming it, instead of
+    # transformers' RuntimeError pointing at a report our users never see.
+    kwargs["output_loading_info"] = True
+    kwargs["ignore_mismatched_sizes"] = True
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": str(device) if device.type != "cuda" else (device.index or 0)}
     cls = _model_class(ckpt.architecture)
     try:
-        model = cls.from_pretrained(ckpt.source, **kwargs)
-    except (OSError, ValueError) as exc:
+        model, info = cls.from_pretrained(ckpt.source, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
         text = str(exc)
         if "safetensors" in text.lower() and not opts.allow_pickle:
             raise ModelError(
@@ -405,6 +494,11 @@ def load(
                 hint="pass --allow-pickle if you trust this checkpoint's pickle (.bin) files",
             ) from exc
         raise ModelError(f"cannot load {opts.model!r}: {text.splitlines()[0] if text else exc}") from exc
+    check_loading_info(opts.model, info)
+    if qconfig is not None:
+        # bitsandbytes' loaders do not report mis-sized tensors: compare the
+        # checkpoint's headers with the unquantized architecture ourselves.
+        check_weight_shapes(opts.model, cls, model.config, ckpt.local_dir)
     if qconfig is None:
         model.to(device)
     model.eval()
@@ -434,6 +528,105 @@ def load(
     return loaded
 
 
+# Names a checkpoint may hold that the architecture does not: buffers older
+# transformers saved and current ones recompute (transformers drops the common
+# cases itself; these are kept as a second line).
+_TOLERATED_UNEXPECTED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq|num_batches_tracked)$")
+ALLOW_PARTIAL_ENV = "BLIP2_ALLOW_PARTIAL_WEIGHTS"
+
+
+def _count(items, noun: str = "weight") -> str:
+    n = len(items)
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _names(keys, limit: int = 3) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, … ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def _mismatch(item) -> str:
+    """transformers reports (name, checkpoint shape, model shape)."""
+    if isinstance(item, (tuple, list)) and len(item) == 3:
+        name, got, want = item
+        return f"{name} (checkpoint {tuple(got)}, model {tuple(want)})"
+    return str(item)
+
+
+def check_loading_info(model_name: str, info: dict) -> None:
+    """Missing, unexpected or mis-sized weights are a load error, never random layers.
+
+    ``info`` is what ``from_pretrained(output_loading_info=True)`` returns; transformers
+    has already left out tied weights (lm_head, T5's shared embeddings) and the
+    buffers it recomputes. BLIP2_ALLOW_PARTIAL_WEIGHTS=1 turns the error into a
+    warning, for someone who knows why a checkpoint differs."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not _TOLERATED_UNEXPECTED.search(k))
+    mismatched = sorted(info.get("mismatched_keys") or (), key=str)
+    errors = [m for m in info.get("error_msgs") or () if m]
+    problems = []
+    if missing:
+        problems.append(f"{_count(missing)} missing from the checkpoint (they would be random): "
+                        f"{_names(missing)}")
+    if unexpected:
+        problems.append(f"{_count(unexpected, 'unexpected weight')} the architecture has no place for: "
+                        f"{_names(unexpected)}")
+    if mismatched:
+        shown = [_mismatch(m) for m in mismatched]
+        problems.append(f"{_count(mismatched)} of the wrong size: {_names(shown, 2)}")
+    if errors:
+        problems.append(f"errors while loading: {_names(map(str, errors), 2)}")
+    _report_weight_problems(model_name, problems)
+
+
+def _report_weight_problems(model_name: str, problems: list[str]) -> None:
+    if not problems:
+        return
+    text = f"the weights of {model_name!r} do not match its config.json: " + "; ".join(problems)
+    if os.environ.get(ALLOW_PARTIAL_ENV, "").strip() in ("1", "true", "yes"):
+        from .console import message
+
+        message(f"warning: {text} (loaded anyway: {ALLOW_PARTIAL_ENV} is set)")
+        return
+    raise ModelError(
+        text,
+        hint="the checkpoint is incomplete or belongs to another architecture: download it again "
+        "(or re-save it with save_pretrained); set "
+        f"{ALLOW_PARTIAL_ENV}=1 only if you know why it differs",
+    )
+
+
+def check_weight_shapes(model_name: str, cls, config, folder: Path | None) -> None:
+    """Each tensor in the checkpoint's safetensors headers has the shape the architecture expects.
+
+    Only names present in both are compared (names are checked by the loading
+    report); the architecture is built on the meta device, so nothing is allocated."""
+    if folder is None:
+        return
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return
+    import torch
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        reference = cls(config)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    wrong = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                want = expected.get(key)
+                if want is None:
+                    continue
+                got = tuple(f.get_slice(key).get_shape())
+                if got != want:
+                    wrong.append(f"{key} (checkpoint {got}, model {want})")
+    if wrong:
+        _report_weight_problems(model_name, [f"{_count(wrong)} of the wrong size: {_names(wrong, 2)}"])
+
+
 def _check_image_tokens(loaded: LoadedModel) -> None:
     """Guard against the silent failure modes of BLIP-2 checkpoints (see BLIP2-NOTES)."""
     config = loaded.model.config
@@ -456,12 +649,84 @@ def _check_image_tokens(loaded: LoadedModel) -> None:
         loaded.processor.num_query_tokens = config.num_query_tokens
 
 
-def _quiet_transformers() -> None:
-    """transformers' info/warning chatter is not for our users; errors still show."""
-    if os.environ.get("BLIP2_DEBUG"):
-        return
+_ONCE_LOGGERS = ("bitsandbytes", "accelerate")
+
+
+class _OnceFilter:
+    """Lets each (logger, message template) through once: bitsandbytes logs
+    "MatMul8bitLt: inputs will be cast…" on every matmul (33,121 lines in one bench)."""
+
+    def __init__(self):
+        self.seen: set = set()
+
+    def filter(self, record) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _stderr_handler():
+    import logging
+    import sys
+
+    class StderrHandler(logging.StreamHandler):
+        """Writes to the sys.stderr of the moment (a test runner may swap it)."""
+
+        def __init__(self):
+            logging.Handler.__init__(self, logging.WARNING)
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):  # StreamHandler.setStream; the property always follows sys.stderr
+            pass
+
+    handler = StderrHandler()
+    handler.set_name("blip2-once")
+    handler.addFilter(_OnceFilter())
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    return handler
+
+
+def quiet_libraries(*, hub_only: bool = False) -> None:
+    """Library chatter is not for our users: each library warning is shown once.
+
+    transformers' and huggingface_hub's info and warnings are hidden (errors show;
+    huggingface_hub's connection retries are among them), Python warnings are shown
+    once per message, and bitsandbytes/accelerate log records once per message.
+    Download progress bars appear on a terminal only. BLIP2_DEBUG=1 shows everything.
+    ``hub_only``: huggingface_hub alone, without importing transformers (seconds)."""
+    import sys
     import warnings
 
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    if tty and not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        enable_progress_bars()
+    elif not tty:
+        disable_progress_bars()
+    if os.environ.get("BLIP2_DEBUG"):
+        return
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
+    if hub_only:
+        return
+    # Filters are added on every call (idempotent): a warnings.catch_warnings()
+    # block around us (a test runner, a notebook cell) restores the old list.
+    warnings.filterwarnings("once", append=True)
+    for name in _ONCE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(h.get_name() == "blip2-once" for h in logger.handlers):
+            logger.addHandler(_stderr_handler())
+            logger.propagate = False
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
