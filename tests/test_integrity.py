@@ -368,6 +368,28 @@ def test_npy_store_is_still_a_plain_npy_file(tmp_path):
     assert VectorStore.open(path).generation == head["generation"]
 
 
+def test_an_npy_store_written_before_the_trailer_still_opens_and_gains_one(tmp_path):
+    rng = np.random.default_rng(15)
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
+    path = tmp_path / "v.npy"
+    vecs = unit(rng, 2, *DIMS)
+    with StoreUpdate(path, meta()) as up:
+        up.add(entry_for(files[0]), vecs[0])
+        up.commit()
+    path.write_bytes(path.read_bytes()[:-st.NPY_TRAILER_BYTES])  # as an older blip2 wrote it
+    store = VectorStore.open(path)
+    np.testing.assert_array_equal(np.asarray(store.matrix), vecs[:1])
+    store.close()
+    with StoreUpdate(path, meta()) as up:
+        up.add(entry_for(files[1]), vecs[1])
+        up.commit()
+    assert VectorStore.open(path).generation == json.loads(index_path(path).read_text().splitlines()[0])["generation"]
+    assert path.read_bytes()[-st.NPY_TRAILER_BYTES:].startswith(b"BLIP2GEN")
+    path.write_bytes(path.read_bytes() + b"junk")  # neither a trailer nor none
+    with pytest.raises(st.StoreError, match="not a blip2 vector store .44 unexpected bytes after its 2 rows"):
+        VectorStore.open(path)
+
+
 @pytest.mark.parametrize("name", ["v.npy", "v.safetensors"])
 def test_an_index_from_another_commit_is_refused_even_with_the_same_rows(tmp_path, name):
     rng = np.random.default_rng(13)
