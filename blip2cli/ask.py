@@ -236,6 +236,13 @@ def answer_record(name: str, question: str, answers: Sequence[str] | None, error
     }
 
 
+def generation_settings(options: GenerationOptions) -> dict:
+    """The generation settings an ask record carries, named as ask's options are:
+    ``num_answers`` (--num-answers) where GenerationOptions says ``num_captions``.
+    (Files written before used ``num_captions``; --resume reads them as the same.)"""
+    return {("num_answers" if k == "num_captions" else k): v for k, v in options.describe().items()}
+
+
 def answer_schema(num_answers: int) -> Schema:
     extra = [f"answer_{i}" for i in range(2, num_answers + 1)]
 

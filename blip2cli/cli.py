@@ -34,7 +34,7 @@ class Command(TyperCommand):
 
     FIRST = (o.INPUT,)
     LAST = (o.LOADER, o.GENERATION, o.OUTPUT, o.SIDECARS, o.FAULTS, o.PERFORMANCE)
-    OTHER = "Help"
+    OTHER = "Options"  # --help, and any option without a section
 
     def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []

@@ -71,8 +71,8 @@ def ask(
     ext: o.Ext = None,
     null: o.Null = False,
     files_from: o.FilesFrom = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = ASK_MAX_NEW_TOKENS,
-    min_new_tokens: Annotated[int, typer.Option(min=0, rich_help_panel=o.GENERATION)] = ASK_MIN_NEW_TOKENS,
+    max_new_tokens: Annotated[int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION)] = ASK_MAX_NEW_TOKENS,
+    min_new_tokens: Annotated[int, typer.Option(metavar="N", min=0, rich_help_panel=o.GENERATION)] = ASK_MIN_NEW_TOKENS,
     num_beams: Annotated[Optional[int], typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample).", show_default=False)] = None,
     num_answers: Annotated[
         int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Answers per question (best beams, or samples).")
@@ -103,7 +103,7 @@ def ask(
     shard: o.ShardOpt = None,
 ) -> None:
     """Ask questions about images: one record per image and question, streamed in input order."""
-    from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema, check_template
+    from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema, check_template, generation_settings
     from ..caption import GenerationOptions
     from ..errors import UsageError
     from ..images import ImageStage
@@ -151,7 +151,7 @@ def ask(
         extra_settings={
             "preprocess": preprocess.value,
             "template": prompt_template,
-            "generation": gen.describe(),
+            "generation": generation_settings(gen),
         },
         quiet=quiet,
         batch_size=batch_size,
@@ -174,7 +174,7 @@ def ask(
     if not dry_run and not job.parts_mode():
         check_output_path(output)
     items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="ask")
-    finish(job.run(items, total), output=output, quiet=quiet)
+    finish(job.run(items, total), output=output, quiet=quiet, job=job)
 
 
 def gather_questions(arguments: list[str], flags: list[str], questions_file: str | None, files_from) -> tuple[list[str], list[str]]:

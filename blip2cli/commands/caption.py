@@ -42,8 +42,8 @@ def caption(
         Optional[str],
         typer.Option(metavar="TEXT", rich_help_panel=o.GENERATION, help='Text the caption continues, e.g. "a photo of".'),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel=o.GENERATION)] = DEFAULT_MAX_NEW_TOKENS,
-    min_new_tokens: Annotated[int, typer.Option(min=0, rich_help_panel=o.GENERATION)] = DEFAULT_MIN_NEW_TOKENS,
+    max_new_tokens: Annotated[int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION)] = DEFAULT_MAX_NEW_TOKENS,
+    min_new_tokens: Annotated[int, typer.Option(metavar="N", min=0, rich_help_panel=o.GENERATION)] = DEFAULT_MIN_NEW_TOKENS,
     num_beams: Annotated[Optional[int], typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample).", show_default=False)] = None,
     num_captions: Annotated[
         int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Captions per image (best beams, or samples).")
@@ -124,7 +124,7 @@ def caption(
         check_output_path(output)
     items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="caption")
     result = job.run(items, total)
-    finish(result, output=output, quiet=quiet)
+    finish(result, output=output, quiet=quiet, job=job)
 
 
 caption.__doc__ = (caption.__doc__ or "") + EXAMPLES

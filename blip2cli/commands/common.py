@@ -171,17 +171,32 @@ def sidecar_policy(sidecar, ext, output_dir, existing, prefix, suffix, separator
     )
 
 
-def finish(result, *, output: Path | None, quiet: bool) -> None:
-    """Summary on stderr and the exit code: 0 all done, 1 some failed."""
+# The summary's verb per command ("captioned 120 images in 14.2 s ...").
+VERBS = {"caption": "captioned", "ask": "answered questions about", "embed": "embedded"}
+
+
+def finish(result, *, output: Path | None, quiet: bool, job=None, fmt: str | None = None,
+           command: str | None = None) -> None:
+    """Summary on stderr and the exit code: 0 all done, 1 some failed.
+
+    A successful run ends on one line (unless --quiet) that says how many images
+    were done, how fast, and where the results went; a run with failures says how
+    many failed and where to read why: the file's error records, or the messages
+    above when the format keeps none (text). ``job`` (or ``fmt``/``command``)
+    tells the format, the sidecars and the part files apart."""
     stats = getattr(result, "stats", result)
     if getattr(result, "dry_run", False):
         raise typer.Exit(EXIT_OK)
     missing = getattr(result, "missing", 0)
     if missing:
         raise typer.Exit(EXIT_ITEMS_FAILED)
+    if job is not None:
+        fmt, command = fmt or job.fmt, command or job.command
+    sidecar = getattr(job, "sidecar", None)
+    parts = job is not None and job.parts_mode()
     if stats is not None and stats.failed:
-        where = f"error records are in {output}" if output is not None else "see the messages above"
-        console.message(f"{stats.failed} of {stats.total} images failed ({where})")
+        console.message(f"{stats.failed} of {stats.total} images failed; "
+                        + _failures_where(output, fmt, sidecar, parts))
         raise typer.Exit(EXIT_ITEMS_FAILED)
     if (stats is None or stats.total == 0) and not (
         getattr(result, "skipped_existing", 0) or getattr(result, "resumed", 0)
@@ -190,7 +205,48 @@ def finish(result, *, output: Path | None, quiet: bool) -> None:
         console.message("no images found in the inputs")
     elif stats is None or stats.total == 0:
         console.message("nothing left to do")
+    elif not quiet:
+        console.message(_done_line(stats, command, output, sidecar, parts))
     raise typer.Exit(EXIT_OK)
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def _done_line(stats, command: str | None, output: Path | None, sidecar, parts: bool) -> str:
+    """``captioned 120 images in 14.2 s (8.4/s) -> out.jsonl``"""
+    line = f"{VERBS.get(command or '', 'processed')} {_images(stats.done)}"
+    seconds = getattr(stats, "seconds", 0.0) or 0.0
+    if seconds > 0:
+        line += f" in {seconds:.1f} s ({stats.done / seconds:.1f}/s)"
+    places = []
+    if sidecar is not None:
+        places.append(f"sidecars ({sidecar.ext}) under {sidecar.output_dir}" if sidecar.output_dir
+                      else f"sidecars ({sidecar.ext}) beside the images")
+    if parts:
+        places.append(f"part files in {output}")
+    elif output is not None and str(output) != "-":
+        places.append(str(output))
+    return line + (" -> " + " and ".join(places) if places else "")
+
+
+def _failures_where(output: Path | None, fmt: str | None, sidecar, parts: bool) -> str:
+    """Where a user reads why the images failed."""
+    to_file = output is not None and str(output) != "-"
+    if parts:
+        where = f"error records are in the part files in {output}"
+    elif fmt == "text":
+        where = "see the messages above (text output keeps no error records)"
+    elif fmt == "html":
+        where = f"they are marked as errors in {output}" if to_file else "they are marked as errors on the page"
+    elif fmt is None and not to_file:
+        where = "see the messages above"
+    else:
+        where = f"error records are in {output}" if to_file else "error records are in the output (stdout)"
+    if sidecar is not None:
+        where += "; no sidecar was written for them"
+    return where
 
 
 def stdin_is_terminal() -> bool:

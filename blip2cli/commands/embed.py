@@ -420,7 +420,7 @@ def embed(
             shard=shard,
         )
         job.check()
-        finish(job.run(items, total), output=output, quiet=quiet)
+        finish(job.run(items, total), output=output, quiet=quiet, job=job)
     if resume or shard is not None or fail_fast:
         raise UsageError(
             "--resume, --shard and --fail-fast apply to image records (JSON Lines or CSV); "
@@ -477,7 +477,7 @@ def embed(
         out.close()
     if not have_images:
         raise typer.Exit(0)
-    finish(stats, output=output, quiet=quiet)
+    finish(stats, output=output, quiet=quiet, fmt=fmt_name, command="embed")
 
 
 embed.__doc__ = (embed.__doc__ or "") + EXAMPLES

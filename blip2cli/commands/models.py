@@ -58,7 +58,7 @@ def models(
 def download(
     name: Annotated[str, typer.Argument(metavar="NAME", help="A short name (blip2 models lists them) or a hub id.",
                                         show_default=False)],
-    revision: Annotated[Optional[str], typer.Option("--revision", metavar="REV",
+    revision: Annotated[Optional[str], typer.Option("--revision", metavar="REV", rich_help_panel="Model",
                                                     help="Branch, tag or commit.")] = None,
 ) -> None:
     """Download a model into the Hugging Face cache (safetensors weights, config, processor and
