@@ -700,16 +700,8 @@ def quiet_libraries(*, hub_only: bool = False) -> None:
     once per message, and bitsandbytes/accelerate log records once per message.
     Download progress bars appear on a terminal only. BLIP2_DEBUG=1 shows everything.
     ``hub_only``: huggingface_hub alone, without importing transformers (seconds)."""
-    import sys
     import warnings
 
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
-    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-    if tty and not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
-        enable_progress_bars()
-    elif not tty:
-        disable_progress_bars()
     if os.environ.get("BLIP2_DEBUG"):
         return
     import logging
@@ -718,6 +710,7 @@ def quiet_libraries(*, hub_only: bool = False) -> None:
 
     hub_logging.set_verbosity_error()
     if hub_only:
+        _download_bars()
         return
     # Filters are added on every call (idempotent): a warnings.catch_warnings()
     # block around us (a test runner, a notebook cell) restores the old list.
@@ -730,5 +723,19 @@ def quiet_libraries(*, hub_only: bool = False) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # transformers' own bars ("Loading weights"); also the hub's:
     warnings.filterwarnings("ignore", module="transformers")
+    _download_bars()  # so the hub's download bars are set again after it
+
+
+def _download_bars() -> None:
+    """huggingface_hub's download progress bars: on a terminal only (never in logs)."""
+    import sys
+
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    if tty and not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        enable_progress_bars()
+    elif not tty:
+        disable_progress_bars()

@@ -396,3 +396,15 @@ def test_from_config_dtypes_match_a_real_load(tiny_opt):
     built = build_random(Blip2ForConditionalGeneration, loaded.model.config, torch.float16, torch.device("cpu"))
     real = {n: p.dtype for n, p in loaded.model.named_parameters()}
     assert {n: p.dtype for n, p in built.named_parameters()} == real
+
+
+def test_download_progress_bars_on_a_terminal_only(monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from blip2cli.loader import quiet_libraries
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    for stream, disabled in ((_Tty(), False), (io.StringIO(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        quiet_libraries()
+        assert are_progress_bars_disabled() is disabled
