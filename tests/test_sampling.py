@@ -120,3 +120,12 @@ def test_cli_seed_reproduces_and_different_seeds_differ(command, tiny_opt, examp
     assert texts(7) == first  # the same seed: the same samples
     others = [texts(12345), texts(99)]
     assert all(other != first for other in others), (first, others)
+
+
+def test_cli_chat_sample_uses_one_beam(tiny_opt, example_images, generate_calls):
+    result = runner.invoke(app, ["chat", str(example_images[0]), "--model", str(tiny_opt), "--sample",
+                                 "--max-new-tokens", "3", "--seed", "1"], input="what is it?\nwhy?\n")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 2
+    calls = generate_calls["lm"]
+    assert len(calls) == 2 and all(c["num_beams"] == 1 and c["do_sample"] is True for c in calls)
