@@ -82,7 +82,19 @@ class StoreError(Blip2Error):
 
 
 def is_store_path(path: str | os.PathLike | None) -> bool:
-    return path is not None and Path(path).suffix.lower() in STORE_SUFFIXES
+    """A single-file store's name (FILE.safetensors, FILE.npy), or a segmented store's directory."""
+    if path is None:
+        return False
+    from .segments import is_segmented
+
+    return Path(path).suffix.lower() in STORE_SUFFIXES or is_segmented(path)
+
+
+def open_update(path: str | os.PathLike, meta: "StoreMeta", *, prune: bool = False, dtype_given: bool = True,
+                layout: str | None = None, compact: bool = False) -> "StoreUpdate":
+    """An update of the store at ``path``: single-file (FILE.safetensors / FILE.npy) or,
+    for a directory (``layout="segments"``, or one that holds a segmented store), segmented."""
+    return StoreUpdate(path, meta, prune=prune, dtype_given=dtype_given, layout=layout, compact=compact)
 
 
 def index_path(path: str | os.PathLike) -> Path:
@@ -454,12 +466,25 @@ class VectorStore:
     @classmethod
     def exists(cls, path: str | os.PathLike) -> bool:
         path = Path(path)
+        if path.is_dir():
+            from .segments import is_segmented
+
+            return is_segmented(path)
         return path.exists() or index_path(path).exists()
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "VectorStore":
-        """Open for reading (no lock); ``StoreError`` if it is missing or inconsistent."""
+        """Open for reading (no lock); ``StoreError`` if it is missing or inconsistent.
+
+        A directory is a segmented store (``segments.SegmentedStore``, the same interface)."""
         path = Path(path)
+        if path.is_dir():
+            from .segments import SegmentedStore, is_segmented
+
+            if not is_segmented(path):
+                raise StoreError(f"no vector store at {str(path)!r} (a directory without blip2-store.json)",
+                                 hint=f"create one: blip2 embed PHOTOS -o {path} --layout segments")
+            return SegmentedStore.open(path)
         idx = index_path(path)
         if not path.exists() or not idx.exists():
             missing, present = (path, idx) if not path.exists() else (idx, path)
@@ -561,7 +586,8 @@ class UpdateStats:
     failed: int = 0  # files that failed to embed in this run (no row; remembered in the index)
     retried: int = 0  # files that had failed before, tried again (not counted as new)
     rows: int = 0  # rows after the commit
-    rewritten: bool = False  # whether the matrix was rewritten
+    rewritten: bool = False  # whether the matrix was rewritten (segmented: whether anything was written)
+    compacted: int = 0  # segmented stores: old rows copied by compaction in this commit
 
 
 class _Lock:
@@ -620,8 +646,15 @@ class StoreUpdate:
     ``commit()`` writes the new store.
     """
 
+    def __new__(cls, path, *args, layout: str | None = None, **kwargs):
+        if cls is StoreUpdate and (layout == "segments" or Path(path).is_dir()):
+            from .segments import SegmentedUpdate
+
+            return super().__new__(SegmentedUpdate)
+        return super().__new__(cls)
+
     def __init__(self, path: str | os.PathLike, meta: StoreMeta, *, prune: bool = False,
-                 dtype_given: bool = True):
+                 dtype_given: bool = True, layout: str | None = None, compact: bool = False):
         import numpy as np
 
         self.path = Path(path)
@@ -645,25 +678,30 @@ class StoreUpdate:
             self._recover()
             if VectorStore.exists(self.path):
                 self._old = VectorStore.open(self.path)
-                diffs = self._old.meta.differences(meta)
-                if diffs:
-                    raise UsageError(
-                        f"the vector store {str(self.path)!r} holds other vectors: " + "; ".join(diffs),
-                        hint="use the store's settings (--model, --features, --pool), or write a new store with -o",
-                    )
-                if self._old.meta.dtype != meta.dtype:
-                    if dtype_given:
-                        raise UsageError(
-                            f"the vector store {str(self.path)!r} is {self._old.meta.dtype}, not {meta.dtype}",
-                            hint="drop --store-dtype, or write a new store with -o",
-                        )
-                    self.meta.dtype = self._old.meta.dtype
+                self._adopt(self._old, dtype_given)
                 self._keep = [True] * self._old.rows
         except BaseException:
             self._lock.release(remove=False)
             raise
         self._row_elems = int(np.prod(meta.dims))
         self._row_dtype = np.dtype(self.meta.dtype)
+
+    def _adopt(self, old, dtype_given: bool) -> None:
+        """Refuse a run whose vectors would not compare with the store's; keep its dtype."""
+        meta = self.meta
+        diffs = old.meta.differences(meta)
+        if diffs:
+            raise UsageError(
+                f"the vector store {str(self.path)!r} holds other vectors: " + "; ".join(diffs),
+                hint="use the store's settings (--model, --features, --pool), or write a new store with -o",
+            )
+        if old.meta.dtype != meta.dtype:
+            if dtype_given:
+                raise UsageError(
+                    f"the vector store {str(self.path)!r} is {old.meta.dtype}, not {meta.dtype}",
+                    hint="drop --store-dtype, or write a new store with -o",
+                )
+            self.meta.dtype = old.meta.dtype
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> "StoreUpdate":
