@@ -439,15 +439,19 @@ class SegmentedStore:
 # --------------------------------------------------------------------------- #
 
 
-def _write_segment(folder: Path, meta: StoreMeta, parts, entries, pending=None) -> Segment:
-    """Write a new segment from ``parts`` (``(reader, segment, physical rows)``:
-    old rows copied a chunk at a time), then ``entries`` whose vectors come from
-    ``pending`` (an iterator of row blocks as bytes)."""
+def _write_segment(folder: Path, meta: StoreMeta, parts, entries=None, pending=None,
+                   pending_rows: int = 0) -> Segment:
+    """Write a new segment: the vectors of ``parts`` (``(reader, segment, physical rows)``:
+    old rows copied a chunk at a time), then ``pending_rows`` rows from ``pending``
+    (an iterator of row blocks as bytes). Its index: ``entries`` (one per row), or
+    else the index rows of ``parts``."""
     import numpy as np
 
     pa, pq = _need_pyarrow()
     seg_id = uuid.uuid4().hex
-    rows = sum(len(p[2]) for p in parts) + len(entries)
+    rows = sum(len(p[2]) for p in parts) + pending_rows
+    if entries is not None and len(entries) != rows:
+        raise ValueError(f"{len(entries)} index rows for {rows} vectors")
     row_bytes = int(np.prod(meta.dims)) * np.dtype(meta.dtype).itemsize
     step = max(1, _COPY_BYTES // max(1, row_bytes))
     header = _npy_header(meta, rows)
@@ -466,20 +470,21 @@ def _write_segment(folder: Path, meta: StoreMeta, parts, entries, pending=None) 
                 else:
                     block = np.ascontiguousarray(mm[pick])
                 out.write(block.data)
-            table = reader.entries.table(old)
-            tables.append(table if len(phys) == old.rows else table.take(pa.array(phys)))
+            if entries is None:
+                table = reader.entries.table(old)
+                tables.append(table if len(phys) == old.rows else table.take(pa.array(phys)))
         written = 0
         for block in pending or ():
             out.write(block)
             written += len(block)
-        if written != len(entries) * row_bytes:
+        if written != pending_rows * row_bytes:
             raise StoreError("the side file of new vectors ended early")
         out.write(_npy_trailer(seg_id))
         out.flush()
         os.fsync(out.fileno())
     schema = pa.schema([("path", pa.string()), ("abspath", pa.string()), ("size", pa.int64()),
                         ("mtime_ns", pa.int64()), ("sha256", pa.string())])
-    if entries:
+    if entries:  # entries is None: the parts' own index rows (compaction)
         tables.append(pa.table({
             "path": [e.path for e in entries],
             "abspath": [e.abspath for e in entries],
@@ -591,7 +596,8 @@ class SegmentedUpdate(StoreUpdate):
                 segs, phys = old.locate_many(np.asarray(moved, dtype=np.int64))
                 for si in np.unique(segs):  # moved is sorted: segment by segment, in row order
                     parts.append((old, old.segments[si], phys[segs == si]))
-            written.append(_write_segment(self.path, self.meta, parts, new_entries, self._pending_blocks()))
+            written.append(_write_segment(self.path, self.meta, parts, new_entries, self._pending_blocks(),
+                                          len(self._added)))
             segments.append(written[-1])
         segments, merged = self._compaction(segments, old, written)
         self.stats.compacted = merged
@@ -635,7 +641,7 @@ class SegmentedUpdate(StoreUpdate):
                 if len(phys):
                     parts.append((reader, s, phys))
             copied += sum(len(p[2]) for p in parts)
-            return _write_segment(self.path, self.meta, parts, [])
+            return _write_segment(self.path, self.meta, parts)
 
         try:
             segments = [s for s in segments if s.live_rows > 0]

@@ -1,0 +1,335 @@
+"""Issue 15: the segmented vector store (appends cost O(new rows), pruning without
+rewriting, compaction, crash safety, a Parquet index readable without blip2), the
+clip-retrieval export read back by numpy/pyarrow/faiss, --ann, and the streaming merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blip2cli import segments as sg
+from blip2cli import store as st
+from blip2cli.sources import Item
+from blip2cli.store import Entry, StoreMeta, StoreUpdate, VectorStore, top_k
+
+pytest.importorskip("pyarrow")
+
+DIMS = (4, 8)
+
+
+def meta(dims=DIMS, **kw) -> StoreMeta:
+    base = dict(model="tiny", features="itc", pool="none" if len(dims) == 2 else "mean", dims=dims, normalized=True)
+    base.update(kw)
+    return StoreMeta(**base)
+
+
+def unit(rng, *shape):
+    v = rng.standard_normal(shape).astype(np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def make_files(folder: Path, names) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in names:
+        p = folder / n
+        p.write_bytes(b"x" + n.encode())
+        out.append(p)
+    return out
+
+
+def entry_for(path: Path) -> Entry:
+    size, mtime, digest = st.file_identity(str(path))
+    return Entry(str(path), os.path.abspath(path), size, mtime, digest)
+
+
+def add(path, files, vectors, m=None, **kw) -> st.UpdateStats:
+    with StoreUpdate(path, m or meta(), layout="segments", **kw) as up:
+        for f, v in zip(files, vectors):
+            up.add(entry_for(f), v)
+        return up.commit()
+
+
+def seg_files(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir() if p.name.startswith("seg-")}
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / sg.MANIFEST).read_text())
+
+
+def names(store) -> list[str]:
+    return [Path(e.path).name for e in store.entries]
+
+
+# --------------------------------------------------------------------------- #
+# Segments
+# --------------------------------------------------------------------------- #
+
+
+def test_an_append_writes_a_new_segment_and_leaves_the_old_files_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    files = make_files(tmp_path / "img", [f"{i:02d}.jpg" for i in range(12)])
+    vecs = unit(rng, 12, *DIMS)
+    path = tmp_path / "store"
+    add(path, files[:10], vecs[:10])
+    before = {n: ((path / n).stat().st_mtime_ns, (path / n).read_bytes()) for n in seg_files(path)}
+    stats = add(path, files[10:], vecs[10:])  # 2 rows after 10: no merge (10 > 2 x 2)
+    assert stats.added == 2 and stats.rows == 12 and stats.compacted == 0
+    after = seg_files(path)
+    assert set(before) < after and len(after) == 4  # the old pair untouched, one new pair
+    for n, (mtime, data) in before.items():
+        assert (path / n).stat().st_mtime_ns == mtime and (path / n).read_bytes() == data
+    store = VectorStore.open(path)
+    assert isinstance(store, sg.SegmentedStore) and [s.rows for s in store.segments] == [10, 2]
+    np.testing.assert_array_equal(np.asarray(store.matrix), vecs)
+    assert names(store) == [f.name for f in files]
+    assert store.row_of(os.path.abspath(files[11])) == 11
+
+
+def test_the_index_and_vectors_read_without_blip2(tmp_path):
+    """The README's five-line reader (numpy + pandas), and pyarrow alone."""
+    pd = pytest.importorskip("pandas")
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    files = make_files(tmp_path / "img", [f"{i}.jpg" for i in range(6)])
+    vecs = unit(rng, 6, *DIMS)
+    path = tmp_path / "store"
+    add(path, files[:4], vecs[:4])
+    add(path, files[4:], vecs[4:])
+    files[1].unlink()
+    with StoreUpdate(path, meta(), prune=True) as up:
+        up.commit()
+    got_paths, got_vecs = [], []
+    m = json.load(open(path / "blip2-store.json"))
+    for seg in m["segments"]:
+        rows = pd.read_parquet(path / seg["index"]).drop(index=seg["deleted"])
+        vectors = np.load(path / seg["vectors"], mmap_mode="r")[rows.index]
+        got_paths += list(rows["path"])
+        got_vecs.append(vectors)
+    assert got_paths == [str(f) for i, f in enumerate(files) if i != 1]
+    np.testing.assert_array_equal(np.concatenate(got_vecs), vecs[[0, 2, 3, 4, 5]])
+    table = pq.read_table(path / m["segments"][0]["index"])  # no header line to skip
+    assert table.column_names == ["path", "abspath", "size", "mtime_ns", "sha256"]
+    assert table.num_rows == m["segments"][0]["rows"]
+
+
+def test_prune_and_changed_files_do_not_rewrite_untouched_segments(tmp_path):
+    rng = np.random.default_rng(2)
+    files = make_files(tmp_path / "img", [f"{i:02d}.jpg" for i in range(44)])
+    vecs = unit(rng, 44, *DIMS)
+    path = tmp_path / "store"
+    add(path, files[:40], vecs[:40])
+    add(path, files[40:], vecs[40:])
+    big = VectorStore.open(path).segments[0]
+    big_bytes = (path / big.vectors).read_bytes()
+    # 3 of the big segment's 40 files are deleted, one changed, one touched (same bytes)
+    for i in (2, 5, 9):
+        files[i].unlink()
+    files[7].write_bytes(b"changed!")
+    os.utime(files[8], ns=(files[8].stat().st_atime_ns, files[8].stat().st_mtime_ns + 5_000_000_000))
+    items = [Item(str(f), str(f)) for f in files if f.exists()]
+    fresh = unit(rng, 1, *DIMS)[0]
+    with StoreUpdate(path, meta(), prune=True) as up:
+        todo = [i.name for i in up.select(items)]
+        assert todo == [str(files[7])]
+        up.add(entry_for(files[7]), fresh)
+        stats = up.commit()
+    assert (stats.pruned, stats.changed, stats.unchanged, stats.added) == (3, 1, 40, 1)
+    assert (path / big.vectors).read_bytes() == big_bytes  # rows removed by number, not rewritten
+    store = VectorStore.open(path)
+    assert store.rows == 41 and stats.rows == 41
+    deleted = {s.id: list(s.deleted) for s in store.segments}
+    assert deleted[big.id] == [2, 5, 7, 8, 9]  # 8 moved (its new mtime), 7 changed
+    want = {f.name: vecs[i] for i, f in enumerate(files) if i not in (2, 5, 9)}
+    want[files[7].name] = fresh
+    got = dict(zip(names(store), np.asarray(store.matrix)))
+    assert sorted(got) == sorted(want)
+    for name, v in want.items():
+        np.testing.assert_array_equal(got[name], v)
+    e8 = store.entries[store.row_of(os.path.abspath(files[8]))]
+    assert e8.mtime_ns == files[8].stat().st_mtime_ns
+    q = unit(rng, 8)
+    exact = sorted(want, key=lambda n: -float((want[n] @ q).max()))[:5]
+    assert [names(store)[h.row] for h in top_k(store, q, 5, mode="text", chunk_rows=3)] == exact
+    subset = [0, 4, 9, 16, 40]
+    hits = top_k(store, q, 2, mode="image", rows=subset)
+    pooled = np.asarray(store.matrix)[subset].mean(axis=1)
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    assert [h.row for h in hits] == [subset[i] for i in np.argsort(-(pooled @ q), kind="stable")[:2]]
+
+
+def test_compaction_is_amortised_and_explicit(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 64
+    files = make_files(tmp_path / "img", [f"{i:03d}.jpg" for i in range(n)])
+    vecs = unit(rng, n, *DIMS)
+    path = tmp_path / "store"
+    copied = 0
+    for i in range(0, n, 2):  # 32 appends of 2 rows
+        copied += add(path, files[i:i + 2], vecs[i:i + 2]).compacted
+        segs = VectorStore.open(path).segments
+        assert len(segs) <= 2 + int(np.log2(i + 2))  # O(log rows) segments
+    assert copied <= n * (1 + int(np.log2(n)))  # each row copied O(log rows) times
+    store = VectorStore.open(path)
+    np.testing.assert_array_equal(np.asarray(store.matrix), vecs)
+    assert names(store) == [f.name for f in files]
+    # a segment more than half deleted is rewritten at the next commit
+    for f in files[:60]:
+        f.unlink()
+    with StoreUpdate(path, meta(), prune=True) as up:
+        assert up.commit().pruned == 60
+    store = VectorStore.open(path)
+    assert all(len(s.deleted) <= sg.DELETED_FRACTION * s.rows for s in store.segments)
+    np.testing.assert_array_equal(np.asarray(store.matrix), vecs[60:])
+    # --compact: one segment, no deleted rows
+    add(path, [], [], compact=True)
+    store = VectorStore.open(path)
+    assert len(store.segments) == 1 and not len(store.segments[0].deleted)
+    assert len(seg_files(path)) == 2
+    np.testing.assert_array_equal(np.asarray(store.matrix), vecs[60:])
+
+
+def test_failures_are_remembered_and_an_unchanged_store_is_not_written(tmp_path):
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
+    path = tmp_path / "store"
+    with StoreUpdate(path, meta(), layout="segments") as up:
+        up.add(entry_for(files[0]), unit(np.random.default_rng(4), *DIMS))
+        up.fail(str(files[1]), os.path.abspath(files[1]), "cannot decode")
+        assert up.commit().failed == 1
+    assert list(VectorStore.open(path).failed) == [os.path.abspath(files[1])]
+    before = (path / sg.MANIFEST).read_bytes()
+    with StoreUpdate(path, meta()) as up:  # the directory is recognised: no layout needed
+        assert [i.name for i in up.select([Item(str(f), str(f)) for f in files])] == [str(files[1])]
+        up.fail(str(files[1]), os.path.abspath(files[1]), "cannot decode")
+        up.commit()
+        assert up.stats.retried == 1
+    assert (path / sg.MANIFEST).read_bytes() == before
+
+
+def test_an_empty_segmented_store(tmp_path):
+    path = tmp_path / "store"
+    add(path, [], [])
+    store = VectorStore.open(path)
+    assert store.rows == 0 and store.matrix is None and top_k(store, np.ones(8, np.float32), 3, mode="text") == []
+    assert st.is_store_path(path) and not st.is_store_path(tmp_path)
+
+
+def test_other_settings_are_refused(tmp_path):
+    from blip2cli.errors import UsageError
+
+    path = tmp_path / "store"
+    add(path, make_files(tmp_path / "img", ["a.jpg"]), unit(np.random.default_rng(5), 1, *DIMS))
+    with pytest.raises(UsageError, match="model 'tiny' .store. vs 'other'"):
+        StoreUpdate(path, meta(model="other"))
+    with pytest.raises(st.StoreError, match="another blip2 process"):
+        with StoreUpdate(path, meta()):
+            StoreUpdate(path, meta())
+
+
+# --------------------------------------------------------------------------- #
+# Crash safety and the generation tie
+# --------------------------------------------------------------------------- #
+
+
+def test_a_crash_before_the_manifest_rename_leaves_the_old_store(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    files = make_files(tmp_path / "img", [f"{i}.jpg" for i in range(8)])
+    vecs = unit(rng, 8, *DIMS)
+    path = tmp_path / "store"
+    add(path, files[:6], vecs[:6])
+    old_manifest, old_files = (path / sg.MANIFEST).read_bytes(), seg_files(path)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(sg.MANIFEST):
+            raise KeyboardInterrupt("simulated kill at the commit point")
+        return real(src, dst)
+
+    monkeypatch.setattr(sg.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        add(path, files[6:], vecs[6:])
+    monkeypatch.undo()
+    assert (path / sg.MANIFEST).read_bytes() == old_manifest
+    assert seg_files(path) > old_files  # the new segment's files are left behind ...
+    store = VectorStore.open(path)  # ... and ignored by readers
+    np.testing.assert_array_equal(np.asarray(store.matrix), vecs[:6])
+    with StoreUpdate(path, meta()) as up:  # ... and removed by the next writer
+        up.commit()
+    assert seg_files(path) == old_files
+
+
+def test_a_segment_from_another_commit_is_refused(tmp_path):
+    rng = np.random.default_rng(7)
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
+    a, b = tmp_path / "a", tmp_path / "b"
+    add(a, files, unit(rng, 2, *DIMS))
+    add(b, files[::-1], unit(rng, 2, *DIMS))
+    seg_a, seg_b = manifest(a)["segments"][0], manifest(b)["segments"][0]
+    # same row count, same dims: only the tie tells them apart
+    (a / seg_a["vectors"]).write_bytes((b / seg_b["vectors"]).read_bytes())
+    with pytest.raises(st.StoreError, match="has vectors from commit"):
+        VectorStore.open(a)
+    (a / seg_a["vectors"]).unlink()
+    with pytest.raises(st.StoreError, match="is incomplete"):
+        VectorStore.open(a)
+    add(b, [], [])
+    (b / seg_b["index"]).write_bytes((a / seg_a["index"]).read_bytes())
+    with pytest.raises(st.StoreError, match="has an index from commit"):
+        VectorStore.open(b)
+
+
+KILLER = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from blip2cli.store import Entry, StoreMeta, StoreUpdate
+    path, start = sys.argv[1], int(sys.argv[2])
+    meta = StoreMeta(model="tiny", features="itc", pool="mean", dims=(64,), normalized=True)
+    i = start
+    while True:
+        with StoreUpdate(path, meta, layout="segments") as up:
+            for j in range(i, i + 50):
+                p = f"/img/{j:06d}.jpg"
+                up.add(Entry(p, p, j, j, f"{j:064x}"), np.full(64, j, np.float32))
+            up.commit()
+        i += 50
+        print(i, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_kill_9_during_updates_leaves_the_old_or_the_new_store(tmp_path):
+    path = tmp_path / "store"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    rows = 0
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, str(script), str(path), str(rows)], stdout=subprocess.PIPE,
+                                env=env, text=True)
+        try:
+            proc.stdout.readline()  # at least one commit made by this process
+            time.sleep(0.05 + 0.1 * attempt)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        store = VectorStore.open(path)
+        assert store.rows % 50 == 0 and store.rows >= rows + 50
+        matrix = np.asarray(store.matrix)
+        np.testing.assert_array_equal(matrix[:, 0], np.arange(store.rows, dtype=np.float32))
+        assert [e.size for e in store.entries] == list(range(store.rows))
+        rows = store.rows
+    with StoreUpdate(path, meta(dims=(64,))) as up:  # leftovers removed; the store is whole
+        up.commit()
+    named = {n for s in manifest(path)["segments"] for n in (s["vectors"], s["index"])}
+    assert seg_files(path) == named
