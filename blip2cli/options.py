@@ -63,7 +63,7 @@ Model = Annotated[
     str,
     typer.Option(
         "--model", "-m", metavar="NAME", envvar="BLIP2_MODEL", show_envvar=True, rich_help_panel=LOADER,
-        help="Hub id or local folder of a BLIP-2 checkpoint.",
+        help="Short name (opt-2.7b, flan-t5-xl, ...: see blip2 models), hub id or local folder of a BLIP-2 checkpoint.",
     ),
 ]
 Revision = Annotated[
@@ -114,7 +114,7 @@ RetrievalModel = Annotated[
     typer.Option(
         "--model", "-m", metavar="NAME", envvar="BLIP2_RETRIEVAL_MODEL", show_envvar=True, rich_help_panel=LOADER,
         show_default=False,
-        help="Hub id or local folder of a BLIP-2 checkpoint: a retrieval one for ITC/ITM, "
+        help="Short name (itm: see blip2 models), hub id or local folder of a BLIP-2 checkpoint: a retrieval one for ITC/ITM, "
         "or a captioning one with --features vision|qformer. Default: Salesforce/blip2-itm-vit-g, "
         "or the model of the vector store the command updates or searches.",
     ),
