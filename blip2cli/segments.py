@@ -372,6 +372,18 @@ class SegmentedStore:
             self._by_abspath = table
         return self._by_abspath.get(abspath)
 
+    def paths(self, start: int, stop: int) -> list[str]:
+        """The ``path`` of rows ``[start, stop)`` (a column read, not an Entry per row)."""
+        out: list[str] = []
+        for seg in self.segments:
+            a, b = max(start, seg.base), min(stop, seg.base + seg.live_rows)
+            if a >= b:
+                continue
+            names = self.entries.column(seg, "path")
+            live = range(seg.rows) if seg.live is None else seg.live.tolist()
+            out.extend(names[i] for i in live[a - seg.base:b - seg.base])
+        return out
+
     def abspaths(self) -> Iterator[tuple[int, str]]:
         for seg in self.segments:
             names = self.entries.column(seg, "abspath")

@@ -333,3 +333,114 @@ def test_kill_9_during_updates_leaves_the_old_or_the_new_store(tmp_path):
         up.commit()
     named = {n for s in manifest(path)["segments"] for n in (s["vectors"], s["index"])}
     assert seg_files(path) == named
+
+
+# --------------------------------------------------------------------------- #
+# The command line: --layout segments / clip-retrieval, --compact, --ann
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def many_photos(tmp_path, example_images):
+    """12 different images (the examples, cropped and flipped)."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, src in enumerate(example_images * 3):
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            im = im.crop((w * (i % 3) // 10, 0, w, h - h * (i // 4) // 10))
+            if i % 2:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            im.save(folder / f"{i:02d}-{src.stem}.png")
+    return folder
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def text_vector(model, text) -> np.ndarray:
+    res = cli("embed", "--text", text, "-m", model, "-f", "jsonl")
+    assert res.exit_code == 0, res.output
+    return np.asarray(json.loads(res.stdout.splitlines()[0])["vector"], np.float32)
+
+
+def search_paths(*args) -> list[str]:
+    res = cli("search", *args, "-f", "jsonl")
+    assert res.exit_code == 0, res.output
+    return [Path(json.loads(line)["path"]).name for line in res.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("pool, vectors", [("mean", "mean"), ("none", "flatten")])
+def test_clip_retrieval_layout_is_read_by_numpy_pyarrow_and_faiss(tiny_itm, many_photos, tmp_path, pool, vectors):
+    faiss = pytest.importorskip("faiss")
+    import pyarrow.parquet as pq
+
+    from blip2cli.export import export_clip_retrieval
+
+    out = tmp_path / "clip"
+    res = cli("embed", many_photos, "-m", tiny_itm, "-o", out, "--layout", "clip-retrieval", "--pool", pool)
+    assert res.exit_code == 0, res.output
+    if vectors == "flatten":  # the same store, exported one row per query vector
+        export_clip_retrieval(VectorStore.open(out), out, vectors="flatten")
+    emb = np.load(out / "img_emb" / "img_emb_0.npy")
+    meta_table = pq.read_table(out / "metadata" / "metadata_0.parquet")
+    q = 1 if vectors == "mean" else emb.shape[0] // 12
+    assert emb.dtype == np.float32 and emb.ndim == 2 and emb.shape[0] == 12 * q
+    assert meta_table.num_rows == emb.shape[0]
+    paths = meta_table.column("image_path").to_pylist()
+    assert sorted({Path(p).name for p in paths}) == sorted(p.name for p in many_photos.iterdir())
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb)
+    query = text_vector(tiny_itm, "a cat on a sofa")
+    _, ids = index.search(query[None], 10 * q)
+    ranked = []
+    for i in ids[0]:
+        name = Path(paths[i]).name
+        if name not in ranked:
+            ranked.append(name)
+    assert ranked[:10] == search_paths("a cat on a sofa", "--index", out, "-m", tiny_itm)
+    # the store is incremental: a second run embeds nothing and rewrites the export
+    (out / "img_emb" / "img_emb_7.npy").write_bytes(b"left over")
+    res = cli("embed", many_photos, "-m", tiny_itm, "-o", out)
+    assert res.exit_code == 0 and "0 new" in res.stderr, res.output
+    assert not (out / "img_emb" / "img_emb_7.npy").exists()
+
+
+def test_layout_segments_on_the_command_line(tiny_itm, many_photos, tmp_path):
+    out = tmp_path / "vectors"
+    res = cli("embed", many_photos, "-m", tiny_itm, "-o", out, "--layout", "segments")
+    assert res.exit_code == 0, res.output
+    assert isinstance(VectorStore.open(out), sg.SegmentedStore)
+    exact = search_paths("a red rocket", "--index", out, "-m", tiny_itm, "-k", "5")
+    single = tmp_path / "v.safetensors"
+    assert cli("embed", many_photos, "-m", tiny_itm, "-o", single).exit_code == 0
+    assert search_paths("a red rocket", "--index", single, "-m", tiny_itm, "-k", "5") == exact
+    for p in sorted(many_photos.iterdir())[:3]:
+        p.unlink()
+    res = cli("embed", many_photos, "-m", tiny_itm, "-o", out, "--prune", "--compact")
+    assert res.exit_code == 0, res.output
+    assert "9 rows" in res.stderr and "3 pruned" in res.stderr
+    store = VectorStore.open(out)
+    assert len(store.segments) == 1 and store.rows == 9
+    res = cli("embed", many_photos, "-m", tiny_itm, "-o", tmp_path / "x.jsonl", "--compact")
+    assert res.exit_code == 2 and "vector store directory" in res.stderr
+
+
+def test_ann_search_finds_the_exact_top_k_on_a_small_store(tiny_itm, many_photos, tmp_path):
+    pytest.importorskip("faiss")
+    out = tmp_path / "vectors"
+    assert cli("embed", many_photos, "-m", tiny_itm, "-o", out, "--layout", "segments").exit_code == 0
+    exact = search_paths("a cat", "--index", out, "-m", tiny_itm, "-k", "5")
+    assert search_paths("a cat", "--index", out, "-m", tiny_itm, "-k", "5", "--ann") == exact
+    gen = VectorStore.open(out).generation
+    assert (out / f"ann-{gen}.faiss").exists()  # saved for the next search
+    res = cli("search", "a cat", many_photos, "--index", out, "-m", tiny_itm, "--ann")
+    assert res.exit_code == 2 and "--ann searches a whole vector store" in res.stderr

@@ -112,6 +112,12 @@ def search(
         bool, typer.Option("--prune", rich_help_panel=SEARCH_PANEL,
                            help="--index: drop the rows of files that no longer exist."),
     ] = False,
+    ann: Annotated[
+        bool, typer.Option("--ann", rich_help_panel=SEARCH_PANEL,
+                           help="--index: approximate search with faiss (pip install 'blip2-cli[ann]'): an "
+                           "IVF index built once per store version and saved beside it. For stores of "
+                           "10,000,000+ rows; exact search is the default."),
+    ] = False,
     quiet: o.Quiet = False,
     batch_size: o.BatchSize = None,
     workers: o.Workers = None,
@@ -144,7 +150,11 @@ def search(
                          hint=f"use --rerank {top_k} or more, or a smaller -k")
     have_images = bool(inputs or files_from)
     if index is not None and not is_store_path(index):
-        raise UsageError(f"--index {index}: a vector store is named FILE.safetensors or FILE.npy")
+        raise UsageError(f"--index {index}: a vector store is named FILE.safetensors or FILE.npy, "
+                         "or is a directory written with --layout segments")
+    if ann and (index is None or have_images or rerank is not None):
+        raise UsageError("--ann searches a whole vector store: give --index, without images or --rerank",
+                         hint='blip2 search "a cat" --index vectors/ --ann')
     if not have_images and index is None:
         raise UsageError("nothing to search: name images (files, folders, globs, -) or a vector store with --index",
                          hint='blip2 search "a cat" photos/   or   blip2 search "a cat" --index vectors.safetensors')
@@ -209,7 +219,17 @@ def search(
                 if row is not None:
                     names[row] = name
             rows = sorted(names)
-        hits = store_top_k(store, qvec, rerank or top_k, mode=mode, rows=rows)
+        if ann:
+            from .. import ann as ann_search
+
+            if mode == "image" and (len(store.meta.dims) > 1 or not store.meta.normalized):
+                raise UsageError("--ann with --image needs a store of one unit vector per image (--pool mean, "
+                                 "itc features)", hint="drop --ann")
+            hits = ann_search.search(store, ann_search.load_or_build(store, quiet=quiet), qvec, top_k)
+        else:
+            if store.rows >= 10_000_000 and not quiet:
+                console.message(f"exact search over {store.rows:,} rows; --ann is faster (approximate)")
+            hits = store_top_k(store, qvec, rerank or top_k, mode=mode, rows=rows)
         itm: dict[int, float | None] = {}
         if rerank is not None:
             itm = _rerank(hits, store, query, task, embedder, batch)

@@ -1,0 +1,83 @@
+"""clip-retrieval's layout: what autofaiss, clip-retrieval's back-end and faiss read.
+
+``blip2 embed photos/ -o out/ --layout clip-retrieval`` keeps a segmented store in
+``out/`` (``blip2-store.json`` + ``seg-*`` files: incremental, crash-safe, what
+``blip2 search --index out/`` reads) and, after each commit, writes from it::
+
+    out/img_emb/img_emb_0.npy           2-D float32 [n, D], one file per 1,000,000 rows
+    out/metadata/metadata_0.parquet     image_path (and caption, when known), row for row
+
+Rows are the store's rows in order. A store of 32 query vectors per image
+(``--pool none``, the default) is exported pooled by default
+(``vectors="mean"``: the mean of the query vectors, re-normalised, one row per
+image: what ``--pool mean`` stores) or flattened (``vectors="flatten"``: 32 rows
+per image, each with its ``image_path`` and ``query`` number: the best of an
+image's rows is BLIP-2's ITC score, so a k x 32 search deduplicated by image is
+exact). The export is rewritten whole at each run (a copy of the store: O(rows));
+each file is written under a temporary name and renamed, and files left over
+from a bigger export are removed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROWS_PER_FILE = 1_000_000
+EXPORT_VECTORS = ("mean", "flatten")
+
+
+def export_clip_retrieval(store, out: str | os.PathLike, *, vectors: str = "mean",
+                          rows_per_file: int = ROWS_PER_FILE, captions: dict | None = None) -> int:
+    """Write ``store`` (an open ``VectorStore`` or ``SegmentedStore``) in clip-retrieval's
+    layout under ``out``; return the number of vector rows written.
+
+    ``captions``: ``path -> caption`` for the ``caption`` column (omitted when None)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if vectors not in EXPORT_VECTORS:
+        raise ValueError(f"vectors must be one of {EXPORT_VECTORS}, not {vectors!r}")
+    out = Path(out)
+    emb_dir, meta_dir = out / "img_emb", out / "metadata"
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    per_query = len(store.meta.dims) == 2
+    q = store.meta.dims[0] if per_query and vectors == "flatten" else 1
+    step = max(1, rows_per_file // q)
+    written = files = 0
+    for files, start in enumerate(range(0, store.rows, step)):
+        stop = min(store.rows, start + step)
+        block = store.read_rows(start, stop).astype(np.float32)
+        if per_query and vectors == "mean":
+            block = block.mean(axis=1)
+            if store.meta.normalized:
+                block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+        elif per_query:
+            block = block.reshape(-1, block.shape[-1])
+        paths = store.paths(start, stop) if hasattr(store, "paths") else [e.path for e in store.entries[start:stop]]
+        columns = {"image_path": [p for p in paths for _ in range(q)]}
+        if q > 1:
+            columns["query"] = pa.array(np.tile(np.arange(q, dtype=np.int32), stop - start))
+        if captions is not None:
+            columns["caption"] = [captions.get(p) for p in paths for _ in range(q)]
+        _replace(emb_dir / f"img_emb_{files}.npy", lambda f: np.save(f, np.ascontiguousarray(block)))
+        _replace(meta_dir / f"metadata_{files}.parquet", lambda f: pq.write_table(pa.table(columns), f))
+        written += len(block)
+    count = files + 1 if store.rows else 0
+    for folder, stem, ext in ((emb_dir, "img_emb_", ".npy"), (meta_dir, "metadata_", ".parquet")):
+        for p in folder.glob(f"{stem}*{ext}"):  # left over from a bigger export
+            number = p.name[len(stem):-len(ext)]
+            if number.isdigit() and int(number) >= count:
+                p.unlink()
+    return written
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
