@@ -52,6 +52,11 @@ class EmbedFormat(str, Enum):
     csv = "csv"
 
 
+class StoreLayout(str, Enum):
+    segments = "segments"
+    clip_retrieval = "clip-retrieval"
+
+
 class StoreDtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -232,10 +237,11 @@ def embed_into_store(items, update, task, *, total, batch_size: int, workers: in
     return stats
 
 
-def open_update(path: Path, *, meta, prune: bool, dtype_given: bool):
-    from ..store import StoreUpdate
+def open_update(path: Path, *, meta, prune: bool, dtype_given: bool, layout: str | None = None,
+                compact: bool = False):
+    from ..store import open_update as store_update
 
-    return StoreUpdate(path, meta, prune=prune, dtype_given=dtype_given)
+    return store_update(path, meta, prune=prune, dtype_given=dtype_given, layout=layout, compact=compact)
 
 
 def store_settings(path, model, revision, features: str, pool: str | None):
@@ -353,6 +359,19 @@ def embed(
         typer.Option("--store-dtype", metavar=o.choices(StoreDtype), rich_help_panel=o.OUTPUT, case_sensitive=False, show_default=False,
                      help="Vector store: float32 (default for a new store) or float16 (half the size)."),
     ] = None,
+    layout: Annotated[
+        Optional[StoreLayout],
+        typer.Option("--layout", metavar=o.choices(StoreLayout), rich_help_panel=o.OUTPUT, case_sensitive=False,
+                     show_default=False,
+                     help="Vector store in the -o DIR: segments (appends write only the new rows; for big "
+                     "collections), clip-retrieval (segments + img_emb/*.npy and metadata/*.parquet for "
+                     "autofaiss and clip-retrieval, rewritten at each run). An existing DIR keeps its own."),
+    ] = None,
+    compact: Annotated[
+        bool,
+        typer.Option("--compact", rich_help_panel=o.OUTPUT,
+                     help="Segmented store: merge all segments into one, dropping deleted rows."),
+    ] = False,
     quiet: o.Quiet = False,
     batch_size: o.BatchSize = None,
     workers: o.Workers = None,
@@ -366,7 +385,12 @@ def embed(
     from ..errors import UsageError
     from ..store import StoreMeta, is_store_path
 
-    to_store = is_store_path(output)
+    to_store = is_store_path(output) or (layout is not None and output is not None)
+    if (layout is not None or compact) and not to_store:
+        raise UsageError("--layout and --compact apply to a vector store directory",
+                         hint="blip2 embed photos/ -o vectors/ --layout segments")
+    from ..segments import is_segmented  # clip-retrieval: a store whose DIR holds img_emb/
+    clip = layout == StoreLayout.clip_retrieval or (is_segmented(output) and (output / "img_emb").is_dir())
     if to_store and fmt is not None:
         raise UsageError(f"-o {output} writes a vector store; --format {fmt.value} does not apply",
                          hint="drop --format, or name a .jsonl/.csv output")
@@ -440,7 +464,8 @@ def embed(
             dims=embedder.dims, normalized=embedder.normalized,
             dtype=(store_dtype.value if store_dtype is not None else "float32"),
         )
-        with open_update(output, meta=meta, prune=prune, dtype_given=store_dtype is not None) as update:
+        with open_update(output, meta=meta, prune=prune, dtype_given=store_dtype is not None,
+                         layout=None if layout is None else "segments", compact=compact) as update:
             selected = update.select(items)
             if total is not None:
                 selected = list(selected)
@@ -449,6 +474,13 @@ def embed(
             stats = embed_into_store(selected, update, task, total=total, batch_size=batch, workers=jobs,
                                      quiet=quiet)
             console.message(store_summary(output, update.stats, stats))
+        if clip:
+            from ..export import export_clip_retrieval
+            from ..store import VectorStore
+
+            with_store = VectorStore.open(output)
+            export_clip_retrieval(with_store, output)
+            with_store.close()
         finish_store(stats)
 
     from ..console import Reporter
