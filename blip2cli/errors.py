@@ -82,8 +82,15 @@ class OutputError(Blip2Error):
     exit_code = EXIT_ITEMS_FAILED
 
 
-class Interrupted(Exception):
-    """Raised from a signal handler: stop taking new batches, flush, exit."""
+class Interrupted(BaseException):
+    """Raised from a signal handler (SIGTERM): stop the run, keep what is written, exit 143.
+
+    A ``BaseException``, like ``KeyboardInterrupt`` (Ctrl-C): the signal can arrive
+    anywhere in the main thread -- while it waits for a decode, inside a library --
+    and no ``except Exception`` on the way (one bad image, one failed load) may
+    take it for an ordinary error and carry on. Only the places that mean to stop
+    catch it (``commands.common.handles_errors``, a store that commits first).
+    """
 
     def __init__(self, signum: int):
         super().__init__(signum)

@@ -80,6 +80,15 @@ _EXIF_ORIENTATION = 0x0112
 DRAFT_MARGIN = 1.5
 # Orientations whose transposition swaps width and height.
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+# The most memory one image may take while it is decoded: its pixels as Pillow
+# stores them plus the copies made on the way to RGB (estimated from the header,
+# after a JPEG's draft, before any pixel is decoded; see _decode_bytes). A 100-
+# megapixel RGB photo (400 MB) passes; a 13000x13000 1-bit PNG (845 MB) does not.
+# Decode memory is then at most this much per image in flight (one per decode
+# worker, --workers). None: no limit (Pillow's decompression-bomb guard stays).
+MAX_DECODE_BYTES: int | None = 500_000_000
+# Formats whose decoded size the draft (reduced DCT scale) may still shrink.
+_DRAFTABLE = ("JPEG", "MPO")
 
 
 class ImageError(Exception):
@@ -343,6 +352,53 @@ def _sniff(head: bytes) -> str:
     return "not an image file (unrecognised format)"
 
 
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.1f} MB"
+
+
+def _decode_bytes(im) -> int:
+    """About the most memory decoding ``im`` (opened, not loaded) and making it RGB takes.
+
+    Pillow keeps 1, L and P images in one byte per pixel, I;16 in two and every
+    other mode in four (RGB included). On top of that: nothing for plain RGB, the
+    RGB copy (4) for other modes, and for alpha (RGBA copy, white background,
+    composite, RGB) or 16/32-bit and float greyscale (numpy scaling) 16; plus
+    one more stored copy when EXIF says the image is rotated."""
+    w, h = im.size
+    mode = im.mode
+    if mode in ("1", "L", "P"):
+        stored = 1
+    elif mode.startswith("I;16"):
+        stored = 2
+    else:
+        stored = 4
+    has_alpha = any(b in ("A", "a") for b in im.getbands()) or im.info.get("transparency") is not None
+    if mode == "RGB" and not has_alpha:
+        extra = 0
+    elif has_alpha or mode.startswith("I") or mode == "F":
+        extra = 16
+    else:
+        extra = 4
+    # (A PNG's getexif() decodes the image to look for EXIF after the pixels: not here.)
+    if not (im.format == "PNG" and "exif" not in im.info) and _orientation(im) != 1:
+        extra += stored  # exif_transpose makes the turned copy before it drops the first
+    return w * h * (stored + extra)
+
+
+def _check_decode_budget(im) -> None:
+    """Refuse an image whose decode would take more than ``MAX_DECODE_BYTES``, from its header."""
+    limit = MAX_DECODE_BYTES
+    if limit is None:
+        return
+    need = _decode_bytes(im)
+    if need > limit:
+        w, h = im.size
+        raise ImageError(
+            f"image too large to decode: {w}x{h} pixels (mode {im.mode}) would take about "
+            f"{_megabytes(need)} of memory; the limit is {_megabytes(limit)} per image"
+        )
+
+
 def _decode_error(exc: BaseException, fmt: str | None) -> ImageError:
     from PIL import Image
 
@@ -468,6 +524,7 @@ def _open_and_load(fp, draft_size):
                 im.draft("RGB", (rw, rh))
                 if im.size != original:
                     draft_info = {"original_size": original, "decoded_size": im.size}
+        _check_decode_budget(im)  # from the header (after the draft): no pixel decoded yet
         im.load()
         try:
             ImageOps.exif_transpose(im, in_place=True)
@@ -491,6 +548,9 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
     * every mode to RGB: alpha / transparency composited on white, palette,
       16-bit greyscale scaled to 8 bit, CMYK, 1-bit, float;
     * Pillow's decompression-bomb limit kept (its warning silenced);
+    * an image whose decode would take more than ``MAX_DECODE_BYTES`` is refused
+      from its header (after the draft), before any pixel is decoded;
+    * only regular files are opened (a named pipe or device is refused from ``stat``);
     * ``draft_size=(w, h)`` (the size the caller will resize to): a JPEG much
       larger than that is decoded at a reduced DCT scale (1/2, 1/4 or 1/8) -- the
       strongest reduction that keeps both dims >= ``DRAFT_MARGIN`` (1.5) x the draft size, in
@@ -524,6 +584,47 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
         except Exception as e:
             raise _decode_error(e, getattr(source, "format", None)) from None
 
+    f, _ = _open_regular(source)
+    with f:
+        try:
+            return _open_and_load(f, draft_size)
+        except ImageError:
+            raise
+        except OSError as e:  # an I/O error while reading (EIO, ...)
+            raise ImageError(f"cannot read file ({e.strerror or e})") from None
+
+
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _not_regular(st: os.stat_result) -> ImageError | None:
+    """The reason a file that is no regular file is never opened (None for a regular file).
+
+    Opening a named pipe blocks until something writes to it, a device can be endless
+    (``/dev/zero``): only regular files are read; a stream goes to stdin (``-``)."""
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return ImageError("is a directory")
+    for test, kind in _NOT_REGULAR:
+        if test(st.st_mode):
+            return ImageError(f"not a regular file ({kind}), not opened: only regular files are read "
+                              "(send a stream on stdin, as -)")
+    return ImageError("not a regular file")
+
+
+def _open_regular(source):
+    """``(binary file, its fstat)`` of an image path, or :class:`ImageError`.
+
+    Only regular files are opened: a named pipe, socket or device is refused from
+    ``stat`` without an ``open``. The open itself is non-blocking and the opened
+    descriptor is checked again (``fstat``), so a file swapped for a pipe between
+    the two cannot hang a decode worker."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a path or bytes, got {type(source).__name__}")
     path = os.fspath(source)
@@ -546,36 +647,88 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
     except OSError as e:
         raise ImageError(f"cannot access file ({e.strerror or e})") from None
 
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageError("is a directory")
-    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+    refused = _not_regular(st)
+    if refused is not None:
+        raise refused
+    if st.st_size == 0:
         raise ImageError("empty file (0 bytes)")
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
-        raise ImageError("not a regular file")
 
     try:
-        f = open(path, "rb")
+        f = open(path, "rb", opener=_open_nonblocking)
     except PermissionError:
         raise ImageError("permission denied") from None
     except IsADirectoryError:
         raise ImageError("is a directory") from None
     except OSError as e:
         raise ImageError(f"cannot read file ({e.strerror or e})") from None
+    try:
+        fd = f.fileno()
+        st = os.fstat(fd)
+        refused = _not_regular(st)
+        if refused is not None:
+            raise refused
+        if st.st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)  # a regular file: no read waits for a writer
+        return f, st
+    except OSError as e:
+        f.close()
+        raise ImageError(f"cannot read file ({e.strerror or e})") from None
+    except BaseException:
+        f.close()
+        raise
+
+
+def _open_nonblocking(path, flags):
+    """``open``'s opener: O_NONBLOCK (a pipe swapped in after the stat cannot block
+    the open), no controlling terminal."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+
+
+def read_image_file(source, *, max_bytes: int | None = None) -> tuple[bytes, os.stat_result]:
+    """``(the bytes of an image file, its stat)``, for a caller that keeps the bytes
+    (a vector store hashes exactly what it decodes).
+
+    Refused (:class:`ImageError`) before the rest of the file is read: anything
+    but a regular file (never opened), a file that Pillow does not recognise from
+    its first bytes (the reason says what it looks like), a header over the
+    decompression-bomb limit or, for formats decoded at full size, over
+    ``MAX_DECODE_BYTES``, and a file larger than ``max_bytes`` (default
+    ``MAX_DECODE_BYTES``). The decode of the bytes checks the rest."""
+    Image = _pil()
+    limit = MAX_DECODE_BYTES if max_bytes is None else max_bytes
+    f, st = _open_regular(source)
     with f:
-        if stat.S_ISFIFO(st.st_mode):  # pipes (e.g. <(curl ...)) are not seekable
-            try:
-                data = f.read()
-            except OSError as e:
-                raise ImageError(f"cannot read file ({e.strerror or e})") from None
-            if not data:
-                raise ImageError("empty file (0 bytes)")
-            return _open_and_load(io.BytesIO(data), draft_size)
         try:
-            return _open_and_load(f, draft_size)
-        except ImageError:
-            raise
-        except OSError as e:  # an I/O error while reading (EIO, ...)
+            try:
+                im = Image.open(f)
+            except Image.DecompressionBombError as e:
+                raise ImageError(_bomb_message(e)) from None
+            except Image.UnidentifiedImageError:
+                f.seek(0)
+                raise ImageError(_sniff(f.read(4096))) from None
+            except ImageError:
+                raise
+            except Exception as e:
+                raise _decode_error(e, None) from None
+            if im.format not in _DRAFTABLE:  # a JPEG's decoded size is settled by the draft
+                _check_decode_budget(im)
+            if limit is not None and st.st_size > limit:
+                raise ImageError(
+                    f"file too large to read as one image ({_megabytes(st.st_size)}; "
+                    f"the limit is {_megabytes(limit)})"
+                )
+            f.seek(0)
+            # read() allocates what it is asked for first: ask for the file's size (+1 to see growth)
+            data = f.read((st.st_size if limit is None else min(st.st_size, limit)) + 1)
+        except OSError as e:
             raise ImageError(f"cannot read file ({e.strerror or e})") from None
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    if limit is not None and len(data) > limit:  # grew while read
+        raise ImageError(f"file too large to read as one image (the limit is {_megabytes(limit)})")
+    return data, st
 
 
 # --------------------------------------------------------------------------- #

@@ -18,6 +18,15 @@ A task is anything with three methods:
 * ``record(item, result, error)`` makes the output record (or a list of
   records, e.g. one per question); an item counts as failed when one of its
   records carries an ``error`` once written.
+
+Interruption: Ctrl-C (KeyboardInterrupt) or SIGTERM (``errors.Interrupted``,
+raised by ``errors.sigterm_as_interrupt``) wherever the main thread is -- waiting
+for a decode, for the source, or in the model -- ends ``run()`` at once: the
+records already written stay whole, the batch in flight is dropped, nothing is
+recorded for it. Both are ``BaseException``s, so no ``except Exception`` here can
+take one for a bad image. Decode workers and the source are daemon threads: one
+stuck in a read (a slow network file system) can never keep the process alive
+after the main thread has decided to exit.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -104,6 +113,52 @@ class _Raise:
     exc: BaseException
 
 
+class _DecodePool:
+    """``workers`` daemon threads running ``submit``ted calls, each answered through a Future.
+
+    Not a ThreadPoolExecutor: its threads are joined when the interpreter exits, so
+    one blocked in a read would hold an interrupted run alive for ever. These are
+    daemon threads: ``shutdown`` lets idle ones end, and a stuck one is simply
+    left behind when the process exits."""
+
+    _STOP = None
+
+    def __init__(self, workers: int, name: str = "blip2-decode"):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is self._STOP:
+                return
+            future, fn, args = job
+            del job
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+                    del result
+            del future, fn, args  # hold nothing (a decoded image) while idle
+
+    def shutdown(self) -> None:
+        """Pending calls not started are cancelled by the caller; idle threads end."""
+        for _ in self._threads:
+            self._jobs.put(self._STOP)
+
+
 def _prepare(task: Task, item: Item, stats: Stats) -> Any:
     if item.error is not None:
         from .images import ImageError
@@ -147,7 +202,7 @@ def run(
     started = time.perf_counter()
     source = _SourceThread(items)
     lookahead = max(batch_size * 2, workers * 2, 4)
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="blip2-decode")
+    pool = _DecodePool(workers)
     pending: deque[tuple[Item, Future]] = deque()
     batch: list[tuple[Item, Any, str | None]] = []
     ready = 0  # items in ``batch`` that decoded fine
@@ -225,6 +280,8 @@ def run(
             except ImageError as exc:
                 prepared, error = None, str(exc)
             except Exception as exc:  # noqa: BLE001 - one bad image must not end the run
+                # An interrupt is no Exception (KeyboardInterrupt, errors.Interrupted): it
+                # ends the run from here, and no image is blamed for it.
                 prepared, error = None, f"cannot read this image ({type(exc).__name__}: {exc})"
             stats.stage_seconds["wait_decode"] += time.perf_counter() - t0
             batch.append((item, prepared, error))
@@ -239,6 +296,6 @@ def run(
     finally:
         for _, future in pending:
             future.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown()  # never waits: a decode stuck in a read is left to its daemon thread
         stats.seconds = time.perf_counter() - started
     return stats

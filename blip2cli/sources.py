@@ -17,7 +17,10 @@ One resolver for every command. An argument is
   clear error, so the rest of the run goes on.
 
 Items come out in argument order, duplicates (the same file reached twice)
-removed. Nothing here opens an image.
+removed. Nothing here opens an image. Stdin is the only stream read: a named
+pipe, socket or device among the files is refused by the decode without being
+opened (``images.open_image``); raw image bytes on stdin are read up to one
+image's budget (``images.MAX_DECODE_BYTES``), not without end.
 """
 
 from __future__ import annotations
@@ -129,7 +132,23 @@ class InputResolver:
         stream = self._stdin_stream()
         head = stream.read(12)
         if looks_like_image_bytes(head):
-            data = head + stream.read()
+            from .images import MAX_DECODE_BYTES, _megabytes
+
+            # Bounded: a stream that never ends is not held in memory whole.
+            limit = MAX_DECODE_BYTES
+            chunks, size = [head], len(head)
+            while limit is None or size <= limit:
+                chunk = stream.read(1 << 20)  # not read(limit): that would allocate the limit at once
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            data = b"".join(chunks)
+            del chunks
+            if limit is not None and len(data) > limit:
+                yield Item(name=STDIN_NAME, source=STDIN_NAME,
+                           error=f"image on stdin too large (more than {_megabytes(limit)})")
+                return
             yield Item(name=STDIN_NAME, source=data)
             return
         yield from self._from_path_list(head, stream)
