@@ -157,15 +157,10 @@ class EmbedTask:
                              "files); pass paths, or use -f jsonl")
         import hashlib
 
-        try:
-            st = os.stat(item.source)
-            with open(item.source, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            self._decode(item.source)  # raises the readable reason (no such file, directory, ...)
-            raise ImageError(f"cannot read file ({exc.strerror or exc})") from None
-        if not data:
-            raise ImageError("empty file (0 bytes)")
+        from ..images import read_image_file
+
+        # Not a regular file, not an image, a header over the budget: refused before it is read whole.
+        data, st = read_image_file(item.source)
         digest = hashlib.sha256(data).hexdigest()
         return self._decode(data), (st.st_size, st.st_mtime_ns, digest)
 
