@@ -48,6 +48,9 @@ class BenchRow:
     peak_cpu_mb: float = 0.0
     peak_gpu_mb: float | None = None
     note: str = ""
+    warmup_s: float | None = None  # the untimed warm-up run (with --compile: the first-call cost)
+    decode: str = "cpu"  # where JPEGs were decoded: cpu (Pillow, draft) or gpu (nvJPEG)
+    qformer_dtype: str = ""  # the Q-Former's parameter dtype during the run
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -231,7 +234,49 @@ def build_random(cls, config, dtype, device):
     return model.eval()
 
 
-def make_task(task: str, loaded, gen, batch_size: int):
+QFORMER_DTYPES = ("auto", "float32", "half")
+
+
+def qformer_dtype(model):
+    """The dtype of the Q-Former's parameters (None when the model has none)."""
+    qformer = getattr(model, "qformer", None)
+    if qformer is None:
+        return None
+    return next(qformer.parameters()).dtype
+
+
+def set_qformer_dtype(loaded, mode: str):
+    """``--qformer-dtype``: ``auto`` leaves the model as loaded (transformers keeps the
+    Q-Former and the query tokens in float32 under float16, in bfloat16 under bfloat16);
+    ``float32`` puts them in float32; ``half`` in the model's compute dtype (float16 or
+    bfloat16; a float32 model is left as it is). Returns the dtype the Q-Former then has."""
+    import torch
+
+    if mode not in QFORMER_DTYPES:
+        raise UsageError(f"--qformer-dtype {mode!r}: use one of {', '.join(QFORMER_DTYPES)}")
+    model = loaded.model
+    if mode == "auto" or getattr(model, "qformer", None) is None:
+        return qformer_dtype(model)
+    target = torch.float32 if mode == "float32" else loaded.dtype
+    model.qformer.to(target)
+    query = getattr(model, "query_tokens", None)
+    if query is not None:
+        query.data = query.data.to(target)
+    return target
+
+
+def make_task(task: str, loaded, gen, batch_size: int, gpu_decode: bool = False):
+    """The pipeline task ``task`` uses; with ``gpu_decode`` its image stage decodes JPEGs
+    on the GPU (``gpudecode.GpuImageStage``, same contract as ``ImageStage``)."""
+    made = _make_task(task, loaded, gen, batch_size)
+    if gpu_decode:
+        from .gpudecode import GpuImageStage
+
+        made.stage = GpuImageStage(loaded)
+    return made
+
+
+def _make_task(task: str, loaded, gen, batch_size: int):
     from .images import ImageStage
 
     stage_kind = "fast"
@@ -257,7 +302,7 @@ class _NullWriter:
 
 
 def run_config(loaded, task_name: str, paths: list[Path], batch_size: int, workers: int, gen,
-               repeats: int, warmup: int, out_dir: Path, load_s: float) -> BenchRow:
+               repeats: int, warmup: int, out_dir: Path, load_s: float, gpu_decode: bool = False) -> BenchRow:
     """Warm up, then run the real pipeline ``repeats`` times over all images."""
     import torch
 
@@ -266,12 +311,17 @@ def run_config(loaded, task_name: str, paths: list[Path], batch_size: int, worke
     from .sources import Item
     from .writers import Sink, make_writer
 
-    task = make_task(task_name, loaded, gen, batch_size)
+    task = make_task(task_name, loaded, gen, batch_size, gpu_decode)
     timer = StageTimer(loaded.model, loaded.device)
     items = [Item(name=str(p), source=str(p)) for p in paths]
+    warmup_s = None
     try:
         if warmup:
+            t0 = time.perf_counter()
             run(items[: batch_size * warmup], task, _NullWriter(), batch_size=batch_size, workers=workers)
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            warmup_s = time.perf_counter() - t0
         if loaded.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -310,22 +360,32 @@ def run_config(loaded, task_name: str, paths: list[Path], batch_size: int, worke
         "write": stats.stage_seconds["write"],
     }
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if loaded.device.type == "cuda" else None
+    describe = getattr(getattr(task, "stage", None), "describe", None)
     return BenchRow(
         task=task_name, model=loaded.options.model, device=str(loaded.device),
         dtype=str(loaded.dtype).replace("torch.", ""), quantize=loaded.quantize, batch_size=batch_size,
         images=len(paths), repeats=repeats, load_s=load_s, seconds=wall, images_per_s=len(paths) / wall,
         tokens_per_s=(tokens / wall) if tokens else None, batch_p50_ms=pct(0.5), batch_p95_ms=pct(0.95),
         stages_s=stages, peak_cpu_mb=_peak_rss_mb(), peak_gpu_mb=peak_gpu,
+        note=describe() if describe else "", warmup_s=warmup_s, decode="gpu" if gpu_decode else "cpu",
+        qformer_dtype=str(qformer_dtype(loaded.model)).replace("torch.", ""),
     )
 
 
-def baseline(loaded, paths: list[Path], gen, batch_size: int) -> dict:
-    """transformers' documented per-image usage, and one plain batched generate, same images."""
+def baseline(loaded, paths: list[Path], gen, batch_size: int, qformer_as_loaded=None) -> dict:
+    """transformers' documented per-image usage, and one plain batched generate, same images.
+
+    Plain means as documented: a dynamic KV cache (``--compile``'s static cache is
+    dropped) and the Q-Former in the dtype the model was loaded with
+    (``qformer_as_loaded``, put back for the baseline if ``--qformer-dtype`` changed it)."""
     import torch
     from PIL import Image
 
     processor, model = loaded.processor, loaded.model
     kwargs = gen.generate_kwargs()
+    kwargs.pop("cache_implementation", None)
+    if qformer_as_loaded is not None and qformer_dtype(model) != qformer_as_loaded:
+        set_qformer_dtype(loaded, "float32" if qformer_as_loaded == torch.float32 else "half")
     n = min(len(paths), max(8, batch_size))
     t0 = time.perf_counter()
     for p in paths[:n]:

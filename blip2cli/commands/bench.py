@@ -47,6 +47,16 @@ def bench(
     num_beams: Annotated[int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION)] = 1,
     workers: o.Workers = None,
     compile_: o.Compile = False,
+    decode: Annotated[
+        str, typer.Option("--decode", metavar="[auto|gpu|cpu]", rich_help_panel=o.PERFORMANCE,
+                          help="Where JPEGs are decoded: gpu (nvJPEG through torchvision, on CUDA), cpu (Pillow, "
+                          "draft mode for large JPEGs), auto (gpu when it can)."),
+    ] = "auto",
+    qformer_dtype: Annotated[
+        str, typer.Option("--qformer-dtype", metavar="[auto|float32|half]", rich_help_panel=o.PERFORMANCE,
+                          help="The Q-Former's precision: auto (as transformers loads it: float32 under "
+                          "float16), float32, or half (the model's float16/bfloat16)."),
+    ] = "auto",
     repeat: Annotated[int, typer.Option("--repeat", metavar="N", min=1, rich_help_panel=BENCH, help="Timed runs per configuration (median reported).")] = 2,
     warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, rich_help_panel=BENCH, help="Untimed warm-up batches.")] = 1,
     baseline: Annotated[bool, typer.Option("--baseline", rich_help_panel=BENCH, help="Also time the documented per-image usage and one plain batched generate.")] = False,
@@ -61,21 +71,32 @@ def bench(
     import time
 
     from ..bench import (
-        KNOWN_CONFIGS, TASKS, environment, from_config as build_from_config, parse_batch_sizes, parse_size,
-        rows_to_json, run_config, synthetic_images,
+        KNOWN_CONFIGS, QFORMER_DTYPES, TASKS, environment, from_config as build_from_config, parse_batch_sizes,
+        parse_size, qformer_dtype as qformer_dtype_of, rows_to_json, run_config, set_qformer_dtype,
+        synthetic_images,
     )
     from ..bench import baseline as run_baseline
     from ..caption import GenerationOptions
     from ..errors import UsageError
 
+    from ..gpudecode import DECODE_CHOICES, choose as choose_decode
+
     if task not in TASKS:
         raise UsageError(f"--task {task!r}: use one of {', '.join(TASKS)}")
+    if decode not in DECODE_CHOICES:
+        raise UsageError(f"--decode {decode!r}: use one of {', '.join(DECODE_CHOICES)}")
+    if qformer_dtype not in QFORMER_DTYPES:
+        raise UsageError(f"--qformer-dtype {qformer_dtype!r}: use one of {', '.join(QFORMER_DTYPES)}")
     if from_config is not None and from_config not in KNOWN_CONFIGS:
         raise UsageError(f"--from-config {from_config!r}: unknown", hint=f"one of {', '.join(KNOWN_CONFIGS)}")
     if from_config is not None and quantize.value != "none":
         raise UsageError("--quantize needs real weights to quantize; drop --from-config or --quantize")
     if from_config is not None and task == "embed":
         raise UsageError("--from-config builds captioning models; embed needs a retrieval checkpoint")
+    if decode == "gpu":  # before a model is loaded: say at once when it cannot be
+        from ..loader import resolve_device
+
+        choose_decode(decode, resolve_device(device))
     gen = GenerationOptions(max_new_tokens=max_new_tokens,
                             min_new_tokens=max_new_tokens if min_new_tokens is None else min_new_tokens,
                             num_beams=num_beams, static_cache=compile_)
@@ -104,18 +125,25 @@ def bench(
             architectures=ALL_ARCHITECTURES if task == "embed" else GENERATIVE, task=task,
         )
     load_s = time.perf_counter() - t0
+    gpu_decode = choose_decode(decode, loaded.device)
+    qformer_as_loaded = qformer_dtype_of(loaded.model)
+    set_qformer_dtype(loaded, qformer_dtype)
     sizes = parse_batch_sizes(batch_sizes or ("1,16" if loaded.device.type == "cpu" else "8,32,128"))
     rows = [
-        run_config(loaded, task, paths, bs, workers or o.default_workers(), gen, repeat, warmup, tmp, load_s)
+        run_config(loaded, task, paths, bs, workers or o.default_workers(), gen, repeat, warmup, tmp, load_s,
+                   gpu_decode)
         for bs in sizes
     ]
-    base = run_baseline(loaded, paths, gen, max(sizes)) if baseline and task == "caption" else None
+    base = (run_baseline(loaded, paths, gen, max(sizes), qformer_as_loaded)
+            if baseline and task == "caption" else None)
     meta = environment({
         "model": from_config and f"{from_config} (random weights: the text is meaningless)" or model,
         "images": source, "task": task,
         "generation": f"beams {gen.num_beams}, new tokens {gen.min_new_tokens}-{gen.max_new_tokens}"
                       + (", static KV cache (--compile)" if compile_ else ""),
         "repeats": f"median of {repeat} timed runs after {warmup} warm-up batch(es)",
+        "decode": "gpu (nvJPEG)" if gpu_decode else "cpu (Pillow, draft mode)",
+        "qformer_dtype": ", ".join(sorted({r.qformer_dtype for r in rows})),
     })
     if as_json:
         typer.echo(rows_to_json(rows, meta, base))

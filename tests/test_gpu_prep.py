@@ -1,0 +1,232 @@
+"""GPU-side preparation without a GPU: the JPEG decode path's selection and fallbacks,
+its orientation and resize arithmetic (against Pillow), the decoder contract through
+torchvision where it imports, and bench's --decode / --qformer-dtype options."""
+
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
+
+from blip2cli import gpudecode
+from blip2cli.cli import app
+from blip2cli.errors import UsageError
+from blip2cli.images import ImageError, ImageSpec, prepare, to_pixel_values
+
+runner = CliRunner()
+torch = pytest.importorskip("torch")
+
+
+def _photo(example_images, size=(320, 240)) -> Image.Image:
+    return Image.open(example_images[0]).convert("RGB").resize(size, Image.BICUBIC)
+
+
+def _jpeg(im: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92, **save)
+    return buf.getvalue()
+
+
+def _exif(orientation: int):
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    return ex
+
+
+@pytest.fixture
+def files(tmp_path, example_images):
+    im = _photo(example_images)
+    made = {
+        "upright": _jpeg(im),
+        "rotated6": _jpeg(im, exif=_exif(6)),
+        "mirrored2": _jpeg(im, exif=_exif(2)),
+        "grey": _jpeg(im.convert("L")),
+        "cmyk": _jpeg(im.convert("CMYK")),
+        "progressive": _jpeg(im, progressive=True),
+    }
+    png = io.BytesIO()
+    im.save(png, "PNG")
+    made["png"] = png.getvalue()
+    made["trailer"] = made["upright"] + b"camera trailer"
+    made["truncated"] = made["upright"][: len(made["upright"]) // 2]
+    paths = {}
+    for name, data in made.items():
+        p = tmp_path / f"{name}.{'png' if name == 'png' else 'jpg'}"
+        p.write_bytes(data)
+        paths[name] = p
+    return paths
+
+
+def _loaded(spec: ImageSpec | None = None):
+    return SimpleNamespace(image_spec=spec or ImageSpec(), device=torch.device("cpu"), dtype=torch.float32)
+
+
+# -- arithmetic --------------------------------------------------------------------
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_matches_pillow_exif_transpose(orientation):
+    rng = np.random.default_rng(orientation)
+    arr = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)  # not square: a swap shows
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", exif=_exif(orientation))
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB"))
+    got = gpudecode.orient(torch.from_numpy(arr).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    assert got.shape == want.shape
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("resample", [2, 3])
+def test_resize_follows_pillow_antialiased_filters(example_images, resample):
+    big = Image.open(example_images[0]).convert("RGB")  # 640 px wide: a 3x reduction
+    want = np.asarray(big.resize((224, 224), resample=resample)).astype(int)
+    t = torch.from_numpy(np.array(big)).permute(2, 0, 1)[None]
+    got = gpudecode.resize_uint8(t, 224, 224, resample)[0].permute(1, 2, 0).numpy().astype(int)
+    diff = np.abs(got - want)
+    assert diff.max() <= 3 and diff.mean() < 0.3, (diff.max(), diff.mean())
+
+
+# -- selection ----------------------------------------------------------------------
+def test_inspect_takes_plain_jpegs_and_leaves_the_rest(files):
+    takes = {}
+    for name, p in files.items():
+        info, reason = gpudecode.inspect_jpeg(p.read_bytes())
+        takes[name] = (info is not None, reason)
+    assert takes["upright"] == (True, None)
+    assert takes["grey"] == (True, None)
+    info, _ = gpudecode.inspect_jpeg(files["rotated6"].read_bytes())
+    assert (info.orientation, info.width, info.height) == (6, 320, 240)
+    assert takes["png"] == (False, "not a plain JPEG (PNG)")
+    assert takes["cmyk"] == (False, "colour mode CMYK")
+    assert takes["progressive"] == (False, "progressive JPEG")
+    assert not takes["trailer"][0] and "end-of-image" in takes["trailer"][1]
+    assert not takes["truncated"][0]
+
+
+def test_choose_decode(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert gpudecode.choose("cpu", cuda) is False
+    assert gpudecode.choose("auto", cpu) is False
+    with pytest.raises(UsageError, match="not on a CUDA GPU"):
+        gpudecode.choose("gpu", cpu)
+    with pytest.raises(UsageError, match="use one of"):
+        gpudecode.choose("fast", cpu)
+
+    monkeypatch.setattr(gpudecode, "_reason_cache", {})
+    monkeypatch.setattr(gpudecode, "_probe", lambda: None)
+    assert gpudecode.choose("auto", cuda) is True and gpudecode.choose("gpu", cuda) is True
+
+    monkeypatch.setattr(gpudecode, "_reason_cache", {})
+    monkeypatch.setattr(gpudecode, "_probe", lambda: "torchvision is not importable here (ImportError: x)")
+    assert gpudecode.choose("auto", cuda) is False
+    with pytest.raises(UsageError, match="torchvision is not importable"):
+        gpudecode.choose("gpu", cuda)
+
+
+def test_probe_here_names_a_reason_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpudecode._probe() == "CUDA is not available to torch"
+
+
+# -- the stage, with Pillow standing in for nvJPEG ------------------------------------
+def test_stage_routes_and_matches_the_cpu_path(files):
+    stage = gpudecode.GpuImageStage(_loaded(), decoder=gpudecode.pillow_decoder)
+    names = ["upright", "png", "rotated6", "cmyk", "grey", "progressive", "trailer", "mirrored2"]
+    prepared = [stage.prepare(str(files[n])) for n in names]
+    on_gpu = [isinstance(p, gpudecode.JpegBytes) for p in prepared]
+    assert on_gpu == [True, False, True, False, True, False, False, True]
+    assert stage.counts == {"gpu": 4, "cpu": 4}
+    assert stage.fallbacks["colour mode CMYK"] == 1 and stage.fallbacks["progressive JPEG"] == 1
+
+    batch = stage.uint8_batch(prepared)
+    assert batch.dtype == torch.uint8 and tuple(batch.shape) == (8, 3, 224, 224)
+    for i, n in enumerate(names):  # Pillow, full decode (no draft), EXIF applied, bicubic
+        want = prepare(str(files[n]), ImageSpec(), fast=False).astype(int)
+        got = batch[i].permute(1, 2, 0).numpy().astype(int)
+        diff = np.abs(got - want)
+        assert diff.max() <= 3 and diff.mean() < 0.3, (n, diff.max(), diff.mean())
+
+    values = stage.pixels(prepared)
+    arrays = [a.permute(1, 2, 0).contiguous().numpy() for a in batch]
+    assert torch.equal(values, to_pixel_values(arrays, ImageSpec()))  # same lookup table
+
+
+def test_stage_errors_are_the_cpu_paths(files, tmp_path):
+    stage = gpudecode.GpuImageStage(_loaded(), decoder=gpudecode.pillow_decoder)
+    for source in (str(files["truncated"]), str(tmp_path / "missing.jpg"), str(tmp_path)):
+        with pytest.raises(ImageError) as ours:
+            stage.prepare(source)
+        with pytest.raises(ImageError) as cpu:
+            prepare(source, ImageSpec())
+        assert str(ours.value) == str(cpu.value)
+    assert stage.counts["gpu"] == 0
+
+
+def test_stage_without_a_gpu_filter_uses_the_cpu_path(files):
+    stage = gpudecode.GpuImageStage(_loaded(ImageSpec(resample=1)), decoder=gpudecode.pillow_decoder)  # Lanczos
+    assert isinstance(stage.prepare(str(files["upright"])), np.ndarray)
+    assert "resample filter 1" in next(iter(stage.fallbacks))
+
+
+def test_a_batch_the_decoder_refuses_is_decoded_one_by_one(files):
+    calls = []
+
+    def picky(datas, device):
+        calls.append(len(datas))
+        if len(datas) > 1:
+            raise RuntimeError("nvjpeg batch failed")
+        return gpudecode.pillow_decoder(datas, device)
+
+    stage = gpudecode.GpuImageStage(_loaded(), decoder=picky)
+    prepared = [stage.prepare(str(files[n])) for n in ("upright", "rotated6")]
+    batch = stage.uint8_batch(prepared)
+    assert calls == [2, 1, 1] and tuple(batch.shape) == (2, 3, 224, 224)
+
+
+def test_nvjpeg_decoder_contract_with_torchvision_on_the_cpu(files):
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - PyPI's torchvision does not import beside every torch
+        pytest.skip(f"torchvision does not import here ({type(exc).__name__})")
+    out = gpudecode.nvjpeg_decoder([files["rotated6"].read_bytes(), files["grey"].read_bytes()], "cpu")
+    assert [tuple(t.shape) for t in out] == [(3, 240, 320), (3, 240, 320)]  # stored orientation
+    assert all(t.dtype == torch.uint8 for t in out)
+
+
+# -- bench ----------------------------------------------------------------------------
+def test_bench_decode_gpu_without_cuda_is_refused_before_loading(tmp_path):
+    res = runner.invoke(app, ["bench", "--model", str(tmp_path / "nothing-here"), "--device", "cpu",
+                              "--decode", "gpu", "--synthetic", "1"])
+    assert res.exit_code == 2 and "--decode gpu" in res.stderr and "CUDA" in res.stderr
+
+
+@pytest.mark.parametrize("args, words", [(["--decode", "nvjpeg"], "--decode"),
+                                         (["--qformer-dtype", "int8"], "--qformer-dtype")])
+def test_bench_option_values(tiny_opt, args, words):
+    res = runner.invoke(app, ["bench", "--model", str(tiny_opt), "--synthetic", "1", *args])
+    assert res.exit_code == 2 and words in res.stderr
+
+
+def test_bench_qformer_dtype_and_gpu_stage(tiny_opt, monkeypatch):
+    common = ["bench", "--model", str(tiny_opt), "--synthetic", "4", "--size", "320x240", "-b", "2",
+              "--repeat", "1", "--json", "--max-new-tokens", "2", "--dtype", "bfloat16"]
+    res = runner.invoke(app, common)
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout)["rows"][0]
+    assert row["qformer_dtype"] == "bfloat16" and row["decode"] == "cpu" and row["warmup_s"] > 0
+
+    # The GPU stage wired in (Pillow standing in for nvJPEG), the Q-Former put in float32.
+    monkeypatch.setattr(gpudecode, "choose", lambda decode, device: True)
+    monkeypatch.setattr(gpudecode, "nvjpeg_decoder", gpudecode.pillow_decoder)
+    res = runner.invoke(app, common + ["--qformer-dtype", "float32", "--baseline"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    row = data["rows"][0]
+    assert row["qformer_dtype"] == "float32" and row["decode"] == "gpu"
+    assert row["note"].startswith("decoded on the GPU: ") and "on the CPU: 0" in row["note"]
+    assert data["meta"]["qformer_dtype"] == "float32"
+    assert data["baseline"]["plain_batched_generate_images_per_s"] > 0
