@@ -201,25 +201,33 @@ class PartsDir:
         A torn last line (a process killed mid-write, or one still writing) is
         ignored; anything else that is not a blip2 record is an error naming the
         part file and line."""
+        for path, number, record, _, _ in self._located_records():
+            yield path, number, record
+
+    def _located_records(self) -> Iterable[tuple[Path, int, dict, int, int]]:
+        """As ``numbered_records``, with each record's byte offset and length in its part
+        file; the files are read a line at a time (memory: one record)."""
         for path in self.part_files():
-            data = path.read_bytes()
-            lines = data.split(b"\n")
-            lines.pop()  # after the last newline: empty, or a torn record
-            for number, raw in enumerate(lines, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8", "surrogateescape"))
-                except ValueError:
-                    record = None
-                if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-                    what = "not JSON" if record is None else 'without a "path"'
-                    raise UsageError(
-                        f"{path} line {number} is not a blip2 record ({what})",
-                        hint=f"part files hold only what blip2 wrote: remove that line, or remove {path.name} "
-                        "and rerun its shard",
-                    )
-                yield path, number, record
+            offset = 0
+            with open(path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    start, offset = offset, offset + len(raw)
+                    if not raw.endswith(b"\n"):
+                        break  # after the last newline: a torn record
+                    if not raw.strip():
+                        continue
+                    try:
+                        record = json.loads(raw.decode("utf-8", "surrogateescape"))
+                    except ValueError:
+                        record = None
+                    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+                        what = "not JSON" if record is None else 'without a "path"'
+                        raise UsageError(
+                            f"{path} line {number} is not a blip2 record ({what})",
+                            hint=f"part files hold only what blip2 wrote: remove that line, or remove {path.name} "
+                            "and rerun its shard",
+                        )
+                    yield path, number, record, start, len(raw)
 
     def records(self) -> Iterable[dict]:
         """Every whole record of every part file (torn last lines ignored)."""
@@ -254,38 +262,120 @@ class PartsDir:
 
         Every record's settings are compared with the manifest's (the first run's):
         a mix is refused, naming the part file, line and setting, before anything
-        is written."""
+        is written. Per input (and question), the first success wins, else the first
+        record.
+
+        Streaming: the records are not held in memory. A temporary SQLite database
+        beside the parts (``.parts/.merge-*.sqlite``, removed afterwards) holds, per
+        record, its input name, key, whether it failed and where it is (part file,
+        offset, length); it is grouped and joined with the input list on disk, and
+        the chosen records are read back from the part files into the output, which
+        replaces the old one atomically. Memory stays flat whatever the number of
+        records (``benchmarks/merge_scale.py``); the missing inputs are listed."""
+        import sqlite3
+        import tempfile
+
         from .resume import settings_of
 
-        names = self.read_inputs()
         settings = self.read_manifest().get("settings")
-        by_path: dict[str, dict] = {}
-        for path, number, record in self.numbered_records():
-            if not isinstance(settings, dict):  # an old manifest: the first record sets the standard
-                settings = settings_of(record)
-            self._check_record(
-                path, number, record, settings, then="in the part", now="in the manifest",
-                hint=f"rerun that shard with the directory's settings (delete {path.name} first), "
-                "or merge only parts made the same way",
-            )
-            try:
-                key = key_of_record(record)
-            except KeyError as exc:
-                raise UsageError(f"{path} line {number} is not a blip2 `{self.command}` record "
-                                 f"(no {exc.args[0]!r})") from None
-            slot = by_path.setdefault(record["path"], {})
-            best = slot.get(key)
-            if best is None or (best.get("error") and not record.get("error")):
-                slot[key] = record  # first success wins; a success beats an error
+        if not (self.parts / "inputs.jsonl").exists():
+            self.read_inputs()  # raises: not a blip2 output directory
+        fd, db_path = tempfile.mkstemp(prefix=".merge-", suffix=".sqlite", dir=self.parts)
+        os.close(fd)
+        db = None
+        files: list[Path] = []
+        try:
+            db = sqlite3.connect(db_path)
+            for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-32000"):
+                db.execute(f"PRAGMA {pragma}")
+            db.execute("CREATE TABLE rec(seq INTEGER PRIMARY KEY, name TEXT, key TEXT, err INTEGER, "
+                       "file INTEGER, off INTEGER, len INTEGER)")
+            db.execute("CREATE TABLE inp(pos INTEGER PRIMARY KEY, name TEXT)")
+            file_ids: dict[Path, int] = {}
+            batch = []
+            for seq, (path, number, record, off, length) in enumerate(self._located_records()):
+                if not isinstance(settings, dict):  # an old manifest: the first record sets the standard
+                    settings = settings_of(record)
+                self._check_record(
+                    path, number, record, settings, then="in the part", now="in the manifest",
+                    hint=f"rerun that shard with the directory's settings (delete {path.name} first), "
+                    "or merge only parts made the same way",
+                )
+                try:
+                    key = key_of_record(record)
+                except KeyError as exc:
+                    raise UsageError(f"{path} line {number} is not a blip2 `{self.command}` record "
+                                     f"(no {exc.args[0]!r})") from None
+                if path not in file_ids:
+                    file_ids[path] = len(files)
+                    files.append(path)
+                batch.append((seq, record["path"], json.dumps(key, ensure_ascii=False),
+                              1 if record.get("error") else 0, file_ids[path], off, length))
+                if len(batch) >= 10_000:
+                    db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?)", batch)
+                    batch = []
+            db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?)", batch)
+            with open(self.parts / "inputs.jsonl", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+                batch, pos = [], 0
+                for line in f:
+                    if line.rstrip("\n"):
+                        batch.append((pos, json.loads(line)))
+                        pos += 1
+                        if len(batch) >= 10_000:
+                            db.executemany("INSERT INTO inp VALUES (?, ?)", batch)
+                            batch = []
+                db.executemany("INSERT INTO inp VALUES (?, ?)", batch)
+            # per (input, key): where its key first appears, and the record that wins
+            db.execute(f"CREATE TABLE grp AS SELECT name, MIN(seq) AS first, MIN(err * {1 << 40} + seq) AS best "
+                       "FROM rec GROUP BY name, key")
+            db.execute("CREATE INDEX grp_name ON grp(name, first)")
+            rows = db.execute(f"SELECT inp.name, rec.file, rec.off, rec.len FROM inp "
+                              f"LEFT JOIN grp ON grp.name = inp.name "
+                              f"LEFT JOIN rec ON rec.seq = grp.best % {1 << 40} ORDER BY inp.pos, grp.first")
+            written, missing = self._write_final(rows, files)
+        finally:
+            if db is not None:
+                db.close()
+            os.unlink(db_path)
+        return written, missing
+
+    def _write_final(self, rows, files: list[Path]) -> tuple[int, list[str]]:
+        """Copy the chosen records (re-serialised as ``merge`` always wrote them) into
+        a temporary file beside the output, then rename it over the output."""
+        import tempfile
+
+        final = self.final
+        try:
+            mode = os.stat(final).st_mode & 0o777
+        except OSError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        fd, tmp = tempfile.mkstemp(prefix=".blip2-", suffix=".tmp", dir=final.parent)
+        handles = [open(p, "rb") for p in files]
         written, missing = 0, []
-        lines = []
-        for name in names:
-            slot = by_path.get(name)
-            if not slot:
-                missing.append(name)
-                continue
-            for record in slot.values():
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-                written += 1
-        atomic_write(self.final, "".join(lines), fsync=True)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for name, file, off, length in rows:
+                    if file is None:
+                        missing.append(name)
+                        continue
+                    src = handles[file]
+                    src.seek(off)
+                    record = json.loads(src.read(length).decode("utf-8", "surrogateescape"))
+                    out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
+                    written += 1
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        finally:
+            for h in handles:
+                h.close()
         return written, missing

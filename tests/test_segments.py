@@ -444,3 +444,60 @@ def test_ann_search_finds_the_exact_top_k_on_a_small_store(tiny_itm, many_photos
     assert (out / f"ann-{gen}.faiss").exists()  # saved for the next search
     res = cli("search", "a cat", many_photos, "--index", out, "-m", tiny_itm, "--ann")
     assert res.exit_code == 2 and "--ann searches a whole vector store" in res.stderr
+
+
+# --------------------------------------------------------------------------- #
+# blip2 merge streams (same output as the in-memory merge it replaces)
+# --------------------------------------------------------------------------- #
+
+
+def reference_merge(names, part_lines, key_of):
+    """The in-memory algorithm merge used before (issue 15): the output must not change."""
+    by_path: dict = {}
+    for lines in part_lines:
+        for line in lines:
+            record = json.loads(line)
+            slot = by_path.setdefault(record["path"], {})
+            key = key_of(record)
+            best = slot.get(key)
+            if best is None or (best.get("error") and not record.get("error")):
+                slot[key] = record
+    out, missing = [], []
+    for name in names:
+        slot = by_path.get(name)
+        if not slot:
+            missing.append(name)
+            continue
+        out += [json.dumps(r, ensure_ascii=False) + "\n" for r in slot.values()]
+    return "".join(out), missing
+
+
+@pytest.mark.parametrize("command", ["caption", "ask"])
+def test_streaming_merge_gives_the_same_output(tmp_path, command):
+    from blip2cli.parts import RECORD_KEYS, PartsDir
+
+    rng = np.random.default_rng(20)
+    root = tmp_path / "out"
+    parts = PartsDir(root, command)
+    names = [f"img/{i:03d}-\u00e9\u2028.jpg" for i in range(60)]
+    settings = {"model": "m", "max_new_tokens": 4}
+    parts.write_manifest(names, settings)
+    part_lines = []
+    for shard in range(3):  # shards in any order, errors redone later, duplicates, questions
+        lines = []
+        for _ in range(80):
+            name = names[int(rng.integers(0, 55))]  # the last 5 inputs have no record
+            rec = {"path": name, "caption": f"c{rng.integers(0, 9)}", **settings,
+                   "error": "boom" if rng.random() < 0.3 else None}
+            if command == "ask":
+                rec["question"] = ["what?", "who?"][int(rng.integers(0, 2))]
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        part_lines.append(lines)
+        body = "".join(lines) + ('{"path": "torn' if shard == 1 else "")
+        (parts.parts / f"part-{shard:05d}-of-00003.jsonl").write_text(body, encoding="utf-8")
+    want, want_missing = reference_merge(names, part_lines, RECORD_KEYS[command])
+    written, missing = parts.merge(RECORD_KEYS[command])
+    assert parts.final.read_text(encoding="utf-8") == want
+    assert missing == want_missing and names[-5:] == missing[-5:]
+    assert written == want.count("\n")
+    assert sorted(p.name for p in parts.parts.iterdir() if p.name.startswith(".")) == []  # no temporary files
