@@ -23,7 +23,8 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, *, fsync: bool = Fa
             mode = os.stat(path).st_mode & 0o777
         except OSError:
             mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    # A short temporary name of fixed length: any legal final name (up to 255 bytes) works.
+    fd, tmp = tempfile.mkstemp(prefix=".blip2-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data if isinstance(data, bytes) else data.encode("utf-8", "surrogateescape"))

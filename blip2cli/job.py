@@ -98,6 +98,26 @@ class Job:
                 )
 
     def run(self, items: Iterable, total: int | None) -> JobResult:
+        """Locks taken on the way (the output file, sidecar folders) are held to the end."""
+        from .guard import RunGuard
+
+        guard = RunGuard(streaming=total is None, locking=not self.dry_run)
+        try:
+            return self._run(items, total, guard)
+        finally:
+            guard.release()
+
+    def _outputs(self, shard) -> list:
+        """Every file this run writes besides sidecars: none of them may be an input."""
+        if shard is None:
+            return [self.output] if self.output is not None else []
+        from .parts import PartsDir
+
+        parts = PartsDir(self.output, self.command)
+        return [parts.part(shard), parts.parts / "manifest.json", parts.parts / "inputs.jsonl", parts.final]
+
+    def _run(self, items: Iterable, total: int | None, guard) -> JobResult:
+        from .guard import refuse_image_output
         from .loader import load, plan
         from .pipeline import run
         from .writers import Sink, make_writer
@@ -117,6 +137,22 @@ class Job:
             if shard is None:  # one process into a directory: itself is the whole job
                 shard = Shard(0, 1, launched=True)
             self.load_options.device = local_device(shard, self.load_options.device)
+        # Before anything is read or written: no output is an input (a known list is
+        # refused here; stdin items are screened as they come), and no one else writes it.
+        items = guard.screen(items, self._outputs(shard))
+        if shard is None:
+            refuse_image_output(self.output)
+            if not self.dry_run or self.resume:  # --resume rewrites the file, even in a dry run
+                guard.lock_output(self.output)
+        elif not self.dry_run:
+            from .parts import PartsDir
+
+            part = PartsDir(self.output, self.command).part(shard)
+            try:
+                part.parent.mkdir(parents=True, exist_ok=True)  # DIR/.parts: the lock lives there
+            except OSError:
+                pass  # writing the manifest says why
+            guard.lock_output(part, what="the part file")
         kwargs = {"architectures": self.architectures} if self.architectures else {}
         load_plan = plan(self.load_options, task=self.command, **kwargs)
         settings = {**load_plan.settings(), **self.extra_settings}
@@ -168,7 +204,7 @@ class Job:
                 if self.dry_run:
                     self._dry_line("skip", path, item.name)
 
-            items = plan_sidecars(items, self.sidecar, on_skip)
+            items = plan_sidecars(items, self.sidecar, on_skip, guard=guard)
 
         if self.dry_run:
             n = 0
@@ -202,13 +238,15 @@ class Job:
 
             torch.manual_seed(self.seed)
         task = _Recorded(self.make_task(loaded), settings, self.sidecar)
-        sink = Sink(str(sink_path) if sink_path is not None else None, append=appending).open()
+        sink = Sink(str(sink_path) if sink_path is not None else None, append=appending,
+                    hint=self._full_hint(shard)).open()
         from .console import Reporter
 
         reporter = Reporter(quiet=self.quiet, total=total, description=self.description)
         from .errors import sigterm_as_interrupt
         from .options import default_batch_size, default_workers
 
+        failed = True
         try:
             # The contact sheet's header shows the settings before the first record.
             options = {"settings": settings, "command": self.command, **self.html} if self.fmt == "html" else {}
@@ -218,7 +256,7 @@ class Job:
             if self.sidecar is not None:
                 from .sidecar import SidecarWriter
 
-                writer = SidecarWriter(self.sidecar, writer, text_of=self.sidecar_text)
+                writer = SidecarWriter(self.sidecar, writer, text_of=self.sidecar_text, guard=guard)
             with sigterm_as_interrupt():
                 result.stats = run(
                     items,
@@ -230,12 +268,22 @@ class Job:
                     fail_fast=self.fail_fast,
                 )
             writer.close()  # html: the last card and the closing tags (a cut page shows without them)
+            failed = False
         finally:
             reporter.close()
-            sink.close()
+            sink.close(quiet=failed)  # an error while closing never hides the one on its way out
         self._report_skips(result)
         self._after_parts(shard, parts, result)
         return result
+
+    def _full_hint(self, shard) -> str:
+        """What to do after a write error (disk full): where the run will carry on."""
+        if shard is not None:
+            return "free some space, then run the same command again: it carries on after the last whole record"
+        if self.fmt == "jsonl":
+            return ("free some space, then run the same command with --resume: it carries on "
+                    "after the last whole record")
+        return f"free some space, then run the command again ({self.fmt} output cannot --resume; JSON Lines can)"
 
     def _after_parts(self, shard, parts, result: JobResult) -> None:
         """Launched processes meet, then process 0 merges; a manual shard says what is next."""

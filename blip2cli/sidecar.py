@@ -63,9 +63,22 @@ class SidecarPolicy:
             path = os.path.normpath(os.path.join(base, rel_dir, name))
             if os.path.commonpath([base, path]) != base:  # belt and braces: never outside
                 raise SidecarError(f"its sidecar would land outside {self.output_dir}")
+            # A symlinked folder (or sidecar) inside the output folder must not lead out of it.
+            real_base = os.path.realpath(base)
+            if os.path.commonpath([real_base, os.path.realpath(path)]) != real_base:
+                raise SidecarError(
+                    f"its sidecar {path} would land outside {self.output_dir} (through a symbolic link)"
+                )
         if os.path.abspath(path) == os.path.abspath(image):
             raise SidecarError(f"its sidecar would be the image itself (it already ends in {self.ext})")
         return path
+
+    def lock_folder(self, path: str) -> tuple[str, bool]:
+        """(the folder a run holds while it writes ``path``, whether to create it):
+        the output folder, or the image's folder (nothing is created there)."""
+        if self.output_dir is not None:
+            return os.path.abspath(self.output_dir), True
+        return os.path.dirname(path) or ".", False
 
     def action(self, path: str) -> str:
         """What a run would do to ``path``: write, skip, overwrite, append or prepend."""
@@ -112,10 +125,11 @@ class SidecarWriter:
     """Writes each successful record's captions to its sidecar, then passes the
     record (with ``sidecar`` set) on to the stream writer."""
 
-    def __init__(self, policy: SidecarPolicy, inner, *, text_of=lambda r: r.get("captions") or []):
+    def __init__(self, policy: SidecarPolicy, inner, *, text_of=lambda r: r.get("captions") or [], guard=None):
         self.policy = policy
         self.inner = inner
         self.text_of = text_of
+        self.guard = guard  # guard.RunGuard: an input or an image is never overwritten
 
     def write(self, record: dict) -> None:
         if not record.get("error"):
@@ -123,22 +137,30 @@ class SidecarWriter:
             try:
                 if path is None:
                     raise SidecarError("no sidecar path")
+                problem = self.guard.sidecar_problem(path) if self.guard is not None else None
+                if problem:  # checked again at the last moment: stdin may have named it since
+                    record.pop("sidecar", None)
+                    raise SidecarError(problem)
                 write_atomic(path, self.policy.text(list(self.text_of(record)), path))
             except (OSError, SidecarError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                record["error"] = f"cannot write the sidecar {path}: {reason}"
+                record["error"] = reason if "sidecar" not in record else f"cannot write the sidecar {path}: {reason}"
         self.inner.write(record)
 
     def close(self) -> None:
         self.inner.close()
 
 
-def plan(items, policy: SidecarPolicy, on_skip):
+def plan(items, policy: SidecarPolicy, on_skip, *, guard=None):
     """Yield the items that need a sidecar written.
 
     Items whose sidecar exists are dropped under ``--existing skip`` before any
     decoding (``on_skip(item, path)`` is told); an item that cannot have a
     sidecar comes out with its ``error`` set, so it becomes an error record.
+    With a ``guard`` (``guard.RunGuard``): a sidecar path that is an input of the
+    run or an image is such an error, whatever ``--existing`` says; and the folder
+    of each sidecar is locked against a second run before its state is looked at
+    (a second run over a known list is refused; on stdin, its item fails).
     """
     for item in items:
         if item.error is not None:
@@ -146,10 +168,19 @@ def plan(items, policy: SidecarPolicy, on_skip):
             continue
         try:
             path = policy.path_for(item)
+            problem = guard.sidecar_problem(path) if guard is not None else None
+            if problem:
+                raise SidecarError(problem)
             policy.claim(path, item.name)
         except SidecarError as exc:
             yield replace(item, error=str(exc))
             continue
+        if guard is not None:
+            folder, create = policy.lock_folder(path)
+            busy = guard.lock_folder(folder, create=create)
+            if busy:
+                yield replace(item, error=busy)
+                continue
         if policy.action(path) == "skip":
             on_skip(item, path)
             continue

@@ -13,6 +13,7 @@ sheet of the records (the page itself is ``blip2cli.html``).
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -98,16 +99,49 @@ class JsonlWriter(Writer):
         return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+# A spreadsheet takes a cell that starts with one of these as a formula (OWASP, "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_cell(value: object) -> object:
+    """A text cell that a spreadsheet would run as a formula gets a leading ``'``
+    (``=1+1.png`` -> ``'=1+1.png``); numbers (``-0.25``, also as text) stay as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _is_number(value):
+        return "'" + value
+    return value
+
+
+def _is_number(text: str) -> bool:
+    if text != text.strip():
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class CsvWriter(Writer):
-    """RFC 4180: a header, fields quoted where needed, CRLF line ends."""
+    """RFC 4180: a header, fields quoted where needed, CRLF line ends.
+
+    Text cells that a spreadsheet would run as a formula (starting with ``=``, ``+``,
+    ``-``, ``@``, a tab or a carriage return: file names, captions, questions, answers)
+    are written with a leading ``'``, as OWASP advises, so opening the file in Excel or
+    LibreOffice never runs one. ``raw=True`` writes them as they are; JSON Lines always
+    does (``-f jsonl``).
+    """
 
     format = "csv"
     extension = ".csv"
 
-    @staticmethod
-    def _line(row: Sequence) -> str:
+    def __init__(self, stream, schema: Schema, *, header: bool = True, raw: bool = False):
+        self.raw = raw
+        super().__init__(stream, schema, header=header)
+
+    def _line(self, row: Sequence) -> str:
         buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\r\n").writerow(["" if v is None else v for v in row])
+        cells = ["" if v is None else v if self.raw else neutralise_cell(v) for v in row]
+        csv.writer(buffer, lineterminator="\r\n").writerow(cells)
         return buffer.getvalue()
 
     def header(self) -> str:
@@ -176,28 +210,38 @@ FORMATS = tuple(WRITERS)
 class Sink:
     """Where formatted records go: stdout (default) or a file, as UTF-8 bytes.
 
-    Each record is written and flushed whole. If a write fails (disk full, I/O
-    error), a file is cut back to the end of the last whole record, so what is
-    left is valid output, and an :class:`OutputError` says what happened.
+    Each record is written whole, straight to the file (no buffer in between, so
+    nothing is left over to fail again at ``close()``). If a write fails (disk full,
+    I/O error), a file is cut back to the end of the last whole record, so what is
+    left is valid output, and an :class:`OutputError` says what happened, how many
+    records the file holds, and ``hint`` (what to do next: ``--resume``).
     Undecodable bytes in file names survive the round trip (surrogateescape).
+    An existing image is never opened for writing (``guard.refuse_image_output``).
     """
 
-    def __init__(self, path: str | None, *, append: bool = False):
+    DEFAULT_HINT = "free some space (or fix the output), then run again"
+
+    def __init__(self, path: str | None, *, append: bool = False, hint: str | None = None):
         self.path = path if path not in (None, "-") else None
         self.append = append
+        self.hint = hint or self.DEFAULT_HINT
         self._fh: IO[bytes] | None = None
         self.records = 0
         self._good = 0  # byte offset after the last whole record
+        self.failed = False  # a write failed: close() stays quiet
 
     def open(self) -> "Sink":
         from .errors import OutputError
+        from .guard import refuse_image_output
 
         if self.path is None:
             sys.stdout.flush()
             self._fh = sys.stdout.buffer
             return self
+        refuse_image_output(self.path)
         try:
-            self._fh = open(self.path, "ab" if self.append else "wb")
+            # Unbuffered: a failed write leaves nothing behind in Python for close() to retry.
+            self._fh = open(self.path, "ab" if self.append else "wb", buffering=0)
             self._good = self._fh.seek(0, os.SEEK_END)
         except OSError as exc:
             raise OutputError(
@@ -207,47 +251,78 @@ class Sink:
         return self
 
     def write_record(self, text: str) -> None:
-        from .errors import OutputError
-
         data = text.encode("utf-8", "surrogateescape")
         try:
-            self._fh.write(data)
+            self._write_all(data)
             self._fh.flush()
         except BrokenPipeError:
             raise
         except OSError as exc:
-            where = self.path or "standard output"
-            kept = ""
-            if self.path is not None:
-                try:
-                    self._fh.truncate(self._good)  # drop the torn record
-                    kept = f"; {self.path} holds the {self.records} whole records written before"
-                except OSError:
-                    kept = f"; the last record in {self.path} may be incomplete"
-            raise OutputError(
-                f"cannot write to {where}: {exc.strerror or exc}{kept}",
-                hint="free some space (or fix the output), then run again with --resume",
-            ) from exc
+            raise self._failure(exc) from exc
         self._good += len(data)
         self.records += 1
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._fh.write(view)
+            if not isinstance(n, int):  # a stream that does not count (it took it all)
+                return
+            if n == 0:  # the kernel took nothing and said nothing: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[n:]  # a short write: the rest, or the error, comes next
+
+    def _failure(self, exc: OSError, truncate=None):
+        """The torn record cut off, and an OutputError that says what is left."""
+        from .errors import OutputError
+
+        self.failed = True
+        reason = exc.strerror or str(exc)
+        if self.path is None:
+            return OutputError(f"cannot write to standard output: {reason}",
+                               hint="check where the output goes (a full disk, a closed pipe)")
+        what = f"the disk is full ({reason})" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else reason
+        kept = ""
+        if os.path.isfile(self.path):  # not /dev/full or a pipe: there is a file to mend
+            try:
+                (truncate or (lambda: self._fh.truncate(self._good)))()  # drop the torn record
+                kept = f"; {self.path} holds the {self.records} whole records written before"
+            except (OSError, ValueError):
+                kept = f"; the last record in {self.path} may be incomplete"
+        return OutputError(
+            f"cannot write to {self.path}: {what}{kept}",
+            hint=self.hint,
+        )
 
     # A plain text-stream face, for code that wants one.
     def write(self, text: str) -> None:
         self.write_record(text)
 
     def flush(self) -> None:
-        if self._fh is not None:
+        if self._fh is not None and not self.failed:
             self._fh.flush()
 
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
+        """``quiet``: another error is on its way out; a failure here must not hide it."""
         if self._fh is None:
             return
+        fh, self._fh = self._fh, None
         try:
-            self._fh.flush()
-        finally:
+            if not self.failed:
+                fh.flush()
             if self.path is not None:
-                self._fh.close()
-            self._fh = None
+                fh.close()
+        except OSError as exc:
+            if self.path is not None:
+                try:
+                    fh.close()
+                except OSError:
+                    pass
+            if quiet or self.failed:
+                return
+            if self.path is None:
+                raise
+            raise self._failure(exc, truncate=lambda: os.truncate(self.path, self._good)) from exc
 
 
 def make_writer(fmt: str, stream, schema: Schema, *, header: bool = True, **options) -> Writer:

@@ -64,6 +64,7 @@ def sheet(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=o.OUTPUT, help="No summary on stderr.")] = False,
 ) -> None:
     """An HTML contact sheet of earlier results: thumbnails with their captions, answers or scores."""
+    import contextlib
     import io
     import os
     import sys
@@ -82,10 +83,16 @@ def sheet(
         except OSError as exc:
             raise InputError(f"cannot read {source!r}: {exc.strerror or exc}",
                              hint="pass the -o file of blip2 caption, ask or search (JSON Lines)") from exc
+    lock = None
     if str(output or "-") != "-":
-        check_output_path(output)
+        try:
+            check_output_path(output)
+            lock = _guard_output(source, fh, output)
+        except BaseException:
+            fh.close()
+            raise
     bad: list[int] = []
-    with fh:
+    with fh, (lock or contextlib.nullcontext()):
         records = read_records(fh, on_bad_line=bad.append)
         first = next(records, None)
         if first is None and bad:
@@ -95,6 +102,7 @@ def sheet(
         base = output.parent if output is not None and str(output) != "-" else Path(".")
         thumbnails = Thumbnails()
         sink = Sink(str(output) if output is not None else None).open()
+        failed = True
         try:
             writer = make_writer(
                 "html", sink, None,
@@ -111,8 +119,9 @@ def sheet(
             render_records(stream, writer, thumbnails, root=str(root or "."), links=html_links,
                            workers=workers or o.default_workers())
             writer.close()
+            failed = False
         finally:
-            sink.close()
+            sink.close(quiet=failed)  # never hides the error on its way out
     page = writer.sheet
     if bad:
         console.message(f"skipped {len(bad)} lines that are not JSON records (first: line {bad[0]})")
@@ -123,6 +132,26 @@ def sheet(
         where = f"{output}: " if output is not None and str(output) != "-" else ""
         console.message(f"{where}{page.cards} images" + (f" ({', '.join(notes)})" if notes else ""))
     raise typer.Exit(0)
+
+
+def _guard_output(source: str, fh, output: Path):
+    """The page never replaces its own input (compared by inode: ./x, links) nor an image,
+    and one writer at a time: returns the lock held while the page is written."""
+    import os
+
+    from ..errors import UsageError
+    from ..guard import file_id, lock_output, refuse_image_output
+
+    try:
+        st = os.fstat(fh.fileno())  # the file read, also when it is stdin (< big.jsonl)
+        ident = (st.st_dev, st.st_ino)
+    except (AttributeError, OSError, ValueError):
+        ident = file_id(source) if source != "-" else None
+    if ident is not None and ident == file_id(output):
+        raise UsageError(f"the input {source!r} is also the output {str(output)!r}: writing would destroy it",
+                         hint="name another page: -o sheet.html")
+    refuse_image_output(output)
+    return lock_output(output)  # a second writer of the same page is refused (exit 2)
 
 
 sheet.__doc__ = (sheet.__doc__ or "") + EXAMPLES
