@@ -413,6 +413,10 @@ def embed(
     items, total = (None, 0)
     if have_images:
         items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="embed")
+        from ..guard import screen_inputs  # no output (a store and its index too) is an input
+        from ..store import index_path
+
+        items = screen_inputs(items, total, [output, index_path(output)] if to_store else [output])
 
     if not to_store and not texts:
         # Image records to JSON Lines / CSV: the common job (--resume, -o DIR, --shard).
