@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, U
 
 from .ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPLATE, PAIRS_PER_IMAGE
 from .caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, GenerationOptions
-from .errors import Blip2Error, ModelError, OptionError, UsageError
+from .errors import Blip2Error, Interrupted, ModelError, OptionError, UsageError
 from .images import ImageError
 from .loader import ALL_ARCHITECTURES, DEFAULT_MODEL, DTYPES, GENERATIVE, QUANTIZE, RETRIEVAL
 
@@ -717,6 +717,7 @@ def _pipeline_records(items: Iterable, task, *, settings: dict, batch_size: int,
     thread = threading.Thread(target=work, name="blip2-files", daemon=True)
     _seed(seed)  # as the CLI seeds: once, before the first batch
     thread.start()
+    interrupted = False
     try:
         while True:
             value = records.get()
@@ -725,9 +726,13 @@ def _pipeline_records(items: Iterable, task, *, settings: dict, batch_size: int,
             yield value
         if failure:
             raise failure[0]
+    except (KeyboardInterrupt, Interrupted):
+        interrupted = True  # don't wait for a pipeline that may be stuck in a read
+        raise
     finally:
         stop.set()
-        thread.join()
+        if not interrupted:
+            thread.join()
 
 
 def _items(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], recursive: bool,

@@ -396,7 +396,7 @@ def render_records(
     """Write ``records`` through the html ``writer``, each image's thumbnail decoded in a
     thread pool kept a few images ahead (with ``links``, only checked to exist).
     Returns the number of records written."""
-    from concurrent.futures import ThreadPoolExecutor
+    from .pipeline import DecodePool
 
     lookahead = max(8, workers * 4)
     pending: deque = deque()
@@ -412,7 +412,10 @@ def render_records(
             writer.write(record)
             written += 1
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="blip2-sheet") as pool:
+    # Daemon threads, never waited for: a read stuck on a slow file system cannot keep an
+    # interrupted ``blip2 sheet`` alive (a ThreadPoolExecutor joins its threads at exit).
+    pool = DecodePool(workers, name="blip2-sheet")
+    try:
         for record in records:
             path = record_path(record)
             future = None
@@ -427,4 +430,9 @@ def render_records(
             pending.append((record, path, future))
             drain(lookahead)
         drain(0)
+    finally:
+        for _, _, future in pending:
+            if future is not None:
+                future.cancel()
+        pool.shutdown()
     return written

@@ -113,7 +113,7 @@ class _Raise:
     exc: BaseException
 
 
-class _DecodePool:
+class DecodePool:
     """``workers`` daemon threads running ``submit``ted calls, each answered through a Future.
 
     Not a ThreadPoolExecutor: its threads are joined when the interpreter exits, so
@@ -202,7 +202,7 @@ def run(
     started = time.perf_counter()
     source = _SourceThread(items)
     lookahead = max(batch_size * 2, workers * 2, 4)
-    pool = _DecodePool(workers)
+    pool = DecodePool(workers)
     pending: deque[tuple[Item, Future]] = deque()
     batch: list[tuple[Item, Any, str | None]] = []
     ready = 0  # items in ``batch`` that decoded fine
