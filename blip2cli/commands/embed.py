@@ -82,9 +82,12 @@ PoolOpt = Annotated[
 
 
 def model_key(model: str) -> str:
-    """What a store records as its model: a local folder as an absolute path, else the hub id."""
+    """What a store records as its model: a local folder as an absolute path, else the hub id
+    (a short name such as ``itm`` as the hub id it stands for)."""
+    from ..models import resolve
+
     expanded = os.path.expanduser(model)
-    return os.path.abspath(expanded) if os.path.isdir(expanded) else model
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else resolve(model)
 
 
 def _wants_directory(output) -> bool:
