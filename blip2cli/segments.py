@@ -70,6 +70,7 @@ SEGMENTED_VERSION = 1
 DELETED_FRACTION = 0.5  # a segment more deleted than this is rewritten at the next commit
 TAIL_RATIO = 2  # merge the last two segments while the older is at most this times the newer
 PARQUET_KEY = b"blip2.segment"
+ROW_GROUP = 16384  # rows per Parquet row group: reading one entry reads one group
 
 
 def is_segmented(path) -> bool:
@@ -200,6 +201,7 @@ class _Entries:
     def __init__(self, store: "SegmentedStore"):
         self._store = store
         self._tables: dict[str, object] = {}
+        self._groups: dict[str, tuple] = {}  # segment id -> (ParquetFile, group starts, groups read)
 
     def __len__(self) -> int:
         return self._store.rows
@@ -216,8 +218,24 @@ class _Entries:
         if not 0 <= row < len(self):
             raise IndexError(row)
         seg, phys = self._store.locate(row)
-        rec = self.table(seg).slice(phys, 1).to_pylist()[0]
-        return _entry(rec)
+        if seg.id in self._tables:
+            return _entry(self._tables[seg.id].slice(phys, 1).to_pylist()[0])
+        # one row group, not the whole index: a search prints 10 paths
+        import bisect
+
+        if seg.id not in self._groups:
+            _, pq = _need_pyarrow()
+            pf = pq.ParquetFile(self._store.path / seg.index)
+            starts, n = [], 0
+            for g in range(pf.metadata.num_row_groups):
+                starts.append(n)
+                n += pf.metadata.row_group(g).num_rows
+            self._groups[seg.id] = (pf, starts, {})
+        pf, starts, cache = self._groups[seg.id]
+        group = bisect.bisect_right(starts, phys) - 1
+        if group not in cache:
+            cache[group] = pf.read_row_group(group)
+        return _entry(cache[group].slice(phys - starts[group], 1).to_pylist()[0])
 
     def __iter__(self) -> Iterator[Entry]:
         for seg in self._store.segments:
@@ -508,7 +526,7 @@ def _write_segment(folder: Path, meta: StoreMeta, parts, entries=None, pending=N
     table = table.replace_schema_metadata({PARQUET_KEY: seg_id.encode("ascii"),
                                            b"blip2.dims": json.dumps(list(meta.dims)).encode()})
     idx = folder / seg.index
-    pq.write_table(table, idx)
+    pq.write_table(table, idx, row_group_size=ROW_GROUP)
     with open(idx, "rb+") as f:
         os.fsync(f.fileno())
     return seg
@@ -550,7 +568,7 @@ class SegmentedUpdate(StoreUpdate):
             if is_segmented(self.path):
                 self._old = SegmentedStore.open(self.path)
                 self._adopt(self._old, dtype_given)
-                self._keep = [True] * self._old.rows
+                self._keep = np.ones(self._old.rows, dtype=bool)  # read and set by row, as a list
         except BaseException:
             self._lock.release(remove=False)
             raise
@@ -575,7 +593,7 @@ class SegmentedUpdate(StoreUpdate):
         with self._mutex:
             self._closed = True
         old = self._old
-        keep = list(self._keep)
+        keep = np.array(self._keep, dtype=bool)
         if self.prune and old is not None:
             for row, abspath in old.abspaths():
                 if keep[row] and not os.path.exists(abspath):
@@ -585,7 +603,7 @@ class SegmentedUpdate(StoreUpdate):
         for r in moved:
             keep[r] = False
         new_entries = [self._touched[r] for r in moved] + self._added
-        gone = np.flatnonzero(~np.asarray(keep, dtype=bool)) if keep else np.empty(0, np.int64)
+        gone = np.flatnonzero(~keep)
         self.stats.added = len(self._added)
         self.stats.rows = (old.rows if old is not None else 0) - len(gone) + len(new_entries)
         failed = self._failed_after()
