@@ -37,6 +37,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, U
 
 from .ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPLATE, PAIRS_PER_IMAGE
 from .caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, GenerationOptions
+from .choices import Preprocess, names
+from .defaults import default_batch_size, default_workers
+from .embed import FEATURES, POOLS
 from .errors import Blip2Error, Interrupted, ModelError, OptionError, UsageError
 from .images import ImageError
 from .loader import ALL_ARCHITECTURES, DEFAULT_MODEL, DTYPES, GENERATIVE, QUANTIZE, RETRIEVAL
@@ -50,9 +53,7 @@ if TYPE_CHECKING:
 
 #: One image: a ``PIL.Image.Image``, a path, the file's bytes, or an ``HxWx3`` uint8 array.
 ImageInput = Union["PILImage.Image", str, "os.PathLike[str]", bytes, bytearray, memoryview, "np.ndarray"]
-PREPROCESS = ("fast", "reference")
-POOLS = ("none", "mean")
-FEATURES = ("auto", "itc", "vision", "qformer")
+PREPROCESS = names(Preprocess)
 
 __all__ = ["Chat", "ImageInput", "Model", "ask_files", "caption_files", "load"]
 
@@ -215,14 +216,6 @@ def _prepare(stage, image: Any, index: int):
 
 
 # -- defaults (the CLI's, in options.py) ----------------------------------------------
-def _default_batch_size(device_type: str) -> int:
-    return {"cpu": 16, "mps": 16}.get(device_type, 32)
-
-
-def _default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise OptionError(f"{name} must be one of {', '.join(map(repr, choices))} (got {value!r})", params=[name])
@@ -301,7 +294,7 @@ class Model:
 
     def _batch_size(self, batch_size: int | None) -> int:
         _check_batch_size(batch_size)
-        return batch_size or _default_batch_size(self.loaded.device.type)
+        return batch_size or default_batch_size(self.loaded.device.type)
 
     def _stage(self, preprocess: str):
         from .images import ImageStage
@@ -753,7 +746,7 @@ def _run_files(model: Model, inputs, make_task: Callable[[], Any], extra_setting
     items = _items(inputs, recursive, extensions)
     task = make_task()
     settings = {**model.settings(), **extra_settings}
-    return _pipeline_records(items, task, settings=settings, batch_size=size, workers=workers or _default_workers(),
+    return _pipeline_records(items, task, settings=settings, batch_size=size, workers=workers or default_workers(),
                              seed=seed)
 
 

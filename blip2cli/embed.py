@@ -38,13 +38,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .choices import Features, Pool, names
 from .errors import UsageError
 from .loader import RETRIEVAL
 from .writers import Schema
 
 DEFAULT_RETRIEVAL_MODEL = "Salesforce/blip2-itm-vit-g"
-FEATURES = ("auto", "itc", "vision", "qformer")
-POOLS = ("none", "mean")
+FEATURES = names(Features)  # ("auto", "itc", "vision", "qformer")
+POOLS = names(Pool)  # ("none", "mean")
 TEXT_BATCH = 64
 
 

@@ -244,7 +244,7 @@ class Job:
 
         reporter = Reporter(quiet=self.quiet, total=total, description=self.description)
         from .errors import sigterm_as_interrupt
-        from .options import default_batch_size, default_workers
+        from .defaults import default_batch_size, default_workers
 
         failed = True
         try:

@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .choices import Dtype, Quantize, names
 from .errors import DeviceError, ModelError, UsageError
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 DEVICES_HELP = "auto|cpu|cuda|cuda:N|mps"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-QUANTIZE = ("none", "8bit", "4bit")
+DTYPES = names(Dtype)  # ("auto", "float32", "float16", "bfloat16")
+QUANTIZE = names(Quantize)  # ("none", "8bit", "4bit")
 
 # Which modules stay in the compute dtype when quantizing. Only the language
 # model's linear layers are quantized: they hold three quarters of the weights

@@ -13,7 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from .choices import Dtype, Format, Preprocess, Quantize  # declared once, in the core
+from .defaults import default_batch_size, default_workers
 from .loader import DEFAULT_MODEL
+from .sidecar import Existing as ExistingOpt
 
 # The sections of every command's --help (each option names one; cli.Command
 # prints them in this order, a command's own sections right after Inputs).
@@ -22,31 +25,6 @@ LOADER = "Model"
 GENERATION = "Generation"
 OUTPUT = "Output"
 PERFORMANCE = "Performance"
-
-
-class Dtype(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-class Quantize(str, Enum):
-    none = "none"
-    q8 = "8bit"
-    q4 = "4bit"
-
-
-class Format(str, Enum):
-    text = "text"
-    jsonl = "jsonl"
-    csv = "csv"
-    html = "html"
-
-
-class Preprocess(str, Enum):
-    fast = "fast"
-    reference = "reference"
 
 
 def choices(enum: type[Enum]) -> str:
@@ -231,13 +209,6 @@ SIDECARS = "Sidecar files"
 FAULTS = "Resume, shards and failures"
 
 
-class ExistingOpt(str, Enum):
-    skip = "skip"
-    overwrite = "overwrite"
-    append = "append"
-    prepend = "prepend"
-
-
 Sidecar = Annotated[
     bool,
     typer.Option("--sidecar", rich_help_panel=SIDECARS, help="Write each result to a text file beside its image (photo.jpg -> photo.txt)."),
@@ -290,14 +261,6 @@ ShardOpt = Annotated[
 FailFast = Annotated[
     bool, typer.Option("--fail-fast", rich_help_panel=FAULTS, help="Stop at the first image that fails (exit 1)."),
 ]
-
-
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def default_batch_size(device_type: str) -> int:
-    return {"cpu": 16, "mps": 16}.get(device_type, 32)
 
 
 def infer_format(fmt: Optional[Format], output: Optional[Path]) -> str:

@@ -58,13 +58,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from .choices import StoreDtype, names
 from .errors import Blip2Error, UsageError
 
 FORMAT_NAME = "blip2-vector-store"
 FORMAT_VERSION = 1
 STORE_SUFFIXES = (".safetensors", ".npy")
 TENSOR_NAME = "vectors"
-STORE_DTYPES = ("float32", "float16")
+STORE_DTYPES = names(StoreDtype)  # ("float32", "float16")
 _ST_DTYPES = {"float32": "F32", "float16": "F16"}
 _ST_DTYPES_BACK = {v: k for k, v in _ST_DTYPES.items()}
 # Rows per chunk are chosen so that one chunk, converted to float32, is about this big.

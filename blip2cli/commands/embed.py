@@ -7,7 +7,6 @@ the ``EmbedTask`` the pipeline runs, and embedding items into a store.
 from __future__ import annotations
 
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +14,7 @@ import typer
 
 from .. import console
 from .. import options as o
+from ..choices import EmbedFormat, Features, Pool, StoreDtype, StoreLayout  # declared once, in the core
 from ..embed import DEFAULT_RETRIEVAL_MODEL
 from ..errors import sigterm_as_interrupt
 from .common import check_output_path, finish, handles_errors, resolve_items
@@ -33,33 +33,6 @@ Examples:
   blip2 embed photos/ --pool mean -f csv -o vectors.csv
   blip2 embed photos/ -m Salesforce/blip2-opt-2.7b --features vision -o vision.npy
 """
-
-
-class Features(str, Enum):
-    auto = "auto"
-    itc = "itc"
-    vision = "vision"
-    qformer = "qformer"
-
-
-class Pool(str, Enum):
-    none = "none"
-    mean = "mean"
-
-
-class EmbedFormat(str, Enum):
-    jsonl = "jsonl"
-    csv = "csv"
-
-
-class StoreLayout(str, Enum):
-    segments = "segments"
-    clip_retrieval = "clip-retrieval"
-
-
-class StoreDtype(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
 
 
 FeaturesOpt = Annotated[
