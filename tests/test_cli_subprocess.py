@@ -31,7 +31,10 @@ def test_find_pipe_into_blip2_jsonl(tiny_opt, example_images, tmp_path):
     records = [json.loads(l) for l in proc.stdout.decode().splitlines()]
     assert [r["path"] for r in records] == [str(p) for p in example_images]
     assert all(r["caption"] and r["error"] is None for r in records)
-    assert proc.stderr.decode() == ""  # no chatter, no progress bar off a terminal
+    # No chatter and no progress bar off a terminal: the one closing summary line only.
+    err = proc.stderr.decode()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"blip2: captioned {len(example_images)} images in ") and "\r" not in err, err
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
