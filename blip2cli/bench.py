@@ -288,8 +288,7 @@ def _make_task(task: str, loaded, gen, batch_size: int):
 
     stage_kind = "fast"
     if task == "caption":
-        from .caption import Captioner
-        from .commands.caption import CaptionTask
+        from .caption import CaptionTask, Captioner
 
         return CaptionTask(loaded, Captioner(loaded, gen), stage_kind)
     if task == "ask":
@@ -297,8 +296,7 @@ def _make_task(task: str, loaded, gen, batch_size: int):
 
         return AskTask(Asker(loaded, gen, pairs_per_call=batch_size * PAIRS_PER_IMAGE),
                        ImageStage(loaded, stage_kind), [BENCH_QUESTION], "Question: {question} Answer:")
-    from .commands.embed import EmbedTask
-    from .embed import Embedder
+    from .embed import Embedder, EmbedTask
 
     return EmbedTask(loaded, Embedder(loaded, "auto", "none"), stage_kind)
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .choices import Features, Pool, names
-from .errors import UsageError
+from .errors import ModelError, OptionError, UsageError
 from .loader import RETRIEVAL
 from .writers import Schema
 
@@ -50,7 +50,7 @@ TEXT_BATCH = 64
 
 
 def no_text_side_hint() -> str:
-    return f"use a retrieval checkpoint: --model {DEFAULT_RETRIEVAL_MODEL}"
+    return f"use a retrieval checkpoint: model={DEFAULT_RETRIEVAL_MODEL}"
 
 
 def resolve_features(requested: str, architecture: str) -> str:
@@ -58,13 +58,14 @@ def resolve_features(requested: str, architecture: str) -> str:
     if requested == "auto":
         return "itc" if architecture in RETRIEVAL else "qformer"
     if requested == "itc" and architecture not in RETRIEVAL:
-        raise UsageError(
-            f"--features itc needs a retrieval checkpoint; this one is {architecture}, "
+        raise OptionError(
+            f"features=itc needs a retrieval checkpoint; this one is {architecture}, "
             "which has no image-text projection",
-            hint=f"{no_text_side_hint()}, or use --features vision|qformer with this one",
+            hint=f"{no_text_side_hint()}, or use features=vision or features=qformer with this one",
+            params=["features", "model"],
         )
     if requested not in FEATURES:
-        raise UsageError(f"unknown --features {requested!r}", hint="use itc, vision or qformer")
+        raise OptionError(f"unknown features {requested!r}", hint="use itc, vision or qformer", params=["features"])
     return requested
 
 
@@ -73,7 +74,7 @@ class Embedder:
 
     def __init__(self, loaded, features: str = "auto", pool: str = "none"):
         if pool not in POOLS:
-            raise UsageError(f"unknown --pool {pool!r}", hint="use none or mean")
+            raise OptionError(f"unknown pool {pool!r}", hint="use none or mean", params=["pool"])
         self.loaded = loaded
         self.model = loaded.model
         self.architecture = loaded.checkpoint.architecture
@@ -106,19 +107,20 @@ class Embedder:
         if self.has_text:
             return
         if self.architecture not in RETRIEVAL:
-            raise UsageError(
+            raise OptionError(
                 f"{what} need a retrieval checkpoint: {self.loaded.options.model!r} is a "
-                f"{self.architecture} checkpoint, whose features have no text side",
-                hint=no_text_side_hint(),
+                f"{self.architecture} checkpoint, which has no text side",
+                hint=no_text_side_hint(), params=["model"],
             )
-        raise UsageError(f"{what} need --features itc (the image-text space), not --features {self.features}")
+        raise OptionError(f"{what} need features=itc (the image-text space), not features={self.features}",
+                          params=["features"])
 
     def require_itm(self) -> None:
         if self.architecture not in RETRIEVAL:
-            raise UsageError(
+            raise OptionError(
                 f"image-text matching needs a retrieval checkpoint: {self.loaded.options.model!r} "
                 f"is a {self.architecture} checkpoint",
-                hint=no_text_side_hint(),
+                hint=no_text_side_hint(), params=["model"],
             )
 
     # -- the image side --------------------------------------------------------
@@ -266,6 +268,104 @@ def pooled_query(vectors, normalise: bool = True):
     if normalise:
         v = v / max(float(np.linalg.norm(v)), 1e-12)
     return v
+
+
+# -- the checkpoint and the pipeline's task -----------------------------------------
+def model_key(model: str) -> str:
+    """What a store records as its model: a local folder as an absolute path, else the hub id
+    (a short name such as ``itm`` as the hub id it stands for)."""
+    import os
+
+    from .models import resolve
+
+    expanded = os.path.expanduser(model)
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else resolve(model)
+
+
+def check_for_features(opts, *, features: str, need_text: bool = False, need_itm: bool = False):
+    """Check the checkpoint of ``opts`` (``loader.LoadOptions``) against what a features run
+    needs (text side, ITM head, the features it asks for), before any weights are read."""
+    from .loader import RETRIEVAL as RETRIEVAL_ARCHS, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(opts)
+    retrieval = ckpt.architecture in RETRIEVAL_ARCHS
+    if (need_text or need_itm) and not retrieval:
+        what = "image-text matching" if need_itm else "text embeddings"
+        raise ModelError(
+            f"{what} need a retrieval checkpoint: {opts.model!r} is a {ckpt.architecture} checkpoint, "
+            "which has no text side",
+            hint=no_text_side_hint(),
+        )
+    resolved = resolve_features(features, ckpt.architecture)
+    if need_text and resolved != "itc":
+        raise OptionError(f"texts live in the image-text (itc) space, not in features={resolved}",
+                          hint="drop features, or use features=itc", params=["features"])
+    if retrieval and opts.quantize != "none":
+        raise OptionError(
+            f"quantize={opts.quantize}: a retrieval checkpoint has no language model to quantize",
+            hint="drop quantize (use dtype=float16 or dtype=bfloat16 on a GPU to save memory)",
+            params=["quantize", "dtype"],
+        )
+    return opts
+
+
+def load_for_features(opts, *, features: str, task: str, need_text: bool = False, need_itm: bool = False):
+    """``check_for_features``, then load the weights (any BLIP-2 architecture)."""
+    from .loader import ALL_ARCHITECTURES, load
+
+    check_for_features(opts, features=features, need_text=need_text, need_itm=need_itm)
+    return load(opts, architectures=ALL_ARCHITECTURES, task=task)
+
+
+class EmbedTask:
+    """Joins the image stage and the embedder for the pipeline.
+
+    ``identity=True`` (vector stores): ``prepare`` reads the file once, hashes its
+    bytes and decodes the same bytes, so the row records what was embedded.
+    """
+
+    def __init__(self, loaded, embedder, preprocess: str, *, identity: bool = False):
+        from .images import ImageStage
+
+        self.stage = ImageStage(loaded, preprocess)
+        self.embedder = embedder
+        self.identity = identity
+
+    def decode(self, source):
+        """One image (a path or its bytes) decoded and resized for ``pixels``; ``ImageError`` if it cannot be."""
+        return self.stage.prepare(source)
+
+    _decode = decode  # the name blip2 search used before
+
+    def prepare(self, item):
+        from .images import ImageError
+
+        if not self.identity:
+            return self.decode(item.source), None
+        if not isinstance(item.source, str):
+            raise ImageError("raw image bytes on stdin cannot go into a vector store (its rows are "
+                             "files); pass paths, or use -f jsonl")
+        import hashlib
+
+        from .images import read_image_file
+
+        # Not a regular file, not an image, a header over the budget: refused before it is read whole.
+        data, st = read_image_file(item.source)
+        digest = hashlib.sha256(data).hexdigest()
+        return self.decode(data), (st.st_size, st.st_mtime_ns, digest)
+
+    def pixels(self, prepared):
+        return self.stage.pixels(prepared)
+
+    def run_batch(self, prepared):
+        vectors = self.embedder.image_vectors(self.pixels([p for p, _ in prepared])).numpy()
+        return [(vectors[i], ident) for i, (_, ident) in enumerate(prepared)]
+
+    def record(self, item, result, error):
+        vector, ident = result if result is not None else (None, None)
+        if self.identity:
+            return {"path": item.name, "source": item.source, "vector": vector, "ident": ident, "error": error}
+        return image_record(item.name, vector, error)
 
 
 # -- records ---------------------------------------------------------------------

@@ -64,12 +64,6 @@ class LoadOptions:
     offline: bool = False
     allow_pickle: bool = False
 
-    @classmethod
-    def from_cli(cls, model, revision, device, dtype, quantize, offline, allow_pickle) -> "LoadOptions":
-        """From the shared loader options as Typer hands them over (enums or strings)."""
-        return cls(model=model, revision=revision, device=device, dtype=getattr(dtype, "value", dtype),
-                   quantize=getattr(quantize, "value", quantize), offline=offline, allow_pickle=allow_pickle)
-
 
 @dataclass
 class Checkpoint:

@@ -9,7 +9,7 @@ import typer
 
 from .. import options as o
 from ..ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, DEFAULT_TEMPLATE
-from .common import check_output_path, finish, handles_errors, html_output, resolve_items, sidecar_policy
+from .common import check_output_path, finish, handles_errors, html_output, load_options, resolve_items, sidecar_policy
 
 EXAMPLES = """
 
@@ -108,7 +108,6 @@ def ask(
     from ..errors import UsageError
     from ..images import ImageStage
     from ..job import Job
-    from ..loader import LoadOptions
 
     gen = GenerationOptions(
         max_new_tokens=max_new_tokens,
@@ -138,7 +137,7 @@ def ask(
         )
     job = Job(
         command="ask",
-        load_options=LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle),
+        load_options=load_options(model, revision, device, dtype, quantize, offline, allow_pickle),
         make_task=lambda loaded: AskTask(
             Asker(loaded, gen, pairs_per_call=(batch_size or o.default_batch_size(loaded.device.type)) * PAIRS_PER_IMAGE),
             ImageStage(loaded, preprocess.value, thumbnails),

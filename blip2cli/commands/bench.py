@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import options as o
-from .common import handles_errors
+from .common import handles_errors, load_options
 
 BENCH = "Benchmark"
 
@@ -118,10 +118,10 @@ def bench(
     if from_config is not None:
         loaded = build_from_config(from_config, device, dtype.value)
     else:
-        from ..loader import ALL_ARCHITECTURES, GENERATIVE, LoadOptions, load
+        from ..loader import ALL_ARCHITECTURES, GENERATIVE, load
 
         loaded = load(
-            LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle),
+            load_options(model, revision, device, dtype, quantize, offline, allow_pickle),
             architectures=ALL_ARCHITECTURES if task == "embed" else GENERATIVE, task=task,
         )
     load_s = time.perf_counter() - t0

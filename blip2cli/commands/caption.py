@@ -8,7 +8,7 @@ import typer
 
 from .. import options as o
 from ..caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, CaptionTask  # noqa: F401 (CaptionTask re-exported)
-from .common import check_output_path, finish, handles_errors, html_output, resolve_items, sidecar_policy
+from .common import check_output_path, finish, handles_errors, html_output, load_options, resolve_items, sidecar_policy
 
 EXAMPLES = """
 
@@ -76,7 +76,6 @@ def caption(
     """Caption images: one record per image, streamed in input order."""
     from ..caption import Captioner, GenerationOptions, caption_schema
     from ..job import Job
-    from ..loader import LoadOptions
 
     gen = GenerationOptions(
         prompt=prompt,
@@ -99,7 +98,7 @@ def caption(
     )
     job = Job(
         command="caption",
-        load_options=LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle),
+        load_options=load_options(model, revision, device, dtype, quantize, offline, allow_pickle),
         make_task=lambda loaded: CaptionTask(loaded, Captioner(loaded, gen), preprocess.value, thumbnails),
         schema=caption_schema(gen.num_captions),
         fmt=fmt_name,

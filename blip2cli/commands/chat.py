@@ -22,7 +22,7 @@ from .. import console
 from .. import options as o
 from ..ask import ASK_MIN_NEW_TOKENS, CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPLATE
 from ..errors import sigterm_as_interrupt
-from .common import handles_errors, stdin_is_terminal
+from .common import handles_errors, load_options, stdin_is_terminal
 
 EXAMPLES = """
 
@@ -288,7 +288,7 @@ def chat(
     from ..caption import GenerationOptions
     from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, InputError, UsageError
     from ..images import ImageError, ImageStage, open_image
-    from ..loader import LoadOptions, load
+    from ..loader import load
 
     gen = GenerationOptions(
         max_new_tokens=max_new_tokens,
@@ -314,7 +314,7 @@ def chat(
 
     interactive = stdin_is_terminal()
     loaded = load(
-        LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle),
+        load_options(model, revision, device, dtype, quantize, offline, allow_pickle),
         task="chat",
     )
     if seed is not None:

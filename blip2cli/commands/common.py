@@ -73,6 +73,15 @@ def flag_spelling(name: str, value: str | None) -> str:
     return flag if value in (None, "True") else f"{flag} {value}"
 
 
+def load_options(model, revision, device, dtype, quantize, offline, allow_pickle):
+    """The loader's ``LoadOptions`` from the shared loader flags as Typer hands them over
+    (choices as enums or strings)."""
+    from ..loader import LoadOptions
+
+    return LoadOptions(model=model, revision=revision, device=device, dtype=getattr(dtype, "value", dtype),
+                       quantize=getattr(quantize, "value", quantize), offline=offline, allow_pickle=allow_pickle)
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
     try:

@@ -17,7 +17,10 @@ from .. import options as o
 from ..choices import EmbedFormat, Features, Pool, StoreDtype, StoreLayout  # declared once, in the core
 from ..embed import DEFAULT_RETRIEVAL_MODEL
 from ..errors import sigterm_as_interrupt
-from .common import check_output_path, finish, handles_errors, resolve_items
+# The core of embed, search and score (re-exported: older imports keep working).
+from ..embed import EmbedTask, model_key  # noqa: F401
+from ..embedstore import StoreSink, embed_into_store, open_update, store_settings, store_summary  # noqa: F401
+from .common import check_output_path, finish, handles_errors, load_options, resolve_items
 
 FEATURES_PANEL = "Features"
 
@@ -54,205 +57,26 @@ PoolOpt = Annotated[
 ]
 
 
-def model_key(model: str) -> str:
-    """What a store records as its model: a local folder as an absolute path, else the hub id
-    (a short name such as ``itm`` as the hub id it stands for)."""
-    from ..models import resolve
-
-    expanded = os.path.expanduser(model)
-    return os.path.abspath(expanded) if os.path.isdir(expanded) else resolve(model)
-
-
 def _wants_directory(output) -> bool:
     return output is not None and (output.is_dir() or getattr(output, "wants_directory", False))
+
+
+def check_for_features(model: str, revision, device, dtype, quantize, offline, allow_pickle, *,
+                       features: str, need_text: bool = False, need_itm: bool = False):
+    """The LoadOptions of the loader flags, once the checkpoint is known to fit (no weights read)."""
+    from ..embed import check_for_features as check
+
+    opts = load_options(model, revision, device, dtype, quantize, offline, allow_pickle)
+    return check(opts, features=features, need_text=need_text, need_itm=need_itm)
 
 
 def load_for_features(model: str, revision, device, dtype, quantize, offline, allow_pickle, *,
                       features: str, task: str, need_text: bool = False, need_itm: bool = False):
     """Check the checkpoint against what the command needs (before any weights), then load."""
-    from ..loader import ALL_ARCHITECTURES, load
+    from ..embed import load_for_features as load
 
-    opts = check_for_features(model, revision, device, dtype, quantize, offline, allow_pickle,
-                              features=features, need_text=need_text, need_itm=need_itm)
-    return load(opts, architectures=ALL_ARCHITECTURES, task=task)
-
-
-def check_for_features(model: str, revision, device, dtype, quantize, offline, allow_pickle, *,
-                       features: str, need_text: bool = False, need_itm: bool = False):
-    """The LoadOptions, once the checkpoint is known to fit the command (no weights read)."""
-    from ..embed import no_text_side_hint, resolve_features
-    from ..errors import ModelError, UsageError
-    from ..loader import RETRIEVAL, LoadOptions, resolve_checkpoint
-
-    opts = LoadOptions.from_cli(model, revision, device, dtype, quantize, offline, allow_pickle)
-    ckpt = resolve_checkpoint(opts)
-    retrieval = ckpt.architecture in RETRIEVAL
-    if (need_text or need_itm) and not retrieval:
-        what = "image-text matching" if need_itm else "text embeddings"
-        raise ModelError(
-            f"{what} need a retrieval checkpoint: {model!r} is a {ckpt.architecture} checkpoint, "
-            "whose features have no text side",
-            hint=no_text_side_hint(),
-        )
-    resolved = resolve_features(features, ckpt.architecture)
-    if need_text and resolved != "itc":
-        raise UsageError(f"texts live in the image-text (itc) space, not in --features {resolved}",
-                         hint="drop --features, or use --features itc")
-    if retrieval and quantize.value != "none":
-        raise UsageError(
-            f"--quantize {quantize.value}: a retrieval checkpoint has no language model to quantize",
-            hint="drop --quantize (use --dtype float16 or bfloat16 on a GPU to save memory)",
-        )
-    return opts
-
-
-class EmbedTask:
-    """Joins the image stage and the embedder for the pipeline.
-
-    ``identity=True`` (vector stores): ``prepare`` reads the file once, hashes its
-    bytes and decodes the same bytes, so the row records what was embedded.
-    """
-
-    def __init__(self, loaded, embedder, preprocess: str, *, identity: bool = False):
-        from ..images import ImageStage
-
-        self.stage = ImageStage(loaded, preprocess)
-        self.embedder = embedder
-        self.identity = identity
-
-    def _decode(self, source):
-        return self.stage.prepare(source)
-
-    def prepare(self, item):
-        from ..images import ImageError
-
-        if not self.identity:
-            return self._decode(item.source), None
-        if not isinstance(item.source, str):
-            raise ImageError("raw image bytes on stdin cannot go into a vector store (its rows are "
-                             "files); pass paths, or use -f jsonl")
-        import hashlib
-
-        from ..images import read_image_file
-
-        # Not a regular file, not an image, a header over the budget: refused before it is read whole.
-        data, st = read_image_file(item.source)
-        digest = hashlib.sha256(data).hexdigest()
-        return self._decode(data), (st.st_size, st.st_mtime_ns, digest)
-
-    def pixels(self, prepared):
-        return self.stage.pixels(prepared)
-
-    def run_batch(self, prepared):
-        vectors = self.embedder.image_vectors(self.pixels([p for p, _ in prepared])).numpy()
-        return [(vectors[i], ident) for i, (_, ident) in enumerate(prepared)]
-
-    def record(self, item, result, error):
-        from ..embed import image_record
-
-        vector, ident = result if result is not None else (None, None)
-        if self.identity:
-            return {"path": item.name, "source": item.source, "vector": vector, "ident": ident, "error": error}
-        return image_record(item.name, vector, error)
-
-
-class StoreSink:
-    """The pipeline's writer for a vector store: each good row goes to the update."""
-
-    def __init__(self, update):
-        self.update = update
-
-    def write(self, record: dict) -> None:
-        from ..store import Entry
-
-        if record.get("error") or record.get("vector") is None:
-            if isinstance(record.get("source"), str):  # counted as failed, retried next time
-                path, abspath = record["path"], os.path.abspath(record["source"])
-                self.update.fail(path, abspath, record.get("error"))
-            return
-        size, mtime_ns, digest = record["ident"]
-        path, abspath = record["path"], os.path.abspath(record["source"])
-        entry = Entry(path, path if abspath == path else abspath, size, mtime_ns, digest)  # one string if equal
-        self.update.add(entry, record["vector"])
-
-    def close(self) -> None:
-        pass
-
-
-def embed_into_store(items, update, task, *, total, batch_size: int, workers: int, quiet: bool,
-                     description: str = "embedding"):
-    """Embed what the store lacks, then commit; returns the pipeline's Stats.
-
-    Ctrl-C or SIGTERM: the rows finished so far are committed (atomically) before
-    the interruption goes on, so a long run is never lost.
-    """
-    from ..console import Reporter
-    from ..errors import Interrupted
-    from ..pipeline import run
-
-    reporter = Reporter(quiet=quiet, total=total, description=description)
-    try:
-        with sigterm_as_interrupt():
-            try:
-                stats = run(items, task, StoreSink(update), batch_size=batch_size, workers=workers,
-                            reporter=reporter)
-            except (KeyboardInterrupt, Interrupted):
-                reporter.close()
-                if update.pending_rows:
-                    console.message("interrupted: saving the vectors embedded so far")
-                update.commit()
-                raise
-    finally:
-        reporter.close()
-    update.commit()
-    return stats
-
-
-def open_update(path: Path, *, meta, prune: bool, dtype_given: bool, layout: str | None = None,
-                compact: bool = False):
-    from ..store import open_update as store_update
-
-    return store_update(path, meta, prune=prune, dtype_given=dtype_given, layout=layout, compact=compact)
-
-
-def store_settings(path, model, revision, features: str, pool: str | None):
-    """(model, revision, features, pool) for a run on the store at ``path``.
-
-    An existing store supplies the defaults (its vectors only compare with vectors
-    made the same way); an option that contradicts it is refused before any
-    weights are read. Without a store: the retrieval checkpoint, pool ``none``.
-    """
-    from ..errors import UsageError
-    from ..store import VectorStore
-
-    if path is None or not VectorStore.exists(path):
-        return model or DEFAULT_RETRIEVAL_MODEL, revision, features, pool or "none"
-    meta = VectorStore.open(path).meta
-    diffs = []
-    if model is not None and model_key(model) != meta.model:
-        diffs.append(f"model {meta.model!r} (store) vs {model_key(model)!r}")
-    if revision is not None and revision != meta.revision:
-        diffs.append(f"revision {meta.revision!r} (store) vs {revision!r}")
-    if features != "auto" and features != meta.features:
-        diffs.append(f"features {meta.features} (store) vs {features}")
-    if pool is not None and pool != meta.pool:
-        diffs.append(f"pool {meta.pool} (store) vs {pool}")
-    if diffs:
-        raise UsageError(
-            f"the vector store {str(path)!r} holds other vectors: " + "; ".join(diffs),
-            hint="drop those options (the store's settings are the defaults), or write a new store with -o",
-        )
-    return meta.model, meta.revision, meta.features, meta.pool
-
-
-def store_summary(path, ustats, stats) -> str:
-    parts = [f"{ustats.new} new", f"{ustats.changed} changed", f"{ustats.unchanged} unchanged"]
-    if ustats.pruned:
-        parts.append(f"{ustats.pruned} pruned")
-    if stats is not None and stats.failed:
-        parts.append(f"{stats.failed} failed")
-    retried = f"; {ustats.retried} failed before, retried" if ustats.retried else ""
-    return f"{path}: {ustats.rows} rows ({', '.join(parts)}{retried})"
+    opts = load_options(model, revision, device, dtype, quantize, offline, allow_pickle)
+    return load(opts, features=features, task=task, need_text=need_text, need_itm=need_itm)
 
 
 def finish_store(stats) -> None:

@@ -9,9 +9,9 @@ import typer
 
 from .. import console
 from .. import options as o
-from ..embed import DEFAULT_RETRIEVAL_MODEL
+from ..embed import DEFAULT_RETRIEVAL_MODEL, EmbedTask
 from .common import check_output_path, handles_errors, no_html
-from .embed import EmbedTask, Features, load_for_features
+from .embed import Features, load_for_features
 
 EXAMPLES = """
 
@@ -64,7 +64,7 @@ def score(
     error = None
     try:
         source = sys.stdin.buffer.read() if image == "-" else image
-        prepared = task._decode(source)
+        prepared = task.decode(source)
     except ImageError as exc:
         error = str(exc)
     if error is None:

@@ -1,0 +1,117 @@
+"""Embedding images into a vector store: the pipeline's sink, the run that commits
+what it has on an interruption, and an existing store's settings as the defaults.
+
+Shared by ``blip2 embed -o STORE`` and ``blip2 search --index`` (and the
+benchmarks); the store itself (file format, updater, search) is ``store.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import console
+from .embed import DEFAULT_RETRIEVAL_MODEL, model_key
+from .errors import sigterm_as_interrupt
+
+
+class StoreSink:
+    """The pipeline's writer for a vector store: each good row goes to the update."""
+
+    def __init__(self, update):
+        self.update = update
+
+    def write(self, record: dict) -> None:
+        from .store import Entry
+
+        if record.get("error") or record.get("vector") is None:
+            if isinstance(record.get("source"), str):  # counted as failed, retried next time
+                path, abspath = record["path"], os.path.abspath(record["source"])
+                self.update.fail(path, abspath, record.get("error"))
+            return
+        size, mtime_ns, digest = record["ident"]
+        path, abspath = record["path"], os.path.abspath(record["source"])
+        entry = Entry(path, path if abspath == path else abspath, size, mtime_ns, digest)  # one string if equal
+        self.update.add(entry, record["vector"])
+
+    def close(self) -> None:
+        pass
+
+
+def embed_into_store(items, update, task, *, total, batch_size: int, workers: int, quiet: bool,
+                     description: str = "embedding"):
+    """Embed what the store lacks, then commit; returns the pipeline's Stats.
+
+    Ctrl-C or SIGTERM: the rows finished so far are committed (atomically) before
+    the interruption goes on, so a long run is never lost.
+    """
+    from .console import Reporter
+    from .errors import Interrupted
+    from .pipeline import run
+
+    reporter = Reporter(quiet=quiet, total=total, description=description)
+    try:
+        with sigterm_as_interrupt():
+            try:
+                stats = run(items, task, StoreSink(update), batch_size=batch_size, workers=workers,
+                            reporter=reporter)
+            except (KeyboardInterrupt, Interrupted):
+                reporter.close()
+                if update.pending_rows:
+                    console.message("interrupted: saving the vectors embedded so far")
+                update.commit()
+                raise
+    finally:
+        reporter.close()
+    update.commit()
+    return stats
+
+
+def open_update(path: Path, *, meta, prune: bool, dtype_given: bool, layout: str | None = None,
+                compact: bool = False):
+    from .store import open_update as store_update
+
+    return store_update(path, meta, prune=prune, dtype_given=dtype_given, layout=layout, compact=compact)
+
+
+def store_settings(path, model, revision, features: str, pool: str | None):
+    """(model, revision, features, pool) for a run on the store at ``path``.
+
+    An existing store supplies the defaults (its vectors only compare with vectors
+    made the same way); an option that contradicts it is refused before any
+    weights are read. Without a store: the retrieval checkpoint, pool ``none``.
+    """
+    from .errors import UsageError
+    from .store import VectorStore
+
+    if path is None or not VectorStore.exists(path):
+        return model or DEFAULT_RETRIEVAL_MODEL, revision, features, pool or "none"
+    meta = VectorStore.open(path).meta
+    diffs = []
+    if model is not None and model_key(model) != meta.model:
+        diffs.append(f"model {meta.model!r} (store) vs {model_key(model)!r}")
+    if revision is not None and revision != meta.revision:
+        diffs.append(f"revision {meta.revision!r} (store) vs {revision!r}")
+    if features != "auto" and features != meta.features:
+        diffs.append(f"features {meta.features} (store) vs {features}")
+    if pool is not None and pool != meta.pool:
+        diffs.append(f"pool {meta.pool} (store) vs {pool}")
+    if diffs:
+        raise UsageError(
+            f"the vector store {str(path)!r} holds other vectors: " + "; ".join(diffs),
+            hint="drop those options (the store's settings are the defaults), or write a new store with -o",
+        )
+    return meta.model, meta.revision, meta.features, meta.pool
+
+
+def store_summary(path, ustats, stats) -> str:
+    parts = [f"{ustats.new} new", f"{ustats.changed} changed", f"{ustats.unchanged} unchanged"]
+    if ustats.pruned:
+        parts.append(f"{ustats.pruned} pruned")
+    if stats is not None and stats.failed:
+        parts.append(f"{stats.failed} failed")
+    retried = f"; {ustats.retried} failed before, retried" if ustats.retried else ""
+    return f"{path}: {ustats.rows} rows ({', '.join(parts)}{retried})"
+
+
+__all__ = ["StoreSink", "embed_into_store", "open_update", "store_settings", "store_summary"]
