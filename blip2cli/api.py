@@ -505,7 +505,7 @@ class Model:
             raise ModelError(
                 f"features='itc' needs a retrieval checkpoint; {self.loaded.options.model!r} is a "
                 f"{self.architecture}, which has no image-text projection",
-                hint=f"{no_text_side_hint().replace('model=', 'load ')}, or use features='vision' or 'qformer'",
+                hint=f"{no_text_side_hint()}, or use features='vision' or 'qformer'",
             )
         key = (features, pool)
         if key not in self._embedders:

@@ -50,7 +50,8 @@ TEXT_BATCH = 64
 
 
 def no_text_side_hint() -> str:
-    return f"use a retrieval checkpoint: model={DEFAULT_RETRIEVAL_MODEL}"
+    """Where texts and ITM come from (no flag or parameter named: the CLI and the library both show it)."""
+    return f"use a retrieval checkpoint such as {DEFAULT_RETRIEVAL_MODEL}"
 
 
 def resolve_features(requested: str, architecture: str) -> str:

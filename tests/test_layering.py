@@ -160,3 +160,31 @@ def test_the_options_hand_typer_the_core_enums():
     assert options.Format is choices.Format and options.Preprocess is choices.Preprocess
     assert options.ExistingOpt is Existing
     assert embed_cmd.Features is choices.Features and embed_cmd.Pool is choices.Pool
+
+
+# -- the core names parameters; the CLI says flags ---------------------------------------
+
+
+def test_features_checks_name_parameters_in_the_core_and_flags_in_the_cli(tiny_itm, tiny_opt, example_images):
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+    from blip2cli.embed import check_for_features
+    from blip2cli.errors import OptionError
+    from blip2cli.loader import LoadOptions
+
+    with pytest.raises(OptionError) as info:
+        check_for_features(LoadOptions(model=str(tiny_itm), quantize="8bit"), features="auto")
+    assert "quantize=8bit" in info.value.message and "--" not in str(info.value)
+    with pytest.raises(OptionError) as info:
+        check_for_features(LoadOptions(model=str(tiny_opt)), features="itc")
+    assert "features=itc" in info.value.message and "--" not in str(info.value)
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["embed", str(example_images[0]), "-m", str(tiny_itm), "--quantize", "8bit"])
+    assert res.exit_code == 2
+    assert "--quantize 8bit: a retrieval checkpoint" in res.stderr and "--dtype float16" in res.stderr
+    res = runner.invoke(app, ["embed", str(example_images[0]), "-m", str(tiny_opt), "--features", "itc"])
+    assert res.exit_code == 2
+    assert "--features itc needs a retrieval checkpoint" in res.stderr
+    assert "--features vision or --features qformer" in res.stderr and "=" not in res.stderr
