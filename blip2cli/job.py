@@ -57,6 +57,7 @@ class Job:
     seed: int | None = None
     shard: str | None = None  # "--shard I/N"
     html: dict = field(default_factory=dict)  # --format html: the writer's options (thumbnails, links, per_card)
+    wrappers: list = field(default_factory=list)  # writer -> writer, outermost: --metadata, --failed-list
 
     def parts_mode(self) -> bool:
         """-o DIR, --shard or a launcher: records go to part files under the directory."""
@@ -257,6 +258,8 @@ class Job:
                 from .sidecar import SidecarWriter
 
                 writer = SidecarWriter(self.sidecar, writer, text_of=self.sidecar_text, guard=guard)
+            for wrap in self.wrappers:  # they see each record as written (a sidecar error too)
+                writer = wrap(writer)
             with sigterm_as_interrupt():
                 result.stats = run(
                     items,

@@ -122,7 +122,7 @@ Ext = Annotated[
 ]
 Null = Annotated[
     bool,
-    typer.Option("-0", "--null", rich_help_panel=INPUT, help="Paths on stdin / --files-from are NUL-separated (find -print0)."),
+    typer.Option("-0", "--null", rich_help_panel=INPUT, help="Paths on stdin / --files-from (and in --failed-list) are NUL-separated (find -print0)."),
 ]
 FilesFrom = Annotated[
     Optional[list[str]],
@@ -134,8 +134,8 @@ FormatOpt = Annotated[
     Optional[Format],
     typer.Option(
         "--format", "-f", metavar=choices(Format), rich_help_panel=OUTPUT, case_sensitive=False, show_default=False,
-        help="text | jsonl | csv | html (a contact sheet). Default: from the -o extension "
-        "(.jsonl, .csv, .html), else text.",
+        help="text | jsonl | csv | html (a contact sheet) | parquet. Default: from the -o extension "
+        "(.txt, .jsonl, .csv, .html, .parquet), else text.",
     ),
 ]
 class OutputPath(type(Path())):
@@ -258,23 +258,71 @@ ShardOpt = Annotated[
         help="Do slice I of N (0-based) of the sorted inputs into the -o directory; join with blip2 merge.",
     ),
 ]
+FailedListOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--failed-list", metavar="FILE", rich_help_panel=FAULTS, show_default=False,
+        help="Write the paths of the images that failed to FILE, one per line (NUL-separated with -0), "
+        "e.g. for xargs mv.",
+    ),
+]
+Metadata = Annotated[
+    bool,
+    typer.Option(
+        "--metadata", rich_help_panel=OUTPUT,
+        help="Also write DIR/metadata.jsonl for the one folder DIR captioned (file_name, caption): the "
+        "Hugging Face imagefolder layout. Failed images are left out.",
+    ),
+]
+MetadataFormat = Annotated[
+    str,
+    typer.Option(
+        "--metadata-format", metavar="[jsonl|csv|parquet]", rich_help_panel=OUTPUT,
+        help="The --metadata file: metadata.jsonl, metadata.csv or metadata.parquet.",
+    ),
+]
 FailFast = Annotated[
     bool, typer.Option("--fail-fast", rich_help_panel=FAULTS, help="Stop at the first image that fails (exit 1)."),
 ]
 
 
-def infer_format(fmt: Optional[Format], output: Optional[Path]) -> str:
-    if fmt is not None:
-        return fmt.value
-    if output is not None:
+# -o extensions and the format each writes (a name without one, /dev/stdout: text).
+EXTENSIONS = {".txt": "text", ".tsv": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
+              ".html": "html", ".htm": "html", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def infer_format(fmt: Optional[Format], output: Optional[Path], *, formats: tuple = ()) -> str:
+    """The format of a run: ``--format``, else the -o extension, else text (jsonl where
+    ``formats``, those the command writes, has no text). An extension blip2 does not
+    write (``-o x.json``) is refused, naming those it does; Parquet needs a file and pyarrow."""
+    from .errors import UsageError
+
+    name = fmt.value if fmt is not None else None
+    to_file = output is not None and str(output) not in ("-", "")
+    if name is None and to_file and not getattr(output, "wants_directory", False) and not output.is_dir():
         suffix = output.suffix.lower()
-        if suffix in (".jsonl", ".ndjson", ".json"):
-            return "jsonl"
-        if suffix == ".csv":
-            return "csv"
-        if suffix in (".html", ".htm"):
-            return "html"
-    return "text"
+        if suffix and suffix not in EXTENSIONS:
+            from .guard import refuse_image_output
+
+            refuse_image_output(output)  # an existing image: say that first
+            known = ", ".join(e for e in EXTENSIONS if EXTENSIONS[e] in (formats or EXTENSIONS.values()))
+            raise UsageError(
+                f"-o {output}: blip2 does not write {suffix} files (it writes {known})",
+                hint="name the file with one of those extensions, or say the format with --format"
+                + (" (JSON Lines is .jsonl)" if suffix == ".json" else ""),
+            )
+        name = EXTENSIONS.get(suffix)
+    name = name or ("text" if not formats or "text" in formats else formats[0])
+    if formats and name not in formats:
+        raise UsageError(f"-o {output}: this command does not write {name}",
+                         hint="choose one of: " + ", ".join(formats))
+    if name == "parquet":
+        if not to_file:
+            raise UsageError("Parquet output needs a file, not standard output", hint="name one: -o results.parquet")
+        from .parquet import require_pyarrow
+
+        require_pyarrow()
+    return name
 
 
 __all__ = [name for name in dir() if not name.startswith("_")] + ["DEFAULT_MODEL"]

@@ -85,6 +85,10 @@ def load_resume(path: str, settings: dict, key_of: Callable[[dict], object]) -> 
         if record.get("error"):
             state.retried += 1
             continue
+        if record.get("path_bytes"):  # a path that is not UTF-8, as the run saw it (blip2cli.utf8)
+            from .utf8 import original_path
+
+            record["path"] = original_path(record)
         key = key_of(record)
         if key in state.done:
             continue  # an earlier duplicate: keep the first
@@ -107,7 +111,7 @@ def record_fields() -> frozenset:
 
         _FIELDS = frozenset(
             {*caption_record("", None, None), *answer_record("", "", None, None), *image_record("", None, None),
-             "sidecar"}
+             "sidecar", "path_bytes", "shard", "key"}
         )
     return _FIELDS
 

@@ -21,6 +21,9 @@ import sys
 from dataclasses import dataclass
 from typing import IO, Callable, Sequence
 
+from .parquet import ParquetWriter  # its own module (pyarrow imported when used)
+from .utf8 import safe_record
+
 
 @dataclass(frozen=True)
 class Schema:
@@ -59,7 +62,7 @@ class Writer:
         raise NotImplementedError
 
     def write(self, record: dict) -> None:
-        text = self.format_record(record)
+        text = self.format_record(safe_record(record))  # always valid UTF-8 (blip2cli.utf8)
         if text:
             self._emit(text)
 
@@ -203,7 +206,7 @@ class HtmlWriter(Writer):
         super().close()
 
 
-WRITERS: dict[str, type[Writer]] = {w.format: w for w in (TextWriter, JsonlWriter, CsvWriter, HtmlWriter)}
+WRITERS: dict[str, type[Writer]] = {w.format: w for w in (TextWriter, JsonlWriter, CsvWriter, HtmlWriter, ParquetWriter)}
 FORMATS = tuple(WRITERS)
 
 

@@ -31,7 +31,7 @@ def records():
 
 
 def test_writers_keyed_by_format():
-    assert set(WRITERS) == {"text", "jsonl", "csv", "html"}
+    assert set(WRITERS) == {"text", "jsonl", "csv", "html", "parquet"}
     assert all(w.format == name for name, w in WRITERS.items())
 
 

@@ -101,6 +101,7 @@ def ask(
     resume: o.Resume = False,
     fail_fast: o.FailFast = False,
     shard: o.ShardOpt = None,
+    failed_list: o.FailedListOpt = None,
 ) -> None:
     """Ask questions about images: one record per image and question, streamed in input order."""
     from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema, check_template, generation_settings
@@ -170,6 +171,9 @@ def ask(
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"
     job.check()
+    from ..failedlist import wrapper as failed_wrapper
+
+    job.wrappers += [w for w in (failed_wrapper(failed_list, null=null),) if w]
     if not dry_run and not job.parts_mode():
         check_output_path(output)
     items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="ask")

@@ -21,6 +21,9 @@ Examples:
   curl -s https://example.com/cat.jpg | blip2 caption -
   blip2 caption img.jpg --prompt "a photo of" --num-beams 5 --num-captions 3
   blip2 caption photos/ -o sheet.html          # a contact sheet to look through
+  blip2 caption photos/ -o captions.parquet     # typed columns, row groups as it goes
+  blip2 caption train/ --metadata              # train/metadata.jsonl for load_dataset("imagefolder")
+  blip2 caption train/ --sidecar --sidecar-ext .caption --failed-list failed.txt   # kohya
 """
 
 
@@ -72,6 +75,9 @@ def caption(
     resume: o.Resume = False,
     fail_fast: o.FailFast = False,
     shard: o.ShardOpt = None,
+    failed_list: o.FailedListOpt = None,
+    metadata: o.Metadata = False,
+    metadata_format: o.MetadataFormat = "jsonl",
 ) -> None:
     """Caption images: one record per image, streamed in input order."""
     from ..caption import Captioner, GenerationOptions, caption_schema
@@ -119,6 +125,22 @@ def caption(
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"  # an output directory holds JSON Lines part files
     job.check()
+    from .. import failedlist
+    from .. import metadata as hf_metadata
+
+    if metadata:
+        root = hf_metadata.metadata_root(inputs, resume=resume, parts=job.parts_mode())
+        if policy is not None and policy.existing.value == "skip":
+            from ..errors import UsageError
+
+            raise UsageError("--metadata with --sidecar would leave out the images whose sidecar exists "
+                             "(--existing skip)", hint="add --existing overwrite, or drop --sidecar")
+        job.wrappers.append(hf_metadata.wrapper(root, fmt=metadata_format, several=gen.num_captions > 1))
+    elif metadata_format != "jsonl":
+        from ..errors import UsageError
+
+        raise UsageError("--metadata-format applies to --metadata", hint="add --metadata")
+    job.wrappers += [w for w in (failedlist.wrapper(failed_list, null=null),) if w]
     if not dry_run and not job.parts_mode():
         check_output_path(output)
     items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="caption")

@@ -157,19 +157,59 @@ def no_html(fmt: str, command: str) -> None:
         )
 
 
+SIDECAR_ONLY = (("sidecar_ext", "--sidecar-ext"), ("existing", "--existing"), ("prefix", "--prefix"),
+                ("suffix", "--suffix"), ("separator", "--separator"))
+
+
+def _given(name: str, value, default) -> bool:
+    """Was the option typed on the command line (not just its default)? Asked of the
+    running command's context (typer's own click, or click); else: is it not the default."""
+    for module in ("typer._click.globals", "click.globals"):
+        try:
+            get = __import__(module, fromlist=["get_current_context"]).get_current_context
+            ctx = get(silent=True)
+            source = ctx.get_parameter_source(name) if ctx is not None else None
+        except (ImportError, AttributeError, KeyError):
+            continue
+        if source is not None:
+            return getattr(source, "name", str(source)) not in ("DEFAULT", "DEFAULT_MAP")
+    return value != default
+
+
+def check_sidecar_ext(ext: str) -> str:
+    """One extension: ``.caption`` or ``caption``; no separators, path or shell characters."""
+    import re
+
+    from ..errors import UsageError
+
+    if not re.fullmatch(r"\.?[A-Za-z0-9][A-Za-z0-9_+-]*", ext or ""):
+        raise UsageError(
+            f"--sidecar-ext {ext!r} is not one file extension (letters, digits, _ + -, after one dot)",
+            hint="one extension per run, e.g. --sidecar-ext .caption (run again for a second one)",
+        )
+    return ext if ext.startswith(".") else "." + ext
+
+
 def sidecar_policy(sidecar, ext, output_dir, existing, prefix, suffix, separator):
-    """The SidecarPolicy for the sidecar options, or None without --sidecar/--output-dir."""
+    """The SidecarPolicy for the sidecar options, or None without --sidecar/--output-dir.
+
+    Options that only mean something for sidecar files (--sidecar-ext, --existing,
+    --prefix, --suffix, --separator) are refused without --sidecar, all alike."""
     from ..errors import UsageError
     from ..sidecar import Existing, SidecarPolicy
 
     if not sidecar and output_dir is None:
-        used = [n for n, v in (("--prefix", prefix), ("--suffix", suffix)) if v]
-        if used or existing.value != "skip":
+        defaults = {"sidecar_ext": ".txt", "existing": "skip", "prefix": "", "suffix": "", "separator": ", "}
+        values = {"sidecar_ext": ext, "existing": getattr(existing, "value", existing), "prefix": prefix,
+                  "suffix": suffix, "separator": separator}
+        used = [flag for name, flag in SIDECAR_ONLY if _given(name, values[name], defaults[name])]
+        if used:
             raise UsageError(
-                f"{' and '.join(used) or '--existing'} applies to sidecar files",
+                f"{' and '.join(used)} {'applies' if len(used) == 1 else 'apply'} to sidecar files",
                 hint="add --sidecar (or --output-dir DIR)",
             )
         return None
+    ext = check_sidecar_ext(ext)
     return SidecarPolicy(
         ext=ext,
         output_dir=str(output_dir) if output_dir is not None else None,

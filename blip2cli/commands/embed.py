@@ -136,7 +136,7 @@ def embed(
     fmt: Annotated[
         Optional[EmbedFormat],
         typer.Option("--format", "-f", metavar=o.choices(EmbedFormat), rich_help_panel=o.OUTPUT, case_sensitive=False,
-                     show_default=False, help="jsonl | csv. Default: from the -o extension; .safetensors or .npy write a vector store."),
+                     show_default=False, help="jsonl | csv | parquet. Default: from the -o extension; .safetensors or .npy write a vector store."),
     ] = None,
     output: Annotated[
         Optional[Path],
@@ -174,6 +174,7 @@ def embed(
     resume: o.Resume = False,
     fail_fast: o.FailFast = False,
     shard: o.ShardOpt = None,
+    failed_list: o.FailedListOpt = None,
 ) -> None:
     """Embed images (and texts) with BLIP-2: one vector record per image, or a vector store."""
     from ..embed import Embedder, embed_schema, text_record
@@ -192,7 +193,7 @@ def embed(
     if not to_store and (prune or store_dtype is not None):
         raise UsageError("--prune and --store-dtype apply to a vector store",
                          hint="name one with -o vectors.safetensors (or .npy)")
-    fmt_name = fmt.value if fmt is not None else ("csv" if output is not None and output.suffix.lower() == ".csv" else "jsonl")
+    fmt_name = "jsonl" if to_store else o.infer_format(fmt, output, formats=("jsonl", "csv", "parquet"))
     if texts_file is not None and str(texts_file) == "-" and "-" in [*(inputs or []), *(files_from or [])]:
         raise UsageError("stdin cannot hold both the texts (--texts-file -) and the images (-)")
     texts = _read_texts(text, texts_file)
@@ -243,7 +244,13 @@ def embed(
             shard=shard,
         )
         job.check()
+        from ..failedlist import wrapper as failed_wrapper
+
+        job.wrappers += [w for w in (failed_wrapper(failed_list, null=null),) if w]
         finish(job.run(items, total), output=output, quiet=quiet, job=job)
+    if failed_list is not None:
+        raise UsageError("--failed-list applies to image records (JSON Lines, CSV or Parquet), not yet to a "
+                         "vector store or a run with --text", hint="the store's summary names the failures")
     if resume or shard is not None or fail_fast:
         raise UsageError(
             "--resume, --shard and --fail-fast apply to image records (JSON Lines or CSV); "
