@@ -91,10 +91,23 @@ def _silence_stdout() -> None:
         pass
 
 
-def check_output_path(output: Path | None) -> None:
-    """Fail before loading the model if the output cannot be written."""
+def check_output_path(output: Path | None, *, inputs=()) -> None:
+    """Fail before loading the model if the output cannot be written, or if writing it
+    would destroy an input: one of ``inputs`` (paths, compared by inode) or any image."""
     if output is None or str(output) == "-":
         return
+    from ..errors import UsageError
+    from ..guard import file_id, refuse_image_output
+
+    refuse_image_output(output)
+    out_id = file_id(output)
+    if out_id is not None:
+        for path in inputs:
+            if path is not None and str(path) != "-" and file_id(path) == out_id:
+                raise UsageError(
+                    f"the input {str(path)!r} is also the output {str(output)!r}: writing would destroy it",
+                    hint="name another output file (-o results.jsonl)",
+                )
     parent = output.parent if str(output.parent) else Path(".")
     if output.is_dir():
         raise OutputError(f"the output {str(output)!r} is a directory", hint="name a file with -o")

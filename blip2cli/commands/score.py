@@ -55,7 +55,7 @@ def score(
         raise UsageError("no texts to score", hint='blip2 score img.jpg "a cat" "a dog"')
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "score")
-    check_output_path(output)
+    check_output_path(output, inputs=[image])
     loaded = load_for_features(model or DEFAULT_RETRIEVAL_MODEL, revision, device, dtype, o.Quantize.none,
                                offline, allow_pickle, features="itc", task="score", need_text=True,
                                need_itm=True)

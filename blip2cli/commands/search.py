@@ -163,12 +163,20 @@ def search(
     model, revision, wanted_features, pool = store_settings(index, model, revision, features.value, None)
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "search")
-    check_output_path(output)
+    protected = [image, index]
+    if index is not None and is_store_path(index):
+        from ..store import index_path
+
+        protected.append(index_path(index))
+    check_output_path(output, inputs=protected)
     if image is not None and not Path(image).is_file():
         raise InputError(f"--image {image}: no such file")
     items, total = (None, 0)
     if have_images:
         items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="search")
+        from ..guard import screen_inputs
+
+        items = screen_inputs(items, total, [output])  # an output is never one of the inputs
 
     loaded = load_for_features(model, revision, device, dtype, quantize, offline, allow_pickle,
                                features=wanted_features, task="search", need_text=query is not None,
