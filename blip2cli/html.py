@@ -43,9 +43,11 @@ from urllib.parse import quote
 
 from . import __version__
 from .images import THUMBNAIL_SIZE  # images imports nothing heavy at module level
+from .tasks import settings_keys
 
-# The settings a record carries (job._Recorded adds them), in header order.
-SETTINGS_KEYS = ("model", "revision", "dtype", "quantize", "preprocess", "template", "generation")
+# The settings a record carries (job._Recorded adds them), in header order: every
+# task's, from the task registry (features and pool too).
+SETTINGS_KEYS = settings_keys()
 
 
 def esc(value: object) -> str:

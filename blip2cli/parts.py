@@ -25,16 +25,14 @@ from typing import Callable, Iterable
 
 from .errors import UsageError
 from .fsutil import atomic_write
+from .tasks import final_names, record_keys
 
 PARTS = ".parts"
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.jsonl$")
-FINAL_NAMES = {"caption": "captions.jsonl", "ask": "answers.jsonl", "embed": "embeddings.jsonl"}
-# What identifies one record of each command (ask: one record per image and question).
-RECORD_KEYS: dict[str, Callable[[dict], object]] = {
-    "caption": lambda r: r["path"],
-    "ask": lambda r: (r["path"], r.get("question")),
-    "embed": lambda r: r["path"],
-}
+# The merged file of each command, and what identifies one of its records (ask: one
+# record per image and question): from the task registry.
+FINAL_NAMES: dict[str, str] = final_names()
+RECORD_KEYS: dict[str, Callable[[dict], object]] = record_keys()
 
 
 @dataclass(frozen=True)

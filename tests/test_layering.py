@@ -34,7 +34,7 @@ def core_modules() -> list[str]:
 def test_the_core_is_most_of_the_package():
     modules = core_modules()
     for name in ("blip2cli.caption", "blip2cli.ask", "blip2cli.embed", "blip2cli.job", "blip2cli.parts",
-                 "blip2cli.bench", "blip2cli.api", "blip2cli.images", "blip2cli.loader"):
+                 "blip2cli.bench", "blip2cli.api", "blip2cli.images", "blip2cli.loader", "blip2cli.tasks"):
         assert name in modules
 
 
