@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .caption import GenerationOptions, _eos_ids, prompt_ids, trim_at_eos
+from .caption import GenerationOptions, eos_ids, prompt_ids, trim_at_eos
 from .errors import UsageError
 from .images import ImageStage
 from .writers import Schema
@@ -113,7 +113,7 @@ class Asker:
         self.options = options
         self.kwargs = options.generate_kwargs()
         self.pairs_per_call = max(1, pairs_per_call)
-        self._eos = _eos_ids(loaded)
+        self._eos = eos_ids(loaded)
         self._ids: dict[str, list[int]] = {}
         config = loaded.model.config
         self.num_query_tokens = config.num_query_tokens

@@ -135,7 +135,7 @@ class Captioner:
         self.options = options
         self.kwargs = options.generate_kwargs()
         self._ids = prompt_ids(loaded, options.prompt)
-        self._eos = _eos_ids(loaded)
+        self._eos = eos_ids(loaded)
 
     def generate_ids(self, pixel_values) -> list[list[int]]:
         """New token ids, ``num_captions`` rows per image, prompt removed, each cut
@@ -191,7 +191,7 @@ def trim_at_eos(row: list[int], eos: set[int]) -> list[int]:
     return row
 
 
-def _eos_ids(loaded) -> set[int]:
+def eos_ids(loaded) -> set[int]:
     eos = getattr(loaded.model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = loaded.model.config.text_config.eos_token_id
