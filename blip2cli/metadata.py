@@ -23,10 +23,11 @@ import os
 import tempfile
 
 from . import console
+from .choices import EmbedFormat, names
 from .errors import OutputError, UsageError
 from .utf8 import is_clean, original_path
 
-FORMATS = ("jsonl", "csv", "parquet")
+FORMATS = tuple(names(EmbedFormat))  # the same three files as embed's records: jsonl, csv, parquet
 
 
 def metadata_root(inputs, *, resume: bool, parts: bool) -> str:

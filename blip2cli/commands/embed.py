@@ -193,7 +193,7 @@ def embed(
     if not to_store and (prune or store_dtype is not None):
         raise UsageError("--prune and --store-dtype apply to a vector store",
                          hint="name one with -o vectors.safetensors (or .npy)")
-    fmt_name = "jsonl" if to_store else o.infer_format(fmt, output, formats=("jsonl", "csv", "parquet"))
+    fmt_name = "jsonl" if to_store else o.infer_format(fmt, output, formats=tuple(e.value for e in EmbedFormat))
     if texts_file is not None and str(texts_file) == "-" and "-" in [*(inputs or []), *(files_from or [])]:
         raise UsageError("stdin cannot hold both the texts (--texts-file -) and the images (-)")
     texts = _read_texts(text, texts_file)
