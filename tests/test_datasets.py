@@ -390,3 +390,19 @@ def test_sidecar_options_without_sidecar_are_refused(tiny_opt, photos, option, c
     assert res.exit_code == 2, res.output
     assert f"{option[0]} applies to sidecar files" in res.output
     assert "--sidecar" in res.output
+
+
+def test_search_and_score_write_parquet(tiny_itm, photos, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "hits.parquet"
+    res = cli("search", "a cat", photos, "--model", tiny_itm, "-o", out)
+    assert res.exit_code == 0, res.output
+    table = pq.read_table(out)
+    assert table.num_rows == 4 and table.schema.field("rank").type == pa.int64()
+    assert table.column("rank").to_pylist() == [1, 2, 3, 4]
+    out = tmp_path / "scores.parquet"
+    res = cli("score", photos / "chelsea.png", "a cat", "a dog", "--model", tiny_itm, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert pq.read_table(out).column("text").to_pylist() == ["a cat", "a dog"]
