@@ -58,6 +58,8 @@ class Job:
     shard: str | None = None  # "--shard I/N"
     html: dict = field(default_factory=dict)  # --format html: the writer's options (thumbnails, links, per_card)
     wrappers: list = field(default_factory=list)  # writer -> writer, outermost: --metadata, --failed-list
+    samples: Any = None  # webdataset.SampleReader for tar shard inputs (--carry, --ext); None: the defaults
+    tar_inputs: bool | None = None  # are tar shards among the inputs (None: not resolved yet)
 
     def parts_mode(self) -> bool:
         """-o DIR, --shard or a launcher: records go to part files under the directory."""
@@ -77,7 +79,7 @@ class Job:
                 )
             if self.output.exists() and not self.output.is_dir():
                 raise UsageError(f"-o {self.output} must be a directory here (part files go inside it)")
-            if self.fmt not in ("jsonl",):
+            if self.fmt not in ("jsonl",) and not (self.fmt == "parquet" and self.tar_inputs is not False):
                 raise UsageError(
                     f"an output directory holds JSON Lines part files, not {self.fmt}",
                     hint="drop --format (or use --format jsonl)",
@@ -85,6 +87,9 @@ class Job:
             if self.resume:
                 raise UsageError("an output directory always resumes: drop --resume")
             return
+        if self.tar_inputs and self.sidecar is not None:
+            raise UsageError("--sidecar does not work with tar shards as inputs (their images are no files)",
+                             hint="write records instead: -o captions.jsonl (each record names its shard and key)")
         if self.resume:
             if self.output is None:
                 raise UsageError(
@@ -123,8 +128,15 @@ class Job:
         from .pipeline import run
         from .writers import Sink, make_writer
 
+        if total is not None:
+            items = list(items)
+            self.tar_inputs = any(getattr(i, "tar", False) for i in items)
         self.check()
         result = JobResult(dry_run=self.dry_run)
+        if self.tar_inputs and self.parts_mode():  # -o DIR: one output file per shard
+            from .webdataset import run_per_shard
+
+            return run_per_shard(self, items, guard, result)
         shard = None
         if self.parts_mode():
             from .parts import Shard, launched_shard, local_device, parse_shard
@@ -141,6 +153,12 @@ class Job:
         # Before anything is read or written: no output is an input (a known list is
         # refused here; stdin items are screened as they come), and no one else writes it.
         items = guard.screen(items, self._outputs(shard))
+        if self.tar_inputs is not False:  # shards become their samples as they are read
+            from .webdataset import SampleReader
+
+            if self.tar_inputs:
+                total = None
+            items = (self.samples or SampleReader()).expand(items)
         if shard is None:
             refuse_image_output(self.output)
             if not self.dry_run or self.resume:  # --resume rewrites the file, even in a dry run
@@ -364,6 +382,8 @@ class _Recorded:
     def record(self, item, result, error):
         made = self.task.record(item, result, error)
         for record in made if isinstance(made, list) else [made]:
+            if item.fields:  # a shard sample: shard, key, --carry members
+                record.update(item.fields)
             if self.sidecar is not None and not record.get("error"):
                 record["sidecar"] = self.sidecar.path_for(item)
             record.update(self.settings)

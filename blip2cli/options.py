@@ -124,6 +124,14 @@ Null = Annotated[
     bool,
     typer.Option("-0", "--null", rich_help_panel=INPUT, help="Paths on stdin / --files-from (and in --failed-list) are NUL-separated (find -print0)."),
 ]
+Carry = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--carry", metavar="EXT", rich_help_panel=INPUT, show_default=False,
+        help="Tar shard inputs: copy these members of each sample into its record, e.g. txt,json "
+        "(the old alt-text beside the new caption; json parsed).",
+    ),
+]
 FilesFrom = Annotated[
     Optional[list[str]],
     typer.Option("--files-from", metavar="FILE", rich_help_panel=INPUT, show_default=False, help="Read input paths from FILE (- for stdin)."),

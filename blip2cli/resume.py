@@ -126,7 +126,7 @@ def plain(value):
 
 def settings_of(record: dict) -> dict:
     """The settings a record carries: everything that is not a result field."""
-    fields = record_fields()
+    fields = record_fields() | set(record.get("carry") or ())  # --carry: members of a shard's sample
     return {k: v for k, v in record.items() if k not in fields}
 
 

@@ -13,8 +13,16 @@ One resolver for every command. An argument is
 * otherwise, a pattern with ``*``, ``?`` or ``[``: expanded by the tool
   (``**`` crosses directories), matches in the same order as a walk,
   filtered by extension;
+* otherwise, a name with a brace group (``shards/{00000..00099}.tar``,
+  ``{a,b}.jpg``): expanded by the tool (``webdataset.expand_braces``: zero-padded
+  numeric ranges and comma lists), each name then taken as above;
 * otherwise, a path that does not exist: it becomes an item that fails with a
   clear error, so the rest of the run goes on.
+
+A tar file (``.tar``, ``.tar.gz``, ``.tgz``) named, matched or found in a folder
+is a WebDataset shard: an item with ``tar=True`` that ``webdataset.SampleReader``
+expands into its samples as the run reads it (folders yield their tar files
+unless ``--ext`` is given without ``tar``).
 
 Items come out in argument order, duplicates (the same file reached twice)
 removed. Nothing here opens an image. Stdin is the only stream read: a named
@@ -28,7 +36,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -59,6 +67,10 @@ class Item:
     # The folder argument (or the fixed prefix of a glob) this item was found
     # under; sidecars under --output-dir mirror the tree below it.
     root: str | None = None
+    # A WebDataset shard (a tar file), expanded into samples by webdataset.SampleReader.
+    tar: bool = False
+    # Fields every record of this item carries (a shard sample: shard, key, --carry members).
+    fields: dict | None = field(default=None, compare=False, hash=False)
 
 
 def parse_extensions(values: Iterable[str] | None) -> tuple[str, ...]:
@@ -80,6 +92,24 @@ def looks_like_image_bytes(head: bytes) -> bool:
 
 def _has_magic(arg: str) -> bool:
     return glob.has_magic(arg)
+
+
+def _is_shard(path: str) -> bool:
+    from .webdataset import is_shard_path
+
+    return is_shard_path(path)
+
+
+def _has_braces(arg: str) -> bool:
+    from .webdataset import has_braces
+
+    return has_braces(arg)
+
+
+def _expand_braces(arg: str) -> list[str]:
+    from .webdataset import expand_braces
+
+    return expand_braces(arg)
 
 
 def _glob_root(pattern: str) -> str:
@@ -106,6 +136,8 @@ class InputResolver:
     ):
         self.recursive = recursive
         self.extensions = frozenset(parse_extensions(extensions))
+        # Tar shards are picked up in folders and globs unless --ext leaves tar out.
+        self.shards = not extensions or bool(self.extensions & {"tar", "tgz", "tar.gz"})
         self.null_separated = null_separated
         self._stdin = stdin
         self._seen: set[str] = set()
@@ -193,6 +225,9 @@ class InputResolver:
             yield from self._walk(arg)
         elif os.path.lexists(arg):
             yield from self._emit(arg)
+        elif expand and _has_braces(arg):
+            for name in _expand_braces(arg):
+                yield from self._from_arg(name, expand=True)
         elif expand and _has_magic(arg):
             # Sorted component by component: the same order a directory walk gives.
             matches = sorted(glob.glob(arg, recursive=True), key=lambda p: p.split(os.sep))
@@ -214,14 +249,14 @@ class InputResolver:
 
     def _wanted(self, path: str) -> bool:
         ext = os.path.splitext(path)[1].lower().lstrip(".")
-        return ext in self.extensions
+        return ext in self.extensions or (self.shards and _is_shard(path))
 
     def _emit(self, path: str, root: str | None = None) -> Iterator[Item]:
         key = os.path.realpath(path)
         if key in self._seen:
             return
         self._seen.add(key)
-        yield Item(name=path, source=path, root=root)
+        yield Item(name=path, source=path, root=root, tar=_is_shard(path))
 
     def _walk(self, top: str, root: str | None = None) -> Iterator[Item]:
         root = top if root is None else root

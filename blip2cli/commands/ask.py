@@ -71,6 +71,7 @@ def ask(
     ext: o.Ext = None,
     null: o.Null = False,
     files_from: o.FilesFrom = None,
+    carry: o.Carry = None,
     max_new_tokens: Annotated[int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION)] = ASK_MAX_NEW_TOKENS,
     min_new_tokens: Annotated[int, typer.Option(metavar="N", min=0, rich_help_panel=o.GENERATION)] = ASK_MIN_NEW_TOKENS,
     num_beams: Annotated[Optional[int], typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample).", show_default=False)] = None,
@@ -170,6 +171,9 @@ def ask(
     )
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"
+    from ..webdataset import configure
+
+    configure(job, carry, ext)
     job.check()
     from ..failedlist import wrapper as failed_wrapper
 

@@ -24,6 +24,7 @@ Examples:
   blip2 caption photos/ -o captions.parquet     # typed columns, row groups as it goes
   blip2 caption train/ --metadata              # train/metadata.jsonl for load_dataset("imagefolder")
   blip2 caption train/ --sidecar --sidecar-ext .caption --failed-list failed.txt   # kohya
+  blip2 caption 'shards/{00000..00099}.tar' -o out/ --carry txt,json   # WebDataset: out/00000.jsonl ...
 """
 
 
@@ -41,6 +42,7 @@ def caption(
     ext: o.Ext = None,
     null: o.Null = False,
     files_from: o.FilesFrom = None,
+    carry: o.Carry = None,
     prompt: Annotated[
         Optional[str],
         typer.Option(metavar="TEXT", rich_help_panel=o.GENERATION, help='Text the caption continues, e.g. "a photo of".'),
@@ -124,6 +126,9 @@ def caption(
     )
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"  # an output directory holds JSON Lines part files
+    from ..webdataset import configure, refuse_with_shards
+
+    configure(job, carry, ext)
     job.check()
     from .. import failedlist
     from .. import metadata as hf_metadata
@@ -144,6 +149,8 @@ def caption(
     if not dry_run and not job.parts_mode():
         check_output_path(output)
     items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="caption")
+    if metadata and total is not None:
+        refuse_with_shards(items, "--metadata", hint="write records instead: -o DIR (one file per shard)")
     result = job.run(items, total)
     finish(result, output=output, quiet=quiet, job=job)
 

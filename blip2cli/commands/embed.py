@@ -133,6 +133,7 @@ def embed(
     ext: o.Ext = None,
     null: o.Null = False,
     files_from: o.FilesFrom = None,
+    carry: o.Carry = None,
     fmt: Annotated[
         Optional[EmbedFormat],
         typer.Option("--format", "-f", metavar=o.choices(EmbedFormat), rich_help_panel=o.OUTPUT, case_sensitive=False,
@@ -243,11 +244,19 @@ def embed(
             description="embedding",
             shard=shard,
         )
+        from ..webdataset import configure
+
+        configure(job, carry, ext)
         job.check()
         from ..failedlist import wrapper as failed_wrapper
 
         job.wrappers += [w for w in (failed_wrapper(failed_list, null=null),) if w]
         finish(job.run(items, total), output=output, quiet=quiet, job=job)
+    if have_images and total is not None:
+        from ..webdataset import refuse_with_shards
+
+        refuse_with_shards(items, "a vector store or --text" if to_store or texts else "this output",
+                           hint="write image records from the shards: -o vectors.jsonl (or .parquet, or -o DIR/)")
     if failed_list is not None:
         raise UsageError("--failed-list applies to image records (JSON Lines, CSV or Parquet), not yet to a "
                          "vector store or a run with --text", hint="the store's summary names the failures")

@@ -1,0 +1,189 @@
+"""WebDataset tar shards as input (issue 12): read streaming, records per sample with
+shard/key/--carry, errors as records, -o DIR one output per shard (atomic, resumed),
+--shard I/N by whole tars. Outputs read back with json, pyarrow and tarfile.
+
+Everything runs through the CLI on the tiny checkpoints."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from blip2cli.cli import app
+from blip2cli.sources import InputResolver
+from blip2cli.webdataset import SampleReader, expand_braces, split_name
+
+runner = CliRunner()
+FAST = ["--max-new-tokens", "3", "--num-beams", "1"]
+
+
+def cli(*args, input=None):
+    return runner.invoke(app, [*map(str, args)], input=input)
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(l) for l in text.splitlines() if l.strip()]
+
+
+def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def make_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                add(tf, f"{key}.{ext}", data)
+    return path
+
+
+@pytest.fixture
+def pics(example_images) -> list[bytes]:
+    return [p.read_bytes() for p in example_images]  # png, png, png, jpg
+
+
+@pytest.fixture
+def shards(tmp_path, pics) -> Path:
+    """shards/00000.tar (2 samples), 00001.tar (2 samples), each with txt + json."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    for s in range(2):
+        samples = []
+        for i in range(2):
+            n = s * 2 + i
+            ext = "jpg" if n == 3 else "png"
+            samples.append((f"{s:05d}/{n:09d}", {ext: pics[n], "txt": f"alt text {n}".encode(),
+                                                  "json": json.dumps({"n": n}).encode()}))
+        make_shard(root / f"{s:05d}.tar", samples)
+    return root
+
+
+# -- the source: names, braces, keys (no model) ------------------------------------
+def test_brace_ranges_keep_zero_padding_and_lists_multiply():
+    assert expand_braces("s/{00000..00002}.tar") == ["s/00000.tar", "s/00001.tar", "s/00002.tar"]
+    assert expand_braces("{8..10}") == ["8", "9", "10"]
+    assert expand_braces("{a,b}{0..1}.tar") == ["a0.tar", "a1.tar", "b0.tar", "b1.tar"]
+    assert expand_braces("plain{}.tar") == ["plain{}.tar"]
+
+
+def test_key_is_up_to_the_first_dot_of_the_base_name():
+    assert split_name("00042/000000123.jpg") == ("00042/000000123", "jpg")
+    assert split_name("a.b/x.seg.png") == ("a.b/x", "seg.png")
+    assert split_name("README") == ("README", "")
+
+
+def test_folder_glob_and_braces_find_shards(shards, tmp_path):
+    names = [i.name for i in InputResolver().resolve([str(shards)])]
+    assert names == [str(shards / "00000.tar"), str(shards / "00001.tar")]
+    by_glob = list(InputResolver().resolve([str(shards / "*.tar")]))
+    assert [i.tar for i in by_glob] == [True, True]
+    braces = [i.name for i in InputResolver().resolve([str(shards) + "/{00000..00001}.tar"])]
+    assert braces == names
+    # --ext without tar leaves the shards out of a folder walk
+    assert list(InputResolver(extensions=["jpg"]).resolve([str(shards)])) == []
+
+
+def test_samples_stream_with_shard_key_and_carry(shards, pics):
+    items = list(SampleReader(carry=("txt", "json")).samples(str(shards / "00001.tar")))
+    assert [i.name for i in items] == [f"{shards}/00001.tar#00001/000000002.png",
+                                       f"{shards}/00001.tar#00001/000000003.jpg"]
+    assert items[1].source == pics[3]
+    assert items[1].fields == {"shard": f"{shards}/00001.tar", "key": "00001/000000003",
+                               "txt": "alt text 3", "json": {"n": 3}}
+
+
+# -- caption, ask, embed through the CLI -------------------------------------------
+def test_caption_folder_of_shards_records_carry_old_alt_text(tiny_opt, shards):
+    res = cli("caption", shards, "--model", tiny_opt, *FAST, "-f", "jsonl", "--carry", "txt,json")
+    assert res.exit_code == 0, res.output
+    recs = jsonl(res.stdout)
+    assert [r["key"] for r in recs] == ["00000/000000000", "00000/000000001", "00001/000000002", "00001/000000003"]
+    assert [r["shard"] for r in recs] == [str(shards / "00000.tar")] * 2 + [str(shards / "00001.tar")] * 2
+    assert recs[0]["path"] == f"{shards}/00000.tar#00000/000000000.png"
+    assert [r["txt"] for r in recs] == [f"alt text {n}" for n in range(4)]
+    assert [r["json"] for r in recs] == [{"n": n} for n in range(4)]
+    assert all(r["captions"] and not r.get("error") for r in recs)
+    assert recs[0]["carry"] == ["txt", "json"]
+
+
+def test_same_captions_from_shards_as_from_files(tiny_opt, shards, example_images, tmp_path):
+    a = cli("caption", str(shards) + "/{00000..00001}.tar", "--model", tiny_opt, *FAST, "-f", "jsonl")
+    b = cli("caption", *example_images, "--model", tiny_opt, *FAST, "-f", "jsonl")
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert [r["captions"] for r in jsonl(a.stdout)] == [r["captions"] for r in jsonl(b.stdout)]
+
+
+def test_ask_and_embed_read_shards(tiny_opt, tiny_itm, shards):
+    res = cli("ask", str(shards / "00000.tar"), "-q", "what is it?", "--model", tiny_opt, *FAST, "-f", "jsonl")
+    assert res.exit_code == 0, res.output
+    recs = jsonl(res.stdout)
+    assert [r["key"] for r in recs] == ["00000/000000000", "00000/000000001"] and all(r["answers"] for r in recs)
+    res = cli("embed", str(shards / "*.tar"), "--model", tiny_itm, "-f", "jsonl", "--carry", "txt")
+    assert res.exit_code == 0, res.output
+    recs = jsonl(res.stdout)
+    assert len(recs) == 4 and all(len(r["vector"]) > 0 for r in recs)
+    assert recs[2]["txt"] == "alt text 2" and recs[2]["key"] == "00001/000000002"
+
+
+def test_embed_store_from_shards_is_refused(tiny_itm, shards, tmp_path):
+    res = cli("embed", shards, "--model", tiny_itm, "-o", tmp_path / "v.safetensors")
+    assert res.exit_code == 2 and "tar shards" in res.output
+
+
+# -- errors are records ------------------------------------------------------------
+def test_corrupt_member_missing_image_links_and_oversize_are_error_records(tiny_opt, tmp_path, pics, monkeypatch):
+    path = tmp_path / "bad.tar"
+    with tarfile.open(path, "w") as tf:
+        add(tf, "a.png", pics[0])
+        add(tf, "b.jpg", b"not a jpeg at all")  # corrupt member
+        add(tf, "c.txt", b"no image here")  # sample without an image
+        link = tarfile.TarInfo("d.jpg")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tf.addfile(link)  # a link: never followed
+        add(tf, "e.png", pics[1])
+        add(tf, "f.png", pics[2])  # over the size budget set below
+    # The read budget of an image member (images.MAX_DECODE_BYTES by default), small here.
+    monkeypatch.setattr(SampleReader, "max_image", property(lambda self: len(pics[1]) + 1))
+    res = cli("caption", path, "--model", tiny_opt, *FAST, "-f", "jsonl")
+    assert res.exit_code == 1, res.output
+    recs = {r["key"]: r for r in jsonl(res.stdout)}
+    assert list(recs) == ["a", "b", "c", "d", "e", "f"]
+    assert not recs["a"].get("error") and not recs["e"].get("error")
+    assert recs["b"]["error"] and recs["b"]["path"].endswith("#b.jpg")
+    assert "no image in this sample" in recs["c"]["error"]
+    assert "symbolic link" in recs["d"]["error"]
+    assert "too large" in recs["f"]["error"]
+
+
+def test_truncated_tar_keeps_what_was_read_then_one_error_naming_the_offset(tiny_opt, tmp_path, pics):
+    whole = make_shard(tmp_path / "whole.tar", [(f"k{i}", {"png": pics[i]}) for i in range(3)])
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.tar"
+    # cut inside the third member's data
+    with tarfile.open(whole) as tf:
+        third = tf.getmembers()[2]
+    cut.write_bytes(data[: third.offset_data + 100])
+    res = cli("caption", cut, "--model", tiny_opt, *FAST, "-f", "jsonl")
+    assert res.exit_code == 1, res.output
+    recs = jsonl(res.stdout)
+    assert [r.get("key") for r in recs[:2]] == ["k0", "k1"] and not recs[0].get("error")
+    assert len(recs) == 3 and recs[2]["path"] == str(cut) and recs[2]["shard"] == str(cut)
+    assert f"at byte {third.offset}" in recs[2]["error"]
+
+
+def test_gzipped_shard_and_a_missing_one_from_a_brace_range(tiny_opt, tmp_path, pics):
+    make_shard(tmp_path / "s0.tar.gz", [("x", {"png": pics[0]})], mode="w:gz")
+    res = cli("caption", tmp_path / "s0.tar.gz", str(tmp_path / "s{1..1}.tar"), "--model", tiny_opt, *FAST,
+              "-f", "jsonl")
+    recs = jsonl(res.stdout)
+    assert res.exit_code == 1 and recs[0]["key"] == "x" and not recs[0].get("error")
+    assert recs[1]["path"] == str(tmp_path / "s1.tar") and "no such file" in recs[1]["error"]
