@@ -26,7 +26,7 @@ truncated tar: the samples read before the break, then one error record naming
 the shard and the byte offset).
 
 With ``-o DIR`` (see :func:`run_per_shard`) each input shard gets its own output,
-``DIR/<shard name>.jsonl`` (or ``.parquet``), written to ``DIR/.shards/<name>.jsonl``
+``DIR/<shard name>.jsonl`` (or ``.parquet``), written to ``DIR/.shards/parts/<name>.jsonl``
 as records come and moved into place (atomically) when the shard is finished.
 """
 
@@ -391,9 +391,10 @@ def run_per_shard(job, items: list, guard, result):
     start, end = shard.bounds(len(names))
     todo = []  # (shard path, final, part, done keys)
     finished = 0
+    locked: set = set()
     for name in names[start:end]:
         final = root / f"{shard_stem(name)}{ext}"
-        part = state.parts / f"{shard_stem(name)}.jsonl"
+        part = state.parts / "parts" / f"{shard_stem(name)}.jsonl"  # not beside manifest.json, inputs.jsonl
         if final.exists():
             finished += 1
             if job.dry_run:
@@ -402,7 +403,8 @@ def run_per_shard(job, items: list, guard, result):
         done: set = set()
         if part.exists():
             if not job.dry_run:
-                guard.lock_output(part, what="the part file")
+                guard.lock_output(part, what="the part file")  # before its records are read
+                locked.add(part)
             done = load_resume(str(part), settings, job.key_of_record).done
         todo.append((name, final, part, done))
         if job.dry_run:
@@ -436,7 +438,9 @@ def run_per_shard(job, items: list, guard, result):
     batch_size = job.batch_size or default_batch_size(loaded.device.type)
     try:
         for name, final, part, done in todo:
-            guard.lock_output(part, what="the part file")
+            part.parent.mkdir(parents=True, exist_ok=True)
+            if part not in locked:
+                guard.lock_output(part, what="the part file")
             sink = Sink(str(part), append=part.exists(),
                         hint="free some space, then run the same command again: it carries on after "
                         "the last whole record").open()

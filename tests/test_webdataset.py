@@ -187,3 +187,62 @@ def test_gzipped_shard_and_a_missing_one_from_a_brace_range(tiny_opt, tmp_path, 
     recs = jsonl(res.stdout)
     assert res.exit_code == 1 and recs[0]["key"] == "x" and not recs[0].get("error")
     assert recs[1]["path"] == str(tmp_path / "s1.tar") and "no such file" in recs[1]["error"]
+
+
+# -- -o DIR: one output file per shard ---------------------------------------------
+def test_output_dir_one_jsonl_per_shard_then_resume_skips_done_and_continues_partial(tiny_opt, shards, tmp_path):
+    out = tmp_path / "out"
+    res = cli("caption", shards, "--model", tiny_opt, *FAST, "-o", f"{out}/")
+    assert res.exit_code == 0, res.output
+    first = {n: jsonl((out / f"{n}.jsonl").read_text()) for n in ("00000", "00001")}
+    assert [r["key"] for r in first["00001"]] == ["00001/000000002", "00001/000000003"]
+    assert not list((out / ".shards" / "parts").glob("*.jsonl"))  # part files promoted
+    # An interrupted shard: its part file holds the first sample (marked), its output is gone.
+    (out / "00001.jsonl").unlink()
+    kept = dict(first["00001"][0], captions=["KEPT"], caption="KEPT")
+    (out / ".shards" / "parts").mkdir(exist_ok=True)
+    (out / ".shards" / "parts" / "00001.jsonl").write_text(json.dumps(kept) + "\n" + '{"path": "torn')
+    done_before = (out / "00000.jsonl").stat().st_mtime_ns
+    res = cli("caption", shards, "--model", tiny_opt, *FAST, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "1 of 2 shards already done" in res.output
+    assert (out / "00000.jsonl").stat().st_mtime_ns == done_before  # a finished shard is not touched
+    again = jsonl((out / "00001.jsonl").read_text())
+    assert [r["captions"] for r in again] == [["KEPT"], first["00001"][1]["captions"]]
+    assert not (out / ".shards" / "parts" / "00001.jsonl").exists()
+    # Other settings into the same directory are refused, naming the difference.
+    res = cli("caption", shards, "--model", tiny_opt, "--max-new-tokens", "4", "--num-beams", "1", "-o", out)
+    assert res.exit_code == 2 and "max_new_tokens" in res.output
+    # --resume is implied, as for every output directory
+    res = cli("caption", shards, "--model", tiny_opt, *FAST, "-o", out, "--resume")
+    assert res.exit_code == 2 and "always resumes" in res.output
+
+
+def test_output_dir_parquet_per_shard_read_by_pyarrow(tiny_opt, shards, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "pq"
+    res = cli("caption", shards, "--model", tiny_opt, *FAST, "-o", f"{out}/", "--format", "parquet",
+              "--carry", "txt,json")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["00000.parquet", "00001.parquet"]
+    rows = pq.read_table(out / "00001.parquet").to_pylist()
+    assert [r["key"] for r in rows] == ["00001/000000002", "00001/000000003"]
+    assert [r["txt"] for r in rows] == ["alt text 2", "alt text 3"]
+    assert rows[0]["shard"] == str(shards / "00001.tar") and rows[0]["captions"]
+
+
+def test_shard_option_splits_by_whole_tar_files(tiny_opt, shards, tmp_path):
+    out = tmp_path / "split"
+    res = cli("caption", shards, "--model", tiny_opt, *FAST, "-o", out, "--shard", "1/2")
+    assert res.exit_code == 0, res.output
+    assert not (out / "00000.jsonl").exists()
+    assert [r["key"] for r in jsonl((out / "00001.jsonl").read_text())] == ["00001/000000002", "00001/000000003"]
+    res = cli("caption", shards, "--model", tiny_opt, *FAST, "-o", out, "--shard", "0/2")
+    assert res.exit_code == 0, res.output
+    assert len(jsonl((out / "00000.jsonl").read_text())) == 2
+
+
+def test_output_dir_refuses_plain_images_mixed_with_shards(tiny_opt, shards, example_images, tmp_path):
+    res = cli("caption", shards, example_images[0], "--model", tiny_opt, "-o", f"{tmp_path}/o/")
+    assert res.exit_code == 2 and "one file per shard" in res.output
