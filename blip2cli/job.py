@@ -287,6 +287,7 @@ class Job:
                     workers=self.workers or default_workers(),
                     reporter=reporter,
                     fail_fast=self.fail_fast,
+                    **({"queue_size": QUEUE_SAMPLES} if self.tar_inputs is not False else {}),
                 )
             writer.close()  # html: the last card and the closing tags (a cut page shows without them)
             failed = False
@@ -338,6 +339,10 @@ class Job:
         from .writers import escape_text
 
         print("\t".join(escape_text(f) for f in fields), flush=True)
+
+
+# Tar shard samples read ahead of the decode at most (each holds its image's bytes).
+QUEUE_SAMPLES = 256
 
 
 def _launched() -> bool:

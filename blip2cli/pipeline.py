@@ -195,12 +195,14 @@ def run(
     workers: int,
     reporter=None,
     fail_fast: bool = False,
+    queue_size: int = 4096,
 ) -> Stats:
+    """``queue_size``: items the source may read ahead (tar shard samples hold their bytes)."""
     from .images import ImageError
 
     stats = Stats()
     started = time.perf_counter()
-    source = _SourceThread(items)
+    source = _SourceThread(items, maxsize=queue_size)
     lookahead = max(batch_size * 2, workers * 2, 4)
     pool = DecodePool(workers)
     pending: deque[tuple[Item, Future]] = deque()

@@ -343,7 +343,7 @@ def run_per_shard(job, items: list, guard, result):
 
     from . import console
     from .errors import UsageError, sigterm_as_interrupt
-    from .job import _Recorded, _SkipDone
+    from .job import QUEUE_SAMPLES, _Recorded, _SkipDone
     from .loader import load, plan
     from .parts import PartsDir, Shard, launched_shard, local_device, parse_shard
     from .pipeline import Stats, run
@@ -453,7 +453,7 @@ def run_per_shard(job, items: list, guard, result):
                 with sigterm_as_interrupt():
                     stats = run(pending, task, outer, batch_size=batch_size,
                                 workers=job.workers or default_workers(), reporter=reporter,
-                                fail_fast=job.fail_fast)
+                                fail_fast=job.fail_fast, queue_size=QUEUE_SAMPLES)
                 failed = False
             finally:
                 sink.close(quiet=failed)
