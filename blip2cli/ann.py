@@ -33,7 +33,8 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise StoreError("--ann needs faiss", hint="pip install 'blip2-cli[ann]' (faiss-cpu), or drop --ann") from None
+        raise StoreError("ann=True needs faiss", hint="pip install 'blip2-cli[ann]' (faiss-cpu), or search without ann",
+                         params=["ann"]) from None
     return faiss
 
 
@@ -75,7 +76,8 @@ def load_or_build(store, *, quiet: bool = True):
     if not quiet:
         from . import console
 
-        console.message(f"building the --ann index for {store.rows:,} rows (once per store version): {path}")
+        console.message(f"building the approximate (faiss) index for {store.rows:,} rows "
+                        f"(once per store version): {path}")
     index = build(store)
     tmp = path.with_name("." + path.name + ".tmp")
     faiss.write_index(index, str(tmp))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union
 
@@ -119,21 +118,11 @@ def load(
 
 
 def _library_wording(exc: Blip2Error) -> Blip2Error:
-    """The loader's messages name CLI flags (``--allow-pickle``): name the parameters instead."""
-    if isinstance(exc, OptionError):
+    """The loader's errors already name parameters (``allow_pickle=True``); an impossible
+    value becomes an ``OptionError``, a ``ValueError`` for library callers."""
+    if isinstance(exc, OptionError) or not isinstance(exc, UsageError):
         return exc
-
-    def respell(text: str | None) -> str | None:
-        if text is None:
-            return None
-        return re.sub(r"(?<![\w/-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), text)
-
-    if isinstance(exc, UsageError):  # an impossible value: a ValueError for library callers
-        return OptionError(respell(exc.message) or "", respell(exc.hint))
-    try:
-        return type(exc)(respell(exc.message) or "", respell(exc.hint))
-    except TypeError:  # pragma: no cover - a subclass with another signature
-        return exc
+    return OptionError(exc.message, exc.hint, params=exc.params)
 
 
 # -- images -------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .caption import GenerationOptions, eos_ids, prompt_ids, trim_at_eos
-from .errors import UsageError
+from .errors import OptionError
 from .images import ImageStage
 from .writers import Schema
 
@@ -70,9 +70,10 @@ T5_CONTEXT = 512
 # -- questions and templates ---------------------------------------------------
 def check_template(template: str) -> str:
     if PLACEHOLDER not in template:
-        raise UsageError(
-            f"--template must contain {PLACEHOLDER} (got {template!r})",
-            hint='for example --template "Question: {question} Short answer:"',
+        raise OptionError(
+            f"template must contain {PLACEHOLDER} (got {template!r})",
+            hint="for example template='Question: {question} Short answer:'",
+            params=["template"],
         )
     return template
 
@@ -343,10 +344,11 @@ class ChatSession:
         model_limit = context_limit(self.asker.loaded, self.asker.options.max_new_tokens)
         self.limit = min(self.limit, model_limit) if self.limit > 0 else model_limit
         if self.limit < 1:
-            raise UsageError(
+            raise OptionError(
                 f"no room for a prompt: the model's context holds {model_limit} prompt tokens "
-                f"once the image and --max-new-tokens are counted",
-                hint="lower --max-new-tokens",
+                f"once the image and max_new_tokens are counted",
+                hint="lower max_new_tokens",
+                params=["max_new_tokens"],
             )
 
     def set_image(self, source, name: str | None = None) -> None:

@@ -57,9 +57,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise UsageError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 640x480") from None
+        raise UsageError(f"size={text!r}: expected WIDTHxHEIGHT, e.g. 640x480", params=["size"]) from None
     if w < 1 or h < 1 or w * h > 100_000_000:
-        raise UsageError(f"--size {text}: out of range")
+        raise UsageError(f"size={text!r}: out of range", params=["size"])
     return w, h
 
 
@@ -67,9 +67,10 @@ def parse_batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"--batch-size {text!r}: expected numbers separated by commas, e.g. 1,8,32") from None
+        raise UsageError(f"batch_size={text!r}: expected numbers separated by commas, e.g. 1,8,32",
+                         params=["batch_size"]) from None
     if not sizes or any(s < 1 for s in sizes):
-        raise UsageError("--batch-size: each size must be at least 1")
+        raise UsageError("batch_size: each size must be at least 1", params=["batch_size"])
     return sizes
 
 
@@ -174,7 +175,8 @@ class StageTimer:
 def from_config(name: str, device: str, dtype: str):
     """A known architecture with random weights, built in memory: no download, no disk."""
     if name not in KNOWN_CONFIGS:
-        raise UsageError(f"--from-config {name!r}: unknown", hint=f"one of {', '.join(KNOWN_CONFIGS)}")
+        raise UsageError(f"from_config={name!r}: unknown", hint=f"one of {', '.join(KNOWN_CONFIGS)}",
+                         params=["from_config"])
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
@@ -260,7 +262,7 @@ def set_qformer_dtype(loaded, mode: str):
     import torch
 
     if mode not in QFORMER_DTYPES:
-        raise UsageError(f"--qformer-dtype {mode!r}: use one of {', '.join(QFORMER_DTYPES)}")
+        raise UsageError(f"qformer_dtype={mode!r}: use one of {', '.join(QFORMER_DTYPES)}", params=["qformer_dtype"])
     model = loaded.model
     if mode == "auto" or getattr(model, "qformer", None) is None:
         return qformer_dtype(model)

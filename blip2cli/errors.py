@@ -25,10 +25,34 @@ class Blip2Error(Exception):
 
     exit_code = EXIT_USAGE
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, params=()):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.params = tuple(params)
+
+    def reworded(self, spell) -> "Blip2Error":
+        """The same error (same class) with each name in ``params`` respelt by a front
+        end: ``spell(name, value)`` for ``name=value`` (``name='value'``) in the text,
+        ``spell(name, None)`` for a bare name. The core words its messages with the
+        parameters' Python names (``num_beams must be at least 1``, ``device='cuda:3'``);
+        the CLI shows its flags (``--num-beams``, ``--device cuda:3``)."""
+        import copy
+        import re
+
+        def respell(text: str | None) -> str | None:
+            if text is None:
+                return None
+            for name in sorted(self.params, key=len, reverse=True):
+                text = re.sub(rf"\b{re.escape(name)}=('[^']*'|[^\s,;)]+)",
+                              lambda m: spell(name, _unquoted(m.group(1))), text)
+                text = re.sub(rf"(?<![-\w.\[]){re.escape(name)}\b(?![.-]\w)", lambda m: spell(name, None), text)
+            return text
+
+        clone = copy.copy(self)
+        clone.message, clone.hint = respell(self.message), respell(self.hint)
+        clone.args = (clone.message,)
+        return clone
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
@@ -44,24 +68,9 @@ class OptionError(UsageError, ValueError):
     the names a message uses, so a front end can respell them (``reworded``): the
     CLI shows its flags (``--num-beams``). A ``ValueError`` for library callers."""
 
-    def __init__(self, message: str, hint: str | None = None, *, params=()):
-        super().__init__(message, hint)
-        self.params = tuple(params)
 
-    def reworded(self, spell) -> "OptionError":
-        """The same error with each parameter respelt: ``spell(name, value)`` for
-        ``name=value`` in a hint, ``spell(name, None)`` for a bare name."""
-        import re
-
-        def respell(text: str | None) -> str | None:
-            if text is None:
-                return None
-            for name in sorted(self.params, key=len, reverse=True):
-                text = re.sub(rf"\b{re.escape(name)}=([^\s,;)]+)", lambda m: spell(name, m.group(1)), text)
-                text = re.sub(rf"(?<![-\w]){re.escape(name)}\b", lambda m: spell(name, None), text)
-            return text
-
-        return OptionError(respell(self.message), respell(self.hint), params=self.params)
+def _unquoted(value: str) -> str:
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == "'" else value
 
 
 class InputError(Blip2Error):

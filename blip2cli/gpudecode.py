@@ -104,12 +104,12 @@ def choose(decode: str, device) -> bool:
     from .errors import UsageError
 
     if decode not in DECODE_CHOICES:
-        raise UsageError(f"--decode {decode!r}: use one of {', '.join(DECODE_CHOICES)}")
+        raise UsageError(f"decode={decode!r}: use one of {', '.join(DECODE_CHOICES)}", params=["decode"])
     if decode == "cpu":
         return False
     why = unavailable_reason(device)
     if decode == "gpu" and why is not None:
-        raise UsageError(f"--decode gpu: {why}", hint="use --decode auto (GPU when it can) or cpu")
+        raise UsageError(f"decode='gpu': {why}", hint="use decode='auto' (GPU when it can) or 'cpu'", params=["decode"])
     return why is None
 
 

@@ -137,8 +137,9 @@ def resolve_checkpoint(opts: LoadOptions) -> Checkpoint:
         if not config_path.is_file():
             raise ModelError(
                 f"{opts.model!r} is a folder but not a BLIP-2 checkpoint: it has no config.json",
-                hint="point --model at the folder that save_pretrained wrote (config.json, "
+                hint="point model at the folder that save_pretrained wrote (config.json, "
                 "model.safetensors, processor and tokenizer files)",
+                params=["model"],
             )
         source = str(local)
     elif _looks_local(model):
@@ -177,10 +178,10 @@ def resolve_checkpoint(opts: LoadOptions) -> Checkpoint:
 
 
 def _download_hint(repo_id: str, revision: str | None) -> str:
-    rev = f" --revision {revision}" if revision else ""
+    rev = f" --revision {revision}" if revision else ""  # in the shell commands quoted
     return (
         f"download it once where the hub can be reached: `blip2 models download {repo_id}{rev}` "
-        f"(or `hf download {repo_id}{rev}`), then run with --offline; or pass a local folder with --model"
+        f"(or `hf download {repo_id}{rev}`), then run with offline=True; or pass a local folder as model"
     )
 
 
@@ -237,9 +238,9 @@ def _hub_config(repo_id: str, revision: str | None, offline: bool) -> tuple[Path
 
             if not cached:
                 raise ModelError(
-                    f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) and model {repo_id!r} "
+                    f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) and {repo_id!r} "
                     "is not in the local cache",
-                    hint=download_hint,
+                    hint=download_hint, params=["offline", "model"],
                 )
             from .console import message
 
@@ -252,7 +253,8 @@ def _hub_config(repo_id: str, revision: str | None, offline: bool) -> tuple[Path
     except LocalEntryNotFoundError as exc:
         why = "offline mode is on" if offline else "the hub cannot be reached"
         raise ModelError(
-            f"model {repo_id!r} is not in the Hugging Face cache and {why}", hint=download_hint
+            f"{repo_id!r} is not in the Hugging Face cache and {why}", hint=download_hint,
+            params=["offline", "model"],
         ) from exc
     except RepositoryNotFoundError as exc:
         raise ModelError(
@@ -270,7 +272,8 @@ def _hub_config(repo_id: str, revision: str | None, offline: bool) -> tuple[Path
             hint="a hub id looks like owner/name; a folder must exist; `blip2 models` lists the short names",
         ) from exc
     except OSError as exc:  # network errors and the like
-        raise ModelError(f"cannot fetch {repo_id!r}: {console_line(exc)}", hint=download_hint) from exc
+        raise ModelError(f"cannot fetch {repo_id!r}: {console_line(exc)}", hint=download_hint,
+                         params=["offline", "model"]) from exc
 
 
 def console_line(exc: BaseException) -> str:
@@ -288,7 +291,8 @@ def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
     if has_pickle and not allow_pickle:
         raise ModelError(
             f"{folder} holds only pickle weights (.bin), which can run arbitrary code when loaded",
-            hint="convert them to safetensors, or pass --allow-pickle if you trust this checkpoint",
+            hint="convert them to safetensors, or pass allow_pickle=True if you trust this checkpoint",
+            params=["allow_pickle"],
         )
     if not has_pickle:
         raise ModelError(
@@ -320,21 +324,24 @@ def resolve_device(name: str):
                 else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
             )
             raise DeviceError(
-                f"--device {name} asked for a GPU, but {build}",
-                hint="use --device cpu (or auto), or install a CUDA build of torch",
+                f"device={name!r} asked for a GPU, but {build}",
+                hint="use device='cpu' (or 'auto'), or install a CUDA build of torch",
+                params=["device"],
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise DeviceError(
-                f"--device {name}: there is no such GPU (this machine has {count})",
+                f"device={name!r}: there is no such GPU (this machine has {count})",
                 hint=f"use cuda:0 to cuda:{count - 1}",
+                params=["device"],
             )
     elif device.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
             raise DeviceError(
-                "--device mps asked for Apple's Metal backend, which is not available here",
-                hint="use --device cpu (or auto)",
+                "device='mps' asked for Apple's Metal backend, which is not available here",
+                hint="use device='cpu' (or 'auto')",
+                params=["device"],
             )
     elif device.type != "cpu":
         raise UsageError(f"unsupported device {name!r}", hint=f"use one of {DEVICES_HELP}")
@@ -356,9 +363,10 @@ def resolve_dtype(name: str, device, ckpt: Checkpoint):
         return torch.float16
     if name == "float16" and ckpt.is_t5:
         raise UsageError(
-            "--dtype float16 is refused for Flan-T5 checkpoints: T5's activations overflow the "
+            "dtype='float16' is refused for Flan-T5 checkpoints: T5's activations overflow the "
             "float16 range and the model produces NaNs or garbage",
-            hint="use --dtype bfloat16 (or auto, which picks it) or float32",
+            hint="use dtype='bfloat16' (or 'auto', which picks it) or 'float32'",
+            params=["dtype"],
         )
     return getattr(torch, name)
 
@@ -366,20 +374,22 @@ def resolve_dtype(name: str, device, ckpt: Checkpoint):
 def quantization_config(kind: str, dtype, device):
     """The BitsAndBytesConfig for ``--quantize`` (None for ``none``)."""
     if kind not in QUANTIZE:
-        raise UsageError(f"unknown --quantize {kind!r}", hint=f"use one of {', '.join(QUANTIZE)}")
+        raise UsageError(f"unknown quantize {kind!r}", hint=f"use one of {', '.join(QUANTIZE)}", params=["quantize"])
     if kind == "none":
         return None
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(
-            f"--quantize {kind} needs the bitsandbytes package, which is not installed",
+            f"quantize={kind!r} needs the bitsandbytes package, which is not installed",
             hint="pip install 'blip2-cli[quantize]' (or pip install bitsandbytes)",
+            params=["quantize"],
         )
     if device.type == "mps":
         raise UsageError(
-            f"--quantize {kind} is not available on Apple's mps device",
-            hint="drop --quantize, or use --device cpu",
+            f"quantize={kind!r} is not available on Apple's Metal backend (mps)",
+            hint="drop quantize, or use device='cpu'",
+            params=["quantize", "device"],
         )
     from transformers import BitsAndBytesConfig
 
@@ -486,7 +496,8 @@ def load(
         if "safetensors" in text.lower() and not opts.allow_pickle:
             raise ModelError(
                 f"{opts.model!r} has no safetensors weights",
-                hint="pass --allow-pickle if you trust this checkpoint's pickle (.bin) files",
+                hint="pass allow_pickle=True if you trust this checkpoint's pickle (.bin) files",
+                params=["allow_pickle"],
             ) from exc
         raise ModelError(f"cannot load {opts.model!r}: {text.splitlines()[0] if text else exc}") from exc
     check_loading_info(opts.model, info)

@@ -34,12 +34,13 @@ def metadata_root(inputs, *, resume: bool, parts: bool) -> str:
     """The one folder a --metadata run captions (what file_name is relative to)."""
     inputs = list(inputs or [])
     if len(inputs) != 1 or not os.path.isdir(inputs[0]):
-        raise UsageError("--metadata captions one folder: name exactly one directory",
-                         hint="blip2 caption train/ --metadata")
+        raise UsageError("metadata=True captions one folder: name exactly one directory",
+                         hint="name the folder itself (train/, not train/*.jpg)", params=["metadata"])
     if resume or parts:
-        raise UsageError("--metadata is written whole at the end of a run: it does not go with --resume, "
-                         "--shard or an output directory",
-                         hint="run blip2 caption DIR --metadata once over the folder")
+        raise UsageError("metadata=True writes its file whole at the end of a run: it does not go with resume, "
+                         "shard or an output directory",
+                         hint="caption the folder once, in one run, with metadata=True",
+                         params=["metadata", "resume", "shard"])
     return inputs[0]
 
 
@@ -48,7 +49,7 @@ class MetadataWriter:
 
     def __init__(self, inner, root: str, *, fmt: str = "jsonl", several: bool = False):
         if fmt not in FORMATS:
-            raise UsageError(f"--metadata-format {fmt}: one of {', '.join(FORMATS)}")
+            raise UsageError(f"metadata_format={fmt!r}: one of {', '.join(FORMATS)}", params=["metadata_format"])
         self.inner = inner
         self.root = root
         self.fmt = fmt

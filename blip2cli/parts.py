@@ -49,12 +49,13 @@ class Shard:
 def parse_shard(text: str) -> Shard:
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
     if not m:
-        raise UsageError(f"--shard {text!r}: expected I/N, e.g. --shard 0/8")
+        raise UsageError(f"shard={text!r}: expected I/N, e.g. shard='0/8'", params=["shard"])
     index, count = int(m.group(1)), int(m.group(2))
     if count < 1 or not 0 <= index < count:
         raise UsageError(
-            f"--shard {text}: the index must be between 0 and {count - 1}",
-            hint=f"shards are numbered from 0: --shard 0/{count} ... --shard {count - 1}/{count}",
+            f"shard={text!r}: the index must be between 0 and {count - 1}",
+            hint=f"shards are numbered from 0: shard='0/{count}' ... shard='{count - 1}/{count}'",
+            params=["shard"],
         )
     return Shard(index, count)
 

@@ -548,7 +548,8 @@ class SegmentedUpdate(StoreUpdate):
         self.stats = UpdateStats()
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"{str(self.path)!r} is a file; a segmented vector store is a directory",
-                             hint="name a new directory with -o, or drop --layout segments")
+                             hint="name a new directory as the output, or drop layout='segments'",
+                             params=["layout"])
         _need_pyarrow()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = _Lock(self.path / ".pending")

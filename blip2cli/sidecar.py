@@ -40,7 +40,8 @@ class SidecarPolicy:
     def __post_init__(self):
         ext = self.ext if self.ext.startswith(".") else "." + self.ext
         if ext in (".", "") or os.sep in ext or (os.altsep and os.altsep in ext):
-            raise UsageError(f"--sidecar-ext {self.ext!r} is not a file extension", hint="e.g. .txt or .caption")
+            raise UsageError(f"sidecar_ext={self.ext!r} is not a file extension", hint="e.g. .txt or .caption",
+                             params=["sidecar_ext"])
         self.ext = ext
         self._claimed: dict[str, str] = {}  # sidecar path -> image that claimed it in this run
 

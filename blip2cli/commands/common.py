@@ -20,7 +20,6 @@ from ..errors import (
     EXIT_OK,
     Blip2Error,
     Interrupted,
-    OptionError,
     OutputError,
 )
 
@@ -39,7 +38,7 @@ def handles_errors(func: Callable) -> Callable:
         except typer.Exit:
             raise
         except Blip2Error as exc:
-            if isinstance(exc, OptionError):
+            if exc.params:
                 exc = exc.reworded(flag_spelling)  # the core names parameters; say the flags
             console.message(f"error: {exc.message}")
             if exc.hint:
@@ -68,9 +67,12 @@ def handles_errors(func: Callable) -> Callable:
 
 def flag_spelling(name: str, value: str | None) -> str:
     """A parameter as the CLI spells it: ``num_beams`` -> ``--num-beams``,
-    ``num_beams=3`` -> ``--num-beams 3``, ``sample=True`` -> ``--sample``."""
+    ``num_beams=3`` -> ``--num-beams 3``, ``sample=True`` -> ``--sample``; a value the
+    shell would split is quoted (``template='Q: {question}'`` -> ``--template 'Q: {question}'``)."""
+    import shlex
+
     flag = "--" + name.replace("_", "-")
-    return flag if value in (None, "True") else f"{flag} {value}"
+    return flag if value in (None, "True") else f"{flag} {shlex.quote(value)}"
 
 
 def load_options(model, revision, device, dtype, quantize, offline, allow_pickle):
