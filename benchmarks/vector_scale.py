@@ -100,7 +100,7 @@ def stage_write(path: Path, rows: int, dims: tuple[int, ...], dtype: str, batch:
             "peak_rss_mb": round(_rss_mb(), 1),
         }
     result["matrix_mb"] = round(path.stat().st_size / 2**20, 1)
-    result["index_mb"] = round(Path(str(path) + ".index.jsonl").stat().st_size / 2**20, 1)
+    result["index_mb"] = round(Path(str(path) + ".index.parquet").stat().st_size / 2**20, 1)
     result["peak_rss_mb"] = round(_rss_mb(), 1)
     return result
 

@@ -27,13 +27,13 @@ most twice the size of the newer one (so there are O(log rows) segments and each
 row is copied O(log rows) times over its life); ``--compact`` merges everything
 into one segment.
 
-Reading without blip2 (numpy + pandas)::
+Reading without blip2 (numpy + pandas): the live rows of each segment, in order::
 
     import json, numpy as np, pandas as pd
     m = json.load(open("vectors/blip2-store.json"))
-    for seg in m["segments"]:
-        rows = pd.read_parquet(f"vectors/{seg['index']}").drop(index=seg["deleted"])
-        vectors = np.load(f"vectors/{seg['vectors']}", mmap_mode="r")[rows.index]
+    segs = [(pd.read_parquet(f"vectors/{s['index']}").drop(index=s["deleted"]), s) for s in m["segments"]]
+    rows = pd.concat([r for r, _ in segs], ignore_index=True)  # rows.path[i] is the image of vectors[i]
+    vectors = np.concatenate([np.load(f"vectors/{s['vectors']}", mmap_mode="r")[r.index] for r, s in segs])
 """
 
 from __future__ import annotations

@@ -1,17 +1,35 @@
-"""The vector store: a binary matrix on disk plus a JSON Lines index.
+"""The vector store: a binary matrix on disk plus a Parquet index.
 
 ``blip2 embed photos/ -o vectors.safetensors`` (or ``vectors.npy``) writes two files:
 
 * the **matrix**, one row per image: shape ``[rows, *dims]`` (``[rows, 32, 256]``
   for the 32 query embeddings of BLIP-2's ITC head, ``[rows, 256]`` pooled),
   float32 or float16, C order. ``.safetensors``: one tensor named ``vectors``,
-  the store's settings in the header's ``__metadata__``. ``.npy``: numpy's format
-  (``np.load(path, mmap_mode="r")``).
-* the **index**, ``<matrix>.index.jsonl`` (``vectors.safetensors.index.jsonl``):
-  a header line with the store's settings, then one line per row, in row order::
+  the store's settings and generation in the header's ``__metadata__``. ``.npy``:
+  numpy's format (``np.load(path, mmap_mode="r")``).
+* the **index**, ``<matrix>.index.parquet`` (``vectors.safetensors.index.parquet``):
+  one row per row of the matrix, in row order, and nothing else (columns ``path``,
+  ``abspath``, ``size``, ``mtime_ns``, ``sha256``); the store's settings, row count,
+  generation and the files that failed to embed are in the Parquet file's
+  key-value metadata (key ``blip2``, a JSON object). Reading without blip2::
 
-    {"format": "blip2-vector-store", "version": 1, "rows": 2, "dims": [32, 256], ...}
-    {"row": 0, "path": "photos/a.jpg", "abspath": "/home/me/photos/a.jpg", "size": 51234, "mtime_ns": ..., "sha256": "..."}
+    import json, numpy as np, pandas as pd, pyarrow.parquet as pq
+    vectors = np.load("vectors.npy", mmap_mode="r")  # [rows, 32, 256] (or [rows, 256] pooled)
+    rows = pd.read_parquet("vectors.npy.index.parquet")  # rows.path[i] is the image of vectors[i]
+    settings = json.loads(pq.read_schema("vectors.npy.index.parquet").metadata[b"blip2"])
+
+  and a ``.safetensors`` store::
+
+    import json, pandas as pd, pyarrow.parquet as pq
+    from safetensors.numpy import load_file
+    vectors = load_file("vectors.safetensors")["vectors"]
+    rows = pd.read_parquet("vectors.safetensors.index.parquet")
+    settings = json.loads(pq.read_schema("vectors.safetensors.index.parquet").metadata[b"blip2"])
+
+  Stores written before (a JSON Lines index, ``<matrix>.index.jsonl``, whose first
+  line was the settings) are still read, and their next update writes the Parquet
+  index and removes the JSON Lines one (a crash in between leaves both: the
+  Parquet one, complete, is read first).
 
 Nothing is ever modified in place. An update (``StoreUpdate``) streams the new
 rows to a side file while the model runs; ``commit()`` writes a complete new
@@ -25,8 +43,8 @@ any point leaves either the old store or the new one, never a mix:
   two renames: the new matrix belongs to that index; readers use it, and the
   next writer finishes the rename (roll forward).
 
-Every commit has a generation id, written into both files: the index's header
-line, and the matrix (``.safetensors``: its header's ``__metadata__``; ``.npy``:
+Every commit has a generation id, written into both files: the index's metadata,
+and the matrix (``.safetensors``: its header's ``__metadata__``; ``.npy``:
 a 40-byte trailer after the rows, ``BLIP2GEN`` + the id, which numpy's readers
 never reach: ``np.load`` reads the rows its header announces). The matrix's
 row count, dims, dtype, size on disk and generation are checked against the
@@ -42,7 +60,7 @@ the side file, so neither an update nor a search ever holds the whole matrix
 (let alone Python lists of floats) in memory. Search (``top_k``) is a matrix
 product over chunks of rows with a running top-k.
 
-Only numpy is needed here (no torch): this module is plain data handling.
+Only numpy and pyarrow are needed here (no torch): this module is plain data handling.
 """
 
 from __future__ import annotations
@@ -62,7 +80,7 @@ from .choices import StoreDtype, names
 from .errors import Blip2Error, UsageError
 
 FORMAT_NAME = "blip2-vector-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the index is Parquet (1: JSON Lines with a header line, still read)
 STORE_SUFFIXES = (".safetensors", ".npy")
 TENSOR_NAME = "vectors"
 STORE_DTYPES = names(StoreDtype)  # ("float32", "float16")
@@ -99,8 +117,21 @@ def open_update(path: str | os.PathLike, meta: "StoreMeta", *, prune: bool = Fal
 
 
 def index_path(path: str | os.PathLike) -> Path:
+    """The index of a single-file store: ``FILE.index.parquet`` (one row per row of the matrix)."""
+    path = Path(path)
+    return path.with_name(path.name + ".index.parquet")
+
+
+def legacy_index_path(path: str | os.PathLike) -> Path:
+    """The JSON Lines index (a settings header line, then the rows) written before 0.x:
+    still read; replaced by ``FILE.index.parquet`` at the store's next update."""
     path = Path(path)
     return path.with_name(path.name + ".index.jsonl")
+
+
+def index_paths(path: str | os.PathLike) -> list[Path]:
+    """Every name a single-file store's index may have (the current one first)."""
+    return [index_path(path), legacy_index_path(path)]
 
 
 def _matrix_tmp(path: Path) -> Path:
@@ -109,6 +140,11 @@ def _matrix_tmp(path: Path) -> Path:
 
 def _index_tmp(path: Path) -> Path:
     idx = index_path(path)
+    return idx.with_name(idx.name + ".tmp")
+
+
+def _legacy_index_tmp(path: Path) -> Path:
+    idx = legacy_index_path(path)
     return idx.with_name(idx.name + ".tmp")
 
 
@@ -368,22 +404,107 @@ class _Index:
     failed: dict = field(default_factory=dict)  # abspath -> {"path", "abspath", "error"}: no row yet
 
 
-def _read_index(path: Path) -> _Index:
+INDEX_KEY = b"blip2"  # the Parquet index's key-value metadata: the store's settings (JSON)
+INDEX_COLUMNS = ("path", "abspath", "size", "mtime_ns", "sha256")
+INDEX_ROW_GROUP = 65536
+
+
+def _pyarrow():
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            head = json.loads(f.readline() or "null")
-            if not isinstance(head, dict) or head.get("format") != FORMAT_NAME:
-                raise ValueError("no blip2-vector-store header line")
-            if int(head.get("version", 0)) > FORMAT_VERSION:
-                raise StoreError(
-                    f"{str(path)!r} was written by a newer blip2 (store version {head['version']})",
-                    hint="upgrade blip2",
-                )
-            entries = [Entry.from_json(json.loads(line)) for line in f if line.strip()]
-        meta = StoreMeta.from_settings(head)
-        failed = {str(f["abspath"]): {"path": str(f["path"]), "abspath": str(f["abspath"]),
-                                      "error": f.get("error")}
-                  for f in head.get("failed") or []}
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise StoreError("the vector store's index is Parquet: pyarrow is needed",
+                         hint="pip install pyarrow") from None
+    return pa, pq
+
+
+def entries_table(entries: Sequence[Entry], pa=None):
+    """The index rows of ``entries`` as an Arrow table (``INDEX_COLUMNS``, row order).
+
+    A file name that is not valid UTF-8 (undecodable bytes on a POSIX file system,
+    a surrogate escape in Python) cannot be a Parquet string: its ``path`` and
+    ``abspath`` show U+FFFD in the string columns and the exact bytes go to the
+    ``path_bytes`` / ``abspath_bytes`` columns (present only when needed, null elsewhere)."""
+    if pa is None:
+        pa, _ = _pyarrow()
+    paths = [e.path for e in entries]
+    abspaths = [e.abspath for e in entries]
+    columns = {
+        "size": pa.array([e.size for e in entries], pa.int64()),
+        "mtime_ns": pa.array([e.mtime_ns for e in entries], pa.int64()),
+        "sha256": pa.array([e.sha256 for e in entries], pa.string()),
+    }
+    extra = {}
+    for name, values in (("path", paths), ("abspath", abspaths)):
+        try:
+            columns[name] = pa.array(values, pa.string())
+        except (UnicodeEncodeError, pa.ArrowInvalid, pa.ArrowTypeError):
+            shown, raw = [], []
+            for v in values:
+                try:
+                    v.encode("utf-8")
+                    shown.append(v)
+                    raw.append(None)
+                except UnicodeEncodeError:
+                    b = os.fsencode(v)
+                    shown.append(b.decode("utf-8", "replace"))
+                    raw.append(b)
+            columns[name] = pa.array(shown, pa.string())
+            extra[name + "_bytes"] = pa.array(raw, pa.binary())
+    ordered = {name: columns[name] for name in INDEX_COLUMNS}
+    ordered.update(extra)
+    return pa.table(ordered)
+
+
+def entries_from_table(table) -> list[Entry]:
+    """``entries_table`` read back: an Entry per row."""
+    cols = table.select([c for c in table.column_names
+                         if c in INDEX_COLUMNS or c in ("path_bytes", "abspath_bytes")]).to_pydict()
+    paths, abspaths = cols["path"], cols["abspath"]
+    for name, values in (("path", paths), ("abspath", abspaths)):
+        for i, raw in enumerate(cols.get(name + "_bytes") or ()):
+            if raw is not None:
+                values[i] = os.fsdecode(raw)
+    return [Entry(p, p if a == p else a, int(size), int(mtime), digest)  # one string if equal
+            for p, a, size, mtime, digest in zip(paths, abspaths, cols["size"], cols["mtime_ns"], cols["sha256"])]
+
+
+def _read_head(path: Path, head) -> tuple[dict, StoreMeta, dict]:
+    if not isinstance(head, dict) or head.get("format") != FORMAT_NAME:
+        raise ValueError("no blip2-vector-store settings")
+    if int(head.get("version", 0)) > FORMAT_VERSION:
+        raise StoreError(
+            f"{str(path)!r} was written by a newer blip2 (store version {head['version']})",
+            hint="upgrade blip2",
+        )
+    meta = StoreMeta.from_settings(head)
+    failed = {str(f["abspath"]): {"path": str(f["path"]), "abspath": str(f["abspath"]),
+                                  "error": f.get("error")}
+              for f in head.get("failed") or []}
+    return head, meta, failed
+
+
+def _read_index(path: Path) -> _Index:
+    """Read an index: Parquet (its settings in the key-value metadata), or the legacy
+    JSON Lines one (a header line, then the rows), told apart by name."""
+    legacy = ".index.jsonl" in path.name
+    try:
+        if legacy:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                head, meta, failed = _read_head(path, json.loads(f.readline() or "null"))
+                entries = [Entry.from_json(json.loads(line)) for line in f if line.strip()]
+        else:
+            _, pq = _pyarrow()
+            try:
+                table = pq.read_table(path)
+                raw = (table.schema.metadata or {}).get(INDEX_KEY)
+            except OSError:
+                raise
+            except Exception as exc:  # pyarrow's ArrowInvalid and friends: not a complete Parquet file
+                raise ValueError(str(exc)) from None
+            head, meta, failed = _read_head(path, json.loads(raw) if raw else None)
+            entries = entries_from_table(table)
         return _Index(meta, int(head["rows"]), str(head["generation"]), head.get("created"), entries, failed)
     except OSError as exc:
         raise StoreError(f"cannot read the store index {str(path)!r}: {exc.strerror or exc}") from exc
@@ -448,8 +569,9 @@ def _unlink(path: Path) -> None:
 class VectorStore:
     """A store opened for reading: settings, entries, and a read-only memory map."""
 
-    def __init__(self, path: Path, index: _Index, info: _MatrixInfo):
+    def __init__(self, path: Path, index: _Index, info: _MatrixInfo, index_file: Path | None = None):
         self.path = path
+        self.index_file = index_file  # the file the index was read from (a legacy .index.jsonl: migrated at the next update)
         self.meta = index.meta
         self.entries = index.entries
         self.generation = index.generation
@@ -471,7 +593,7 @@ class VectorStore:
             from .segments import is_segmented
 
             return is_segmented(path)
-        return path.exists() or index_path(path).exists()
+        return path.exists() or any(p.exists() for p in index_paths(path))
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "VectorStore":
@@ -486,8 +608,9 @@ class VectorStore:
                 raise StoreError(f"no vector store at {str(path)!r} (a directory without blip2-store.json)",
                                  hint=f"create one: blip2 embed PHOTOS -o {path} --layout segments")
             return SegmentedStore.open(path)
-        idx = index_path(path)
-        if not path.exists() or not idx.exists():
+        found = [p for p in index_paths(path) if p.exists()]
+        idx = found[0] if found else index_path(path)
+        if not path.exists() or not found:
             missing, present = (path, idx) if not path.exists() else (idx, path)
             if not present.exists():
                 raise StoreError(f"no vector store at {str(path)!r}",
@@ -499,23 +622,22 @@ class VectorStore:
         info = _read_matrix_info(path)
         index = _read_index(idx)
         if _consistent(index, info):
-            return cls(path, index, info)
-        # A writer stopped (or is) between its two renames: the new matrix belongs
-        # to the new index, which is still under its temporary name.
-        tmp = _index_tmp(path)
-        if not _matrix_tmp(path).exists() and tmp.exists():
+            return cls(path, index, info, idx)
+        # The other candidates, newest first: a legacy index beside a Parquet one (an
+        # update that stopped after its commit, before removing it); a writer stopped
+        # (or is) between its two renames: the new matrix belongs to the new index,
+        # still under its temporary name; a writer renamed its index just now.
+        others = found[1:]
+        if not _matrix_tmp(path).exists():
+            others += [t for t in (_index_tmp(path), _legacy_index_tmp(path)) if t.exists()]
+        others += index_paths(path)
+        for other in others:
             try:
-                newer = _read_index(tmp)
+                newer = _read_index(other)
             except StoreError:
-                newer = None
-            if newer is not None and _consistent(newer, info):
-                return cls(path, newer, info)
-        try:  # a writer may have renamed its index just now: read it once more
-            again = _read_index(idx)
-        except StoreError:
-            again = None
-        if again is not None and _consistent(again, info):
-            return cls(path, again, info)
+                continue
+            if _consistent(newer, info):
+                return cls(path, newer, info, other)
         raise _mismatch(path, idx, info, index)
 
     @property
@@ -718,19 +840,25 @@ class StoreUpdate:
 
     def _recover(self) -> None:
         """Finish or undo what a writer that crashed left behind (we hold the lock)."""
-        mtmp, itmp = _matrix_tmp(self.path), _index_tmp(self.path)
+        mtmp = _matrix_tmp(self.path)
+        tmps = [(_index_tmp(self.path), index_path(self.path)),
+                (_legacy_index_tmp(self.path), legacy_index_path(self.path))]  # an older blip2's
         if mtmp.exists():  # it stopped before its commit point: the old store stands
             _unlink(mtmp)
-            _unlink(itmp)
-        elif itmp.exists():
+            for itmp, _ in tmps:
+                _unlink(itmp)
+            return
+        for itmp, final in tmps:
+            if not itmp.exists():
+                continue
             try:
                 newer = _read_index(itmp)
                 ok = self.path.exists() and _consistent(newer, _read_matrix_info(self.path))
             except StoreError:
                 ok = False
             if ok:  # it stopped between its two renames: finish
-                os.replace(itmp, index_path(self.path))
-                _fsync_dir(self.path.parent if str(self.path.parent) else Path("."))
+                os.replace(itmp, final)
+                _fsync_dir(self._folder())
             else:
                 _unlink(itmp)
 
@@ -845,13 +973,16 @@ class StoreUpdate:
         self.stats.rows = len(entries)
         failed = self._failed_after()
         matrix_same = old is not None and len(kept) == old_rows and not self._added
-        if matrix_same and not self._touched and failed == old.failed:
+        legacy = old is not None and legacy_index_path(self.path).exists()  # read, or left by a torn migration
+        if matrix_same and not self._touched and failed == old.failed and not legacy:
             return self.stats  # nothing to write
         created = old.created if old is not None else None
         if matrix_same:
-            # Only mtimes (or the failures remembered) changed: rewrite the index alone (one atomic rename).
+            # Only mtimes (or the failures remembered) changed, or the index is in the legacy
+            # format: rewrite the index alone (one atomic rename).
             self._write_index(_index_tmp(self.path), entries, old.generation, created, failed)
             os.replace(_index_tmp(self.path), index_path(self.path))
+            self._drop_legacy_index()
             _fsync_dir(self._folder())
             return self.stats
         generation = uuid.uuid4().hex
@@ -865,6 +996,7 @@ class StoreUpdate:
             os.replace(mtmp, self.path)  # the commit point
             committed = True
             os.replace(itmp, index_path(self.path))
+            self._drop_legacy_index()
             _fsync_dir(self._folder())
         except BaseException:
             if not committed:
@@ -876,6 +1008,11 @@ class StoreUpdate:
 
     def _folder(self) -> Path:
         return self.path.parent if str(self.path.parent) else Path(".")
+
+    def _drop_legacy_index(self) -> None:
+        """After the Parquet index is in place: remove a JSON Lines one (the migration's last step;
+        a crash before it leaves both, and readers prefer the Parquet one)."""
+        _unlink(legacy_index_path(self.path))
 
     def _write_matrix(self, tmp: Path, kept: Sequence[int], rows: int, generation: str) -> None:
         np = self._np
@@ -920,9 +1057,12 @@ class StoreUpdate:
 
     def _write_index(self, tmp: Path, entries: Sequence[Entry], generation: str, created: str | None,
                      failed: dict | None = None) -> None:
+        """The index: Parquet, one row per row of the matrix, the settings (and the
+        generation that ties it to the matrix) in its key-value metadata."""
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         from . import __version__
 
+        pa, pq = _pyarrow()
         head = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -933,14 +1073,12 @@ class StoreUpdate:
             "created": created or now,
             "updated": now,
             "blip2": __version__,
+            "failed": list((failed or {}).values()),
         }
-        if failed:
-            head["failed"] = list(failed.values())
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-            f.write(json.dumps(head, ensure_ascii=False) + "\n")
-            for row, entry in enumerate(entries):
-                f.write(json.dumps(entry.to_json(row), ensure_ascii=False) + "\n")
-            f.flush()
+        raw = json.dumps(head, ensure_ascii=True).encode("ascii")  # \u escapes: any file name fits
+        table = entries_table(entries, pa).replace_schema_metadata({INDEX_KEY: raw})
+        pq.write_table(table, tmp, row_group_size=INDEX_ROW_GROUP)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
 
 

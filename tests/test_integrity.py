@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -363,7 +364,7 @@ def test_npy_store_is_still_a_plain_npy_file(tmp_path):
         up.commit()
     np.testing.assert_array_equal(np.load(path), vecs)
     np.testing.assert_array_equal(np.load(path, mmap_mode="r"), vecs)
-    head = json.loads(index_path(path).read_text().splitlines()[0])
+    head = json.loads(pq.read_schema(index_path(path)).metadata[b"blip2"])
     assert path.read_bytes().endswith(b"BLIP2GEN" + head["generation"].encode())
     assert VectorStore.open(path).generation == head["generation"]
 
@@ -383,7 +384,7 @@ def test_an_npy_store_written_before_the_trailer_still_opens_and_gains_one(tmp_p
     with StoreUpdate(path, meta()) as up:
         up.add(entry_for(files[1]), vecs[1])
         up.commit()
-    assert VectorStore.open(path).generation == json.loads(index_path(path).read_text().splitlines()[0])["generation"]
+    assert VectorStore.open(path).generation == json.loads(pq.read_schema(index_path(path)).metadata[b"blip2"])["generation"]
     assert path.read_bytes()[-st.NPY_TRAILER_BYTES:].startswith(b"BLIP2GEN")
     path.write_bytes(path.read_bytes() + b"junk")  # neither a trailer nor none
     with pytest.raises(st.StoreError, match="not a blip2 vector store .44 unexpected bytes after its 2 rows"):

@@ -44,6 +44,13 @@ def entry_for(path: Path) -> Entry:
     return Entry(str(path), os.path.abspath(path), size, mtime, digest)
 
 
+def index_head(path: Path) -> dict:
+    """The settings the store's Parquet index holds in its key-value metadata."""
+    import pyarrow.parquet as pq
+
+    return json.loads(pq.read_schema(index_path(path)).metadata[b"blip2"])
+
+
 def write_store(path: Path, files, vectors, m=None, prune=False) -> st.UpdateStats:
     with StoreUpdate(path, m or meta(), prune=prune) as up:
         for f, v in zip(files, vectors):
@@ -72,12 +79,15 @@ def test_round_trip_and_standard_readers(tmp_path, name):
         with safe_open(str(path), "np") as f:
             np.testing.assert_array_equal(f.get_tensor("vectors"), vecs)
             assert json.loads(f.metadata()["dims"]) == list(DIMS)
-    lines = index_path(path).read_text().splitlines()
-    head = json.loads(lines[0])
+    # the index: Parquet, one row per row (no header row), the settings in its key-value metadata
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(index_path(path))
+    head = index_head(path)
     assert head["format"] == "blip2-vector-store" and head["rows"] == 3
-    assert [json.loads(line)["row"] for line in lines[1:]] == [0, 1, 2]
+    assert table.column("path").to_pylist() == [str(f) for f in files]
     # no leftovers
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["img", name, name + ".index.jsonl"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["img", name, name + ".index.parquet"])
 
 
 def test_append_keeps_old_rows_and_float16(tmp_path):
@@ -220,7 +230,7 @@ def test_crash_before_the_commit_point_leaves_the_old_store(tmp_path, monkeypatc
     # kill -9 while writing: half-written temporary files are left behind; readers
     # ignore them and the next writer removes them
     st._matrix_tmp(path).write_bytes(b"half a matrix")
-    st._index_tmp(path).write_text('{"format": "blip2-vector-store", "rows": 9')
+    st._index_tmp(path).write_bytes(b"PAR1" + b"half an index")
     np.testing.assert_array_equal(np.asarray(VectorStore.open(path).matrix), old)
     with StoreUpdate(path, meta()) as up:
         up.commit()
@@ -259,7 +269,7 @@ def test_crash_between_the_renames_rolls_forward(tmp_path, monkeypatch):
     with StoreUpdate(path, meta()) as up:
         up.commit()
     assert not st._index_tmp(path).exists()
-    assert json.loads(index_path(path).read_text().splitlines()[0])["rows"] == 2
+    assert index_head(path)["rows"] == 2
 
 
 def test_mismatched_files_are_reported(tmp_path):

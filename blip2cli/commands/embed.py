@@ -29,7 +29,7 @@ EXAMPLES = """
 Examples:
 
 \b
-  blip2 embed photos/ -o vectors.safetensors     # a vector store (+ vectors.safetensors.index.jsonl)
+  blip2 embed photos/ -o vectors.safetensors     # a vector store (+ vectors.safetensors.index.parquet)
   blip2 embed photos/ -o vectors.safetensors --prune   # again later: only new/changed files
   blip2 embed cat.jpg -f jsonl | jq .dims
   blip2 embed --text "a cat on a sofa" --text "a dog"
@@ -143,7 +143,7 @@ def embed(
         Optional[Path],
         typer.Option("--output", "-o", metavar="PATH", rich_help_panel=o.OUTPUT, show_default=False, parser=o.output_path,
                      help="Write to FILE instead of stdout. FILE.safetensors or FILE.npy: a vector store "
-                     "with its index beside it (FILE.safetensors.index.jsonl), updated incrementally."),
+                     "with its index beside it (FILE.safetensors.index.parquet), updated incrementally."),
     ] = None,
     prune: Annotated[
         bool,
@@ -216,9 +216,9 @@ def embed(
     if have_images:
         items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="embed")
         from ..guard import screen_inputs  # no output (a store and its index too) is an input
-        from ..store import index_path
+        from ..store import index_paths
 
-        items = screen_inputs(items, total, [output, index_path(output)] if to_store else [output])
+        items = screen_inputs(items, total, [output, *index_paths(output)] if to_store else [output])
 
     if not to_store and not texts:
         # Image records to JSON Lines / CSV: the common job (--resume, -o DIR, --shard).

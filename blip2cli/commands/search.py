@@ -165,9 +165,9 @@ def search(
     no_html(fmt_name, "search")
     protected = [image, index]
     if index is not None and is_store_path(index):
-        from ..store import index_path
+        from ..store import index_paths
 
-        protected.append(index_path(index))
+        protected.extend(index_paths(index))
     check_output_path(output, inputs=protected)
     if image is not None and not Path(image).is_file():
         raise InputError(f"--image {image}: no such file")
