@@ -17,6 +17,7 @@ from .commands import ask as ask_cmd
 from .commands import bench as bench_cmd
 from .commands import caption as caption_cmd
 from .commands import merge as merge_cmd
+from .commands import export as export_cmd
 from .commands import embed as embed_cmd
 from .commands import score as score_cmd
 from .commands import search as search_cmd
@@ -110,6 +111,7 @@ SUMMARIES = {
     "chat": "Talk about an image, question after question.",
     "bench": "Measure throughput on this machine.",
     "merge": "Join the part files of sharded runs.",
+    "export": "A vector store in the layout faiss tools read.",
     "sheet": "An HTML contact sheet of earlier results.",
     "tiny-checkpoint": "Write a tiny random checkpoint for tests.",
 }
@@ -127,6 +129,7 @@ _command("ask", ask_cmd.ask, no_args_is_help=False)
 _command("chat", chat_cmd.chat)
 _command("bench", bench_cmd.bench)
 _command("merge", merge_cmd.merge)
+_command("export", export_cmd.export)
 _command("sheet", sheet_cmd.sheet)
 _command("tiny-checkpoint", tiny_cmd.tiny_checkpoint)
 

@@ -81,3 +81,55 @@ def _replace(path: Path, write) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def export_segments(store, out: str | os.PathLike) -> int:
+    """Copy ``store`` (a single-file store, typically) into a new segmented store at
+    ``out`` (a directory that does not exist yet, or is empty): the same rows in the
+    same order, its settings, and the files it remembers as failed. Returns the rows.
+
+    The migration path to ``--layout segments``: the single-file store is read, not
+    changed (delete it when the new one serves)."""
+    import dataclasses
+
+    import numpy as np
+
+    from .errors import UsageError
+    from .segments import SegmentedUpdate
+    from .store import _COPY_BYTES
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{str(out)!r} exists and is not an empty directory",
+                         hint="name a new directory for the segmented store")
+    row_bytes = int(np.prod(store.meta.dims)) * np.dtype(store.meta.dtype).itemsize
+    step = max(1, _COPY_BYTES // max(1, row_bytes))
+    with SegmentedUpdate(out, dataclasses.replace(store.meta), layout="segments") as update:
+        for start in range(0, store.rows, step):
+            stop = min(store.rows, start + step)
+            block = store.read_rows(start, stop)
+            entries = store.entries[start:stop] if isinstance(store.entries, list) else \
+                [store.entries[r] for r in range(start, stop)]
+            for entry, row in zip(entries, block):
+                update.add(entry, row)
+        for info in store.failed.values():
+            update.fail(info["path"], info["abspath"], info.get("error"))
+        update.commit()
+    return store.rows
+
+
+def read_captions(path: str | os.PathLike) -> dict:
+    """``path -> caption`` from the JSON Lines records of ``blip2 caption`` (records
+    without a caption, error records and lines that are not JSON objects are skipped)."""
+    import json
+
+    captions = {}
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("path"), str) and isinstance(rec.get("caption"), str):
+                captions[rec["path"]] = rec["caption"]
+    return captions
