@@ -180,7 +180,7 @@ def from_config(name: str, device: str, dtype: str):
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
-    from .images import ImageSpec
+    from .imagespec import ImageSpec
     from .loader import Checkpoint, LoadedModel, LoadOptions, resolve_device
     from .testing import build_tiny_checkpoint
 

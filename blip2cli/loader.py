@@ -514,7 +514,7 @@ def load(
         raise ModelError(f"cannot load the processor/tokenizer of {opts.model!r}: {exc}") from exc
     tokenizer = getattr(processor, "tokenizer", processor)
 
-    from .images import ImageSpec
+    from .imagespec import ImageSpec
 
     image_processor = getattr(processor, "image_processor", None)
     spec = ImageSpec.from_dict(image_processor.to_dict()) if image_processor is not None else ImageSpec()

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import blip2cli.decode as safe_decode
 import blip2cli.images as images
 from blip2cli.cli import app
 from blip2cli.errors import Interrupted, sigterm_as_interrupt
@@ -305,7 +306,7 @@ def test_a_file_swapped_for_a_pipe_after_the_stat_does_not_block(tmp_path, monke
     def racy_stat(path, *args, **kwargs):
         return regular if os.fspath(path) == str(fifo) else real_stat(path, *args, **kwargs)
 
-    monkeypatch.setattr(images.os, "stat", racy_stat)
+    monkeypatch.setattr(safe_decode.os, "stat", racy_stat)
     outcome = {}
 
     def decode():
@@ -442,7 +443,7 @@ def test_decode_budget_is_after_the_draft(tmp_path, monkeypatch):
 
     path = tmp_path / "big.jpg"
     Image.new("RGB", (4000, 3000), (10, 120, 200)).save(path, quality=50)
-    monkeypatch.setattr(images, "MAX_DECODE_BYTES", 4000 * 3000 * 4 - 1)  # just under the full decode
+    monkeypatch.setattr(safe_decode, "MAX_DECODE_BYTES", 4000 * 3000 * 4 - 1)  # just under the full decode
     with pytest.raises(ImageError, match="too large to decode"):
         open_image(path)
     assert open_image(path, draft_size=(224, 224)).size[0] < 4000
@@ -452,9 +453,9 @@ def test_image_bytes_on_stdin_are_read_up_to_the_budget(monkeypatch, example_ima
     import io
 
     data = example_images[3].read_bytes()
-    monkeypatch.setattr(images, "MAX_DECODE_BYTES", len(data) - 1)
+    monkeypatch.setattr(safe_decode, "MAX_DECODE_BYTES", len(data) - 1)
     [item] = list(InputResolver(stdin=io.BytesIO(data)).resolve(["-"]))
     assert item.error and "too large" in item.error
-    monkeypatch.setattr(images, "MAX_DECODE_BYTES", len(data))
+    monkeypatch.setattr(safe_decode, "MAX_DECODE_BYTES", len(data))
     [item] = list(InputResolver(stdin=io.BytesIO(data)).resolve(["-"]))
     assert item.error is None and item.source == data

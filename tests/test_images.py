@@ -443,12 +443,12 @@ def test_unreadable_file(tmp_path, monkeypatch):
         finally:
             p.chmod(0o644)
     # also when root (where chmod does not bite): the open itself is refused
-    import blip2cli.images as images_mod
+    import blip2cli.decode as decode_mod  # where the file is opened
 
     def deny(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(images_mod, "open", deny, raising=False)
+    monkeypatch.setattr(decode_mod, "open", deny, raising=False)
     assert "permission denied" in _err(p)
 
 
