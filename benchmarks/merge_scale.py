@@ -90,11 +90,13 @@ def main() -> None:
             generate(root, n, args.shards)
             gen_s = time.perf_counter() - t0
             parts_mb = sum(p.stat().st_size for p in (root / ".parts").iterdir()) / 2**20
+            load_before = os.getloadavg()[0]
             proc = subprocess.run([sys.executable, __file__, "--stage", str(root)], capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(proc.stderr)
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            r.update(records=n, part_files_mb=round(parts_mb, 1), generate_seconds=round(gen_s, 1))
+            r.update(records=n, part_files_mb=round(parts_mb, 1), generate_seconds=round(gen_s, 1),
+                     load_before=round(load_before, 1), load_after=round(os.getloadavg()[0], 1))
             rows.append(r)
             print(r, flush=True)
             shutil.rmtree(root, ignore_errors=True)
@@ -117,16 +119,17 @@ def main() -> None:
         f"{args.shards} part files; 2% failed first and were redone in another part; 1% of inputs missing. "
         "`PartsDir.merge` (what `blip2 merge DIR` runs) in a fresh process; peak RSS is its `ru_maxrss`.",
         "",
-        "| records | part files | merge time | records/s | output | peak RSS |",
-        "|---|---|---|---|---|---|",
+        "| records | part files | merge time | records/s | output | peak RSS | load (1 min) before / after |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['records']:,} | {r['part_files_mb']:,} MB | {r['seconds']} s | "
                      f"{round(r['written'] / max(r['seconds'], 1e-9)):,} | {r['output_mb']:,} MB | "
-                     f"**{r['peak_rss_mb']} MB** |")
+                     f"**{r['peak_rss_mb']} MB** | {r.get('load_before', '?')} / {r.get('load_after', '?')} |")
     lines += ["", "The records are located in a temporary SQLite table (file, offset, length; its page cache "
               "is capped at 32 MB and sorts spill to disk), grouped and joined with the inputs on disk, and "
-              "the chosen records copied into the output: memory does not grow with the number of records "
+              "the chosen records copied into the output (as bytes, when a line is already in the form merge writes: "
+              "`json.dumps(record, ensure_ascii=False)`; others are parsed and written again): memory does not grow with the number of records "
               "(the merge before this held them all, about 500 MB per million).", ""]
     out.write_text("\n".join(lines), encoding="utf-8")
     print(out.read_text())

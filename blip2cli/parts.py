@@ -113,6 +113,12 @@ def wait_for_everyone(poll: float = 0.05) -> None:
     work.wait()
 
 
+def _blob(text: str) -> bytes:
+    """A name as SQLite stores it in ``merge``: its UTF-8 bytes, surrogate escapes included
+    (SQLite's text cannot hold a lone surrogate)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 class PartsDir:
     def __init__(self, root: str | Path, command: str):
         self.root = Path(root)
@@ -200,12 +206,12 @@ class PartsDir:
         A torn last line (a process killed mid-write, or one still writing) is
         ignored; anything else that is not a blip2 record is an error naming the
         part file and line."""
-        for path, number, record, _, _ in self._located_records():
+        for path, number, record, *_ in self._located_records():
             yield path, number, record
 
-    def _located_records(self) -> Iterable[tuple[Path, int, dict, int, int]]:
+    def _located_records(self) -> Iterable[tuple[Path, int, dict, int, int, bytes]]:
         """As ``numbered_records``, with each record's byte offset and length in its part
-        file; the files are read a line at a time (memory: one record)."""
+        file, and the line's bytes; the files are read a line at a time (memory: one record)."""
         for path in self.part_files():
             offset = 0
             with open(path, "rb") as f:
@@ -226,7 +232,7 @@ class PartsDir:
                             hint=f"part files hold only what blip2 wrote: remove that line, or remove {path.name} "
                             "and rerun its shard",
                         )
-                    yield path, number, record, start, len(raw)
+                    yield path, number, record, start, len(raw), raw
 
     def records(self) -> Iterable[dict]:
         """Every whole record of every part file (torn last lines ignored)."""
@@ -274,9 +280,10 @@ class PartsDir:
         import sqlite3
         import tempfile
 
-        from .resume import settings_of
+        from .resume import plain, settings_of
 
         settings = self.read_manifest().get("settings")
+        standard = plain(settings) if isinstance(settings, dict) else None
         if not (self.parts / "inputs.jsonl").exists():
             self.read_inputs()  # raises: not a blip2 output directory
         fd, db_path = tempfile.mkstemp(prefix=".merge-", suffix=".sqlite", dir=self.parts)
@@ -287,19 +294,24 @@ class PartsDir:
             db = sqlite3.connect(db_path)
             for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-32000"):
                 db.execute(f"PRAGMA {pragma}")
-            db.execute("CREATE TABLE rec(seq INTEGER PRIMARY KEY, name TEXT, key TEXT, err INTEGER, "
-                       "file INTEGER, off INTEGER, len INTEGER)")
-            db.execute("CREATE TABLE inp(pos INTEGER PRIMARY KEY, name TEXT)")
+            # raw: the line is already what the output holds (json.dumps(record, ensure_ascii=False)):
+            # copied as bytes, not parsed and written again
+            # names and keys are stored as their UTF-8 bytes (surrogate escapes: the file name's own bytes)
+            db.execute("CREATE TABLE rec(seq INTEGER PRIMARY KEY, name BLOB, key BLOB, err INTEGER, "
+                       "file INTEGER, off INTEGER, len INTEGER, raw INTEGER)")
+            db.execute("CREATE TABLE inp(pos INTEGER PRIMARY KEY, name BLOB)")
             file_ids: dict[Path, int] = {}
             batch = []
-            for seq, (path, number, record, off, length) in enumerate(self._located_records()):
+            for seq, (path, number, record, off, length, line) in enumerate(self._located_records()):
                 if not isinstance(settings, dict):  # an old manifest: the first record sets the standard
                     settings = settings_of(record)
-                self._check_record(
-                    path, number, record, settings, then="in the part", now="in the manifest",
-                    hint=f"rerun that shard with the directory's settings (delete {path.name} first), "
-                    "or merge only parts made the same way",
-                )
+                    standard = plain(settings)
+                if settings_of(record) != standard:  # equal settings have no differences: the common case
+                    self._check_record(
+                        path, number, record, settings, then="in the part", now="in the manifest",
+                        hint=f"rerun that shard with the directory's settings (delete {path.name} first), "
+                        "or merge only parts made the same way",
+                    )
                 try:
                     key = key_of_record(record)
                 except KeyError as exc:
@@ -308,17 +320,22 @@ class PartsDir:
                 if path not in file_ids:
                     file_ids[path] = len(files)
                     files.append(path)
-                batch.append((seq, record["path"], json.dumps(key, ensure_ascii=False),
-                              1 if record.get("error") else 0, file_ids[path], off, length))
-                if len(batch) >= 10_000:
-                    db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?)", batch)
+                try:
+                    raw = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape") == line
+                except UnicodeEncodeError:  # written the slow way (which says what is wrong)
+                    raw = False
+                key = "s" + key if isinstance(key, str) else json.dumps(key, ensure_ascii=False)  # grouped as text
+                batch.append((seq, _blob(record["path"]), _blob(key),
+                              1 if record.get("error") else 0, file_ids[path], off, length, raw))
+                if len(batch) >= 50_000:
+                    db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
                     batch = []
-            db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?)", batch)
+            db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
             with open(self.parts / "inputs.jsonl", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
                 batch, pos = [], 0
                 for line in f:
                     if line.rstrip("\n"):
-                        batch.append((pos, json.loads(line)))
+                        batch.append((pos, _blob(json.loads(line))))
                         pos += 1
                         if len(batch) >= 10_000:
                             db.executemany("INSERT INTO inp VALUES (?, ?)", batch)
@@ -328,7 +345,7 @@ class PartsDir:
             db.execute(f"CREATE TABLE grp AS SELECT name, MIN(seq) AS first, MIN(err * {1 << 40} + seq) AS best "
                        "FROM rec GROUP BY name, key")
             db.execute("CREATE INDEX grp_name ON grp(name, first)")
-            rows = db.execute(f"SELECT inp.name, rec.file, rec.off, rec.len FROM inp "
+            rows = db.execute(f"SELECT inp.name, rec.file, rec.off, rec.len, rec.raw FROM inp "
                               f"LEFT JOIN grp ON grp.name = inp.name "
                               f"LEFT JOIN rec ON rec.seq = grp.best % {1 << 40} ORDER BY inp.pos, grp.first")
             written, missing = self._write_final(rows, files)
@@ -355,14 +372,18 @@ class PartsDir:
         written, missing = 0, []
         try:
             with os.fdopen(fd, "wb") as out:
-                for name, file, off, length in rows:
+                for name, file, off, length, raw in rows:
                     if file is None:
-                        missing.append(name)
+                        missing.append(name.decode("utf-8", "surrogateescape"))
                         continue
                     src = handles[file]
                     src.seek(off)
-                    record = json.loads(src.read(length).decode("utf-8", "surrogateescape"))
-                    out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
+                    line = src.read(length)
+                    if raw:  # already as merge writes it (checked when it was read)
+                        out.write(line)
+                    else:
+                        record = json.loads(line.decode("utf-8", "surrogateescape"))
+                        out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
                     written += 1
                 out.flush()
                 os.fsync(out.fileno())

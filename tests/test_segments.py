@@ -501,3 +501,39 @@ def test_streaming_merge_gives_the_same_output(tmp_path, command):
     assert missing == want_missing and names[-5:] == missing[-5:]
     assert written == want.count("\n")
     assert sorted(p.name for p in parts.parts.iterdir() if p.name.startswith(".")) == []  # no temporary files
+
+
+@pytest.mark.parametrize("command", ["caption", "ask"])
+def test_merge_copies_lines_as_bytes_only_when_they_are_what_it_would_write(tmp_path, command):
+    """Lines already in merge's own form are copied as bytes; any other spelling of the same
+    JSON (\\u escapes, compact separators, another key order) is written the way merge writes it."""
+    from blip2cli.parts import RECORD_KEYS, PartsDir
+
+    rng = np.random.default_rng(21)
+    root = tmp_path / "out"
+    parts = PartsDir(root, command)
+    names = [f"img/{i:03d}-\u00e9-\udcff.jpg" for i in range(40)]  # \udcff: an undecodable byte
+    settings = {"model": "m", "max_new_tokens": 4}
+    parts.write_manifest(names, settings)
+    spellings = [
+        lambda r: json.dumps(r, ensure_ascii=False),
+        lambda r: json.dumps(r),  # \u00e9, \udcff
+        lambda r: json.dumps(r, ensure_ascii=False, separators=(",", ":")),
+        lambda r: json.dumps(dict(reversed(list(r.items()))), ensure_ascii=False),
+    ]
+    part_lines = []
+    for shard in range(2):
+        lines = []
+        for i in range(60):
+            rec = {"path": names[int(rng.integers(0, 38))], "caption": f"c\u2028{i}", **settings,
+                   "error": "boom" if rng.random() < 0.3 else None}
+            if command == "ask":
+                rec["question"] = ["what?", "who?"][int(rng.integers(0, 2))]
+            lines.append(spellings[i % len(spellings)](rec) + "\n")
+        part_lines.append(lines)
+        (parts.parts / f"part-{shard:05d}-of-00002.jsonl").write_bytes(
+            "".join(lines).encode("utf-8", "surrogateescape"))
+    want, want_missing = reference_merge(names, part_lines, RECORD_KEYS[command])
+    written, missing = parts.merge(RECORD_KEYS[command])
+    assert parts.final.read_bytes() == want.encode("utf-8", "surrogateescape")
+    assert missing == want_missing and written == want.count("\n")
