@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny BLIP-2 checkpoints (built once per session) and example photos."""
+"""Shared fixtures: tiny BLIP-2 checkpoints (built once per session) and example photos,
+and the test tiers: every test that needs no tiny checkpoint (no ``tiny_opt``,
+``tiny_t5`` or ``tiny_itm`` among its fixtures, directly or through another fixture)
+and is not ``slow`` is marked ``unit``: ``pytest -m unit`` is the fast tier,
+``pytest -m "not slow"`` adds the model tests, ``pytest`` runs everything (CI)."""
 
 from __future__ import annotations
 
@@ -44,3 +48,62 @@ def example_images() -> list[Path]:
     if missing:
         pytest.fail(f"example images missing: {missing}")
     return paths
+
+
+@pytest.fixture
+def photos(tmp_path, example_images):
+    """photos/{chelsea.png, coffee.png, sub/astronaut.png, sub/rocket.jpg} (a file may
+    define its own ``photos``: that one wins there)."""
+    import shutil
+
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(example_images[0], root / "chelsea.png")
+    shutil.copy(example_images[1], root / "coffee.png")
+    shutil.copy(example_images[2], root / "sub" / "astronaut.png")
+    shutil.copy(example_images[3], root / "sub" / "rocket.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def loaded_opt(tiny_opt):
+    """The tiny OPT checkpoint loaded on the CPU (once per test file)."""
+    from blip2cli.loader import LoadOptions, load
+
+    return load(LoadOptions(model=str(tiny_opt), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def loaded_t5(tiny_t5):
+    """The tiny Flan-T5 checkpoint loaded on the CPU (once per test file)."""
+    from blip2cli.loader import LoadOptions, load
+
+    return load(LoadOptions(model=str(tiny_t5), device="cpu"))
+
+
+CHECKPOINT_FIXTURES = frozenset({"tiny_opt", "tiny_t5", "tiny_itm"})
+
+
+def _asks_for_a_checkpoint(function) -> bool:
+    """A test that looks a fixture up by name (``request.getfixturevalue(f"tiny_{kind}")``:
+    counted as a checkpoint, to be safe) or builds its own checkpoint
+    (``build_tiny_checkpoint``): its fixture list does not show it."""
+    import inspect
+
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return "getfixturevalue(" in source or "build_tiny_checkpoint" in source
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``unit`` every test that needs no tiny checkpoint and is not ``slow``."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            continue
+        if CHECKPOINT_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            continue
+        if _asks_for_a_checkpoint(getattr(item, "function", None)):
+            continue
+        item.add_marker(pytest.mark.unit)

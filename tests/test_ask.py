@@ -25,10 +25,11 @@ from blip2cli.ask import (
     render_prompt,
     split_arguments,
 )
-from blip2cli.caption import GenerationOptions, trim_at_eos
+from blip2cli.caption import GenerationOptions
 from blip2cli.cli import app
 from blip2cli.errors import UsageError
-from blip2cli.loader import LoadOptions, load
+
+from helpers import reference_tokens
 
 runner = CliRunner()
 
@@ -80,37 +81,6 @@ def test_error_item_gives_one_error_record_per_question():
 
 
 # -- the reference: transformers' documented per-pair usage --------------------------
-_REF: dict = {}
-
-
-def reference_tokens(path, image_path, prompt, **gen):
-    """processor(images=Image.open(p).convert('RGB'), text=prompt) + generate, one pair."""
-    import torch
-    from PIL import Image
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-
-    if str(path) not in _REF:
-        _REF[str(path)] = (Blip2Processor.from_pretrained(path),
-                           Blip2ForConditionalGeneration.from_pretrained(path).eval())
-    processor, model = _REF[str(path)]
-    inputs = processor(images=Image.open(image_path).convert("RGB"), text=prompt, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.generate(**inputs, **gen)
-    if not model.config.text_config.is_encoder_decoder:
-        out = out[:, inputs["input_ids"].shape[1]:]
-    eos = model.generation_config.eos_token_id
-    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    return [trim_at_eos(row, eos) for row in out.tolist()]
-
-
-@pytest.fixture(scope="module")
-def loaded_opt(tiny_opt):
-    return load(LoadOptions(model=str(tiny_opt), device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def loaded_t5(tiny_t5):
-    return load(LoadOptions(model=str(tiny_t5), device="cpu"))
 
 
 def ask_ids(loaded, images, prompts, gen: GenerationOptions, pairs_per_call=16):

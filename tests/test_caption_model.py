@@ -13,56 +13,16 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from blip2cli.caption import Captioner, GenerationOptions, trim_at_eos
+from blip2cli.caption import Captioner, GenerationOptions
 from blip2cli.cli import app
 from blip2cli.loader import LoadOptions, load
+
+from helpers import reference_tokens
 
 runner = CliRunner()
 
 
 # -- the reference: transformers' documented per-image usage -----------------
-_REF_CACHE: dict = {}
-
-
-def reference_model(path):
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-
-    key = str(path)
-    if key not in _REF_CACHE:
-        processor = Blip2Processor.from_pretrained(path)
-        model = Blip2ForConditionalGeneration.from_pretrained(path).eval()
-        _REF_CACHE[key] = (processor, model)
-    return _REF_CACHE[key]
-
-
-def reference_tokens(path, image_path, prompt, **gen):
-    """processor(images=Image.open(p).convert('RGB'), text=prompt) + generate, one image."""
-    import torch
-    from PIL import Image
-
-    processor, model = reference_model(path)
-    image = Image.open(image_path).convert("RGB")
-    inputs = processor(images=image, text=prompt, return_tensors="pt") if prompt else processor(
-        images=image, return_tensors="pt"
-    )
-    with torch.inference_mode():
-        out = model.generate(**inputs, **gen)
-    if not model.config.text_config.is_encoder_decoder:
-        n = inputs["input_ids"].shape[1] if prompt else model.config.num_query_tokens + 1
-        out = out[:, n:]
-    eos = model.generation_config.eos_token_id
-    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    return [trim_at_eos(row, eos) for row in out.tolist()]
-
-
-@pytest.fixture(scope="module")
-def loaded_opt(tiny_opt):
-    return load(LoadOptions(model=str(tiny_opt), device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def loaded_t5(tiny_t5):
-    return load(LoadOptions(model=str(tiny_t5), device="cpu"))
 
 
 def our_tokens(loaded, images, gen: GenerationOptions):

@@ -21,8 +21,9 @@ from blip2cli.ask import (
     context_limit,
     render_prompt,
 )
-from blip2cli.caption import GenerationOptions, trim_at_eos
-from blip2cli.loader import LoadOptions, load
+from blip2cli.caption import GenerationOptions
+
+from helpers import reference_answer
 
 GREEDY = dict(num_beams=1, max_new_tokens=4, min_new_tokens=1)
 
@@ -44,35 +45,10 @@ def test_chat_prompt_carries_the_earlier_turns():
 
 
 # -- the session on a tiny checkpoint ----------------------------------------------
-@pytest.fixture(scope="module")
-def loaded_opt(tiny_opt):
-    return load(LoadOptions(model=str(tiny_opt), device="cpu"))
-
-
 def session_for(loaded, image, limit=0, **gen):
     session = ChatSession(Asker(loaded, GenerationOptions(**{**GREEDY, **gen})), ImageStage(loaded), limit=limit)
     session.set_image(image, image.name)
     return session
-
-
-_REF: dict = {}
-
-
-def reference_answer(path, image, prompt, **gen):
-    """The documented usage for one prompt: processor(images, text) + generate."""
-    import torch
-    from PIL import Image
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-
-    if str(path) not in _REF:
-        _REF[str(path)] = (Blip2Processor.from_pretrained(path),
-                           Blip2ForConditionalGeneration.from_pretrained(path).eval())
-    processor, model = _REF[str(path)]
-    inputs = processor(images=Image.open(image).convert("RGB"), text=prompt, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1]:]
-    ids = trim_at_eos(out[0].tolist(), {model.generation_config.eos_token_id})
-    return processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def test_turns_carry_history_and_reuse_one_image_pass(tiny_opt, loaded_opt, example_images):

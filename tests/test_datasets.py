@@ -16,33 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from blip2cli.cli import app
 
-runner = CliRunner()
-FAST = ["--max-new-tokens", "5", "--num-beams", "1"]
+from helpers import FAST, cli
+
 IMAGES = ["chelsea.png", "coffee.png", "sub/astronaut.png", "sub/rocket.jpg"]
-
-
-def cli(*args, input=None):
-    return runner.invoke(app, [*map(str, args)], input=input)
 
 
 def jsonl(text: str) -> list[dict]:
     return [json.loads(l) for l in text.splitlines() if l.strip()]
-
-
-@pytest.fixture
-def photos(tmp_path, example_images):
-    """photos/{chelsea.png, coffee.png, sub/astronaut.png, sub/rocket.jpg}"""
-    root = tmp_path / "photos"
-    (root / "sub").mkdir(parents=True)
-    shutil.copy(example_images[0], root / "chelsea.png")
-    shutil.copy(example_images[1], root / "coffee.png")
-    shutil.copy(example_images[2], root / "sub" / "astronaut.png")
-    shutil.copy(example_images[3], root / "sub" / "rocket.jpg")
-    return root
 
 
 # -- Parquet -----------------------------------------------------------------------

@@ -14,7 +14,6 @@ opens the other end of a pipe, a timeout on every subprocess).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -30,26 +29,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import blip2cli.decode as safe_decode
 import blip2cli.images as images
-from blip2cli.cli import app
 from blip2cli.errors import Interrupted, sigterm_as_interrupt
 from blip2cli.images import ImageError, open_image
 from blip2cli.pipeline import run
 from blip2cli.sources import InputResolver, Item
 
-runner = CliRunner()
+from helpers import cli, jsonl
+
 FAST = ["--max-new-tokens", "4", "--num-beams", "1"]
-
-
-def cli(*args, input=None):
-    return runner.invoke(app, [*map(str, args)], input=input)
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(l) for l in text.splitlines()]
 
 
 class ListWriter:

@@ -20,19 +20,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 from blip2cli import store as st
-from blip2cli.cli import app
 from blip2cli.sources import Item
 from blip2cli.store import Entry, StoreMeta, StoreUpdate, VectorStore, index_path, top_k
 
-runner = CliRunner()
+from helpers import cli
+
 FAST = ["--max-new-tokens", "4", "--num-beams", "1"]
-
-
-def cli(*args, input=None):
-    return runner.invoke(app, [*map(str, args)], input=input)
 
 
 def records(path: Path) -> list[dict]:

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ask import reference_tokens as reference_answer_tokens
-from test_caption_model import reference_model, reference_tokens
-from test_chat import reference_answer
+from helpers import reference_answer, reference_model, reference_tokens
 from test_embed import TEXTS, ref_outputs, reference  # noqa: F401 (reference is a fixture)
 from typer.testing import CliRunner
 
@@ -126,8 +124,8 @@ def test_answers_equal_the_cli_and_transformers_per_pair(tiny_opt, model, exampl
     assert [a for per_image in ours for a in per_image] == [r["answer"] for r in records]
     for image, per_image in zip(images, ours):
         for question, answer in zip(questions, per_image):
-            want = reference_answer_tokens(tiny_opt, image, f"Question: {question} Answer:", num_beams=2,
-                                           max_new_tokens=6, min_new_tokens=1)
+            want = reference_tokens(tiny_opt, image, f"Question: {question} Answer:", num_beams=2,
+                                    max_new_tokens=6, min_new_tokens=1)
             assert answer == decode(tiny_opt, want)[0]
     # one image, one question: a string; one image, several: one per question
     assert model.ask(images[0], questions[0], num_beams=2, max_new_tokens=6) == ours[0][0]

@@ -1,0 +1,81 @@
+"""Helpers shared by the test files (import them: ``from helpers import cli, jsonl``).
+
+Fixtures shared by several files are in conftest.py (``photos``, ``loaded_opt``,
+``loaded_t5``); plain functions and constants are here.
+"""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from blip2cli.cli import app
+
+runner = CliRunner()
+FAST = ["--max-new-tokens", "5", "--num-beams", "1"]  # a short greedy run on the tiny checkpoints
+
+
+def cli(*args, input=None):
+    """``blip2 ARGS`` in process (paths as strings), with ``input`` on stdin."""
+    return runner.invoke(app, [*map(str, args)], input=input)
+
+
+def jsonl(text: str) -> list[dict]:
+    """Every line a JSON record (a blank or broken line fails the test)."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# -- the reference: transformers' documented per-image usage ------------------------
+_REF_CACHE: dict = {}
+
+
+def reference_model(path):
+    """``(Blip2Processor, Blip2ForConditionalGeneration)`` of a checkpoint folder, loaded once."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    key = str(path)
+    if key not in _REF_CACHE:
+        processor = Blip2Processor.from_pretrained(path)
+        model = Blip2ForConditionalGeneration.from_pretrained(path).eval()
+        _REF_CACHE[key] = (processor, model)
+    return _REF_CACHE[key]
+
+
+def reference_tokens(path, image_path, prompt, **gen):
+    """processor(images=Image.open(p).convert('RGB'), text=prompt) + generate, one image
+    (``prompt=None``: the image alone); the new tokens of each sequence, cut at EOS."""
+    import torch
+    from PIL import Image
+
+    from blip2cli.caption import trim_at_eos
+
+    processor, model = reference_model(path)
+    image = Image.open(image_path).convert("RGB")
+    inputs = processor(images=image, text=prompt, return_tensors="pt") if prompt else processor(
+        images=image, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        out = model.generate(**inputs, **gen)
+    if not model.config.text_config.is_encoder_decoder:
+        n = inputs["input_ids"].shape[1] if prompt else model.config.num_query_tokens + 1
+        out = out[:, n:]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return [trim_at_eos(row, eos) for row in out.tolist()]
+
+
+def reference_answer(path, image, prompt, **gen):
+    """The documented usage for one prompt: processor(images, text) + generate -> the
+    decoded answer (a chat turn's reference)."""
+    import torch
+    from PIL import Image
+
+    from blip2cli.caption import trim_at_eos
+
+    processor, model = reference_model(path)
+    inputs = processor(images=Image.open(image).convert("RGB"), text=prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1]:]
+    ids = trim_at_eos(out[0].tolist(), {model.generation_config.eos_token_id})
+    return processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
