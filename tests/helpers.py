@@ -79,3 +79,63 @@ def reference_answer(path, image, prompt, **gen):
         out = model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1]:]
     ids = trim_at_eos(out[0].tolist(), {model.generation_config.eos_token_id})
     return processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+# -- vector stores: small settings, unit vectors, files and their index entries ------
+DIMS = (4, 8)  # a store row: 4 query vectors of 8 numbers (BLIP-2's is 32 x 256)
+
+
+def store_meta(dims=DIMS, **kw):
+    """A store's settings for the tiny vectors: pooled (``mean``) when ``dims`` is one number."""
+    from blip2cli.store import StoreMeta
+
+    base = dict(model="tiny", features="itc", pool="none" if len(dims) == 2 else "mean", dims=dims, normalized=True)
+    base.update(kw)
+    return StoreMeta(**base)
+
+
+def unit(rng, *shape):
+    """Random float32 vectors of length 1 along the last axis."""
+    import numpy as np
+
+    v = rng.standard_normal(shape).astype(np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def make_files(folder, names, content=b"x") -> list:
+    """Small files ``folder/name`` (each ``content + name``, so all differ)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in names:
+        p = folder / n
+        p.write_bytes(content + n.encode())
+        out.append(p)
+    return out
+
+
+def entry_for(path):
+    """The store's index entry of a file as it is now (size, mtime, sha256)."""
+    import os
+
+    from blip2cli import store as st
+
+    size, mtime, digest = st.file_identity(str(path))
+    return st.Entry(str(path), os.path.abspath(path), size, mtime, digest)
+
+
+def crash_between_the_renames(monkeypatch):
+    """os.replace works once (the matrix), then the process 'dies' (the index)."""
+    import os
+
+    from blip2cli import store as st
+
+    real = os.replace
+    calls = {"n": 0}
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SystemExit("simulated kill between the two renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(st.os, "replace", replace)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,9 +22,9 @@ import pytest
 
 from blip2cli import store as st
 from blip2cli.sources import Item
-from blip2cli.store import Entry, StoreMeta, StoreUpdate, VectorStore, index_path, top_k
+from blip2cli.store import StoreUpdate, VectorStore, index_path, top_k
 
-from helpers import cli
+from helpers import DIMS, cli, crash_between_the_renames, entry_for, make_files, unit, store_meta as meta
 
 FAST = ["--max-new-tokens", "4", "--num-beams", "1"]
 
@@ -252,46 +251,6 @@ def test_merge_names_a_line_that_is_not_a_blip2_record(tiny_opt, photos, tmp_pat
 # --------------------------------------------------------------------------- #
 # Vector stores: a generation ties matrix and index (case 5)
 # --------------------------------------------------------------------------- #
-
-DIMS = (4, 8)
-
-
-def meta() -> StoreMeta:
-    return StoreMeta(model="tiny", features="itc", pool="none", dims=DIMS, normalized=True)
-
-
-def unit(rng, *shape):
-    v = rng.standard_normal(shape).astype(np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def make_files(folder: Path, names) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for n in names:
-        p = folder / n
-        p.write_bytes(b"x" + n.encode())
-        out.append(p)
-    return out
-
-
-def entry_for(path: Path) -> Entry:
-    size, mtime, digest = st.file_identity(str(path))
-    return Entry(str(path), os.path.abspath(path), size, mtime, digest)
-
-
-def crash_between_the_renames(monkeypatch):
-    """os.replace works once (the matrix), then the process 'dies' (the index)."""
-    real = os.replace
-    calls = {"n": 0}
-
-    def replace(src, dst):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise SystemExit("simulated kill between the two renames")
-        return real(src, dst)
-
-    monkeypatch.setattr(st.os, "replace", replace)
 
 
 @pytest.fixture(params=["v.npy", "v.safetensors"])

@@ -19,37 +19,11 @@ import pytest
 from blip2cli import segments as sg
 from blip2cli import store as st
 from blip2cli.sources import Item
-from blip2cli.store import Entry, StoreMeta, StoreUpdate, VectorStore, top_k
+from blip2cli.store import StoreUpdate, VectorStore, top_k
+
+from helpers import DIMS, entry_for, make_files, unit, store_meta as meta
 
 pytest.importorskip("pyarrow")
-
-DIMS = (4, 8)
-
-
-def meta(dims=DIMS, **kw) -> StoreMeta:
-    base = dict(model="tiny", features="itc", pool="none" if len(dims) == 2 else "mean", dims=dims, normalized=True)
-    base.update(kw)
-    return StoreMeta(**base)
-
-
-def unit(rng, *shape):
-    v = rng.standard_normal(shape).astype(np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def make_files(folder: Path, names) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for n in names:
-        p = folder / n
-        p.write_bytes(b"x" + n.encode())
-        out.append(p)
-    return out
-
-
-def entry_for(path: Path) -> Entry:
-    size, mtime, digest = st.file_identity(str(path))
-    return Entry(str(path), os.path.abspath(path), size, mtime, digest)
 
 
 def add(path, files, vectors, m=None, **kw) -> st.UpdateStats:

@@ -13,35 +13,9 @@ import pytest
 from blip2cli import store as st
 from blip2cli.errors import UsageError
 from blip2cli.sources import Item
-from blip2cli.store import Entry, StoreMeta, StoreUpdate, VectorStore, index_path, top_k
+from blip2cli.store import StoreUpdate, VectorStore, index_path, top_k
 
-DIMS = (4, 8)
-
-
-def meta(dims=DIMS, **kw) -> StoreMeta:
-    base = dict(model="tiny", features="itc", pool="none" if len(dims) == 2 else "mean", dims=dims, normalized=True)
-    base.update(kw)
-    return StoreMeta(**base)
-
-
-def unit(rng, *shape):
-    v = rng.standard_normal(shape).astype(np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def make_files(folder: Path, names, content=b"x") -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for n in names:
-        p = folder / n
-        p.write_bytes(content + n.encode())
-        out.append(p)
-    return out
-
-
-def entry_for(path: Path) -> Entry:
-    size, mtime, digest = st.file_identity(str(path))
-    return Entry(str(path), os.path.abspath(path), size, mtime, digest)
+from helpers import DIMS, crash_between_the_renames, entry_for, make_files, unit, store_meta as meta
 
 
 def index_head(path: Path) -> dict:
@@ -244,17 +218,7 @@ def test_crash_between_the_renames_rolls_forward(tmp_path, monkeypatch):
     path = tmp_path / "v.safetensors"
     write_store(path, files[:1], unit(rng, 1, *DIMS))
     new = unit(rng, 1, *DIMS)
-    # the matrix is renamed, then the process dies before the index is
-    real = os.replace
-    calls = {"n": 0}
-
-    def replace(src, dst):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise SystemExit("simulated kill between the two renames")
-        return real(src, dst)
-
-    monkeypatch.setattr(st.os, "replace", replace)
+    crash_between_the_renames(monkeypatch)  # the matrix is renamed, then the process dies before the index is
     with StoreUpdate(path, meta()) as up:
         up.add(entry_for(files[1]), new[0])
         with pytest.raises(SystemExit):

@@ -19,33 +19,11 @@ from typer.testing import CliRunner
 from blip2cli import segments as sg
 from blip2cli import store as st
 from blip2cli.cli import app
-from blip2cli.store import Entry, StoreMeta, StoreUpdate, VectorStore, index_path, legacy_index_path
+from blip2cli.store import StoreUpdate, VectorStore, index_path, legacy_index_path
 
-DIMS = (4, 8)
+from helpers import DIMS, entry_for, make_files, unit, store_meta as meta
+
 runner = CliRunner()
-
-
-def meta(**kw) -> StoreMeta:
-    return StoreMeta(**{**dict(model="tiny", features="itc", pool="none", dims=DIMS, normalized=True), **kw})
-
-
-def unit(rng, *shape):
-    v = rng.standard_normal(shape).astype(np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def make_files(folder: Path, names) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for n in names:
-        (folder / n).write_bytes(b"x" + n.encode())
-        out.append(folder / n)
-    return out
-
-
-def entry_for(path: Path) -> Entry:
-    size, mtime, digest = st.file_identity(str(path))
-    return Entry(str(path), os.path.abspath(path), size, mtime, digest)
 
 
 def write(path, files, vectors, **kw):
