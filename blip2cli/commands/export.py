@@ -9,14 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 from .. import options as o
+from ..choices import StoreLayout
 from .common import handles_errors
 
 
-class ExportLayout(str, Enum):
-    """What ``blip2 export`` writes."""
-
-    clip_retrieval = "clip-retrieval"
-    segments = "segments"
+ExportLayout = StoreLayout  # what ``blip2 export`` writes: the layouts of a store directory
 
 
 class ExportVectors(str, Enum):
