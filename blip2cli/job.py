@@ -74,33 +74,34 @@ class Job:
         if self.parts_mode():
             if self.output is None:
                 raise UsageError(
-                    "--shard and multi-process runs need an output directory",
-                    hint=f"blip2 {self.command} photos/ -o out/ --shard 0/4",
+                    "shard and multi-process runs need an output directory",
+                    hint=f"`blip2 {self.command} photos/ -o out/ --shard 0/4`", params=["shard"],
                 )
             if self.output.exists() and not self.output.is_dir():
                 raise UsageError(f"-o {self.output} must be a directory here (part files go inside it)")
             if self.fmt not in ("jsonl",) and not (self.fmt == "parquet" and self.tar_inputs is not False):
                 raise UsageError(
                     f"an output directory holds JSON Lines part files, not {self.fmt}",
-                    hint="drop --format (or use --format jsonl)",
+                    hint="drop format (or use format='jsonl')", params=["format"],
                 )
             if self.resume:
-                raise UsageError("an output directory always resumes: drop --resume")
+                raise UsageError("an output directory always resumes: drop resume", params=["resume"])
             return
         if self.tar_inputs and self.sidecar is not None:
-            raise UsageError("--sidecar does not work with tar shards as inputs (their images are no files)",
-                             hint="write records instead: -o captions.jsonl (each record names its shard and key)")
+            raise UsageError("sidecar does not work with tar shards as inputs (their images are no files)",
+                             hint="write records instead: -o captions.jsonl (each record names its shard and key)",
+                             params=["sidecar"])
         if self.resume:
             if self.output is None:
                 raise UsageError(
-                    "--resume needs an output file to resume from",
-                    hint=f"blip2 {self.command} ... -o results.jsonl --resume",
+                    "resume needs an output file to carry on from",
+                    hint=f"`blip2 {self.command} ... -o results.jsonl --resume`", params=["resume"],
                 )
             if self.fmt != "jsonl":
                 raise UsageError(
-                    f"--resume works with JSON Lines output, not {self.fmt}",
-                    hint="write to a .jsonl file (or pass --format jsonl); sidecar runs resume "
-                    "through --existing skip",
+                    f"resume works with JSON Lines output, not {self.fmt}",
+                    hint="write to a .jsonl file (or pass format='jsonl'); sidecar runs carry on "
+                    "through existing='skip'", params=["resume", "format", "existing"],
                 )
 
     def run(self, items: Iterable, total: int | None) -> JobResult:
@@ -144,7 +145,7 @@ class Job:
             if total is None:
                 raise UsageError(
                     "an output directory needs a list of inputs to divide: stdin cannot be split",
-                    hint="write the list to a file and pass --files-from FILE",
+                    hint="write the list to a file and pass it as files_from", params=["files_from"],
                 )
             shard = parse_shard(self.shard) if self.shard is not None else launched_shard()
             if shard is None:  # one process into a directory: itself is the whole job
@@ -258,7 +259,7 @@ class Job:
             torch.manual_seed(self.seed)
         task = _Recorded(self.make_task(loaded), settings, self.sidecar)
         sink = Sink(str(sink_path) if sink_path is not None else None, append=appending,
-                    hint=self._full_hint(shard)).open()
+                    hint=self._full_hint(shard), hint_params=("resume",)).open()
         from .console import Reporter
 
         reporter = Reporter(quiet=self.quiet, total=total, description=self.description)
@@ -303,9 +304,9 @@ class Job:
         if shard is not None:
             return "free some space, then run the same command again: it carries on after the last whole record"
         if self.fmt == "jsonl":
-            return ("free some space, then run the same command with --resume: it carries on "
+            return ("free some space, then run the same command with resume: it carries on "
                     "after the last whole record")
-        return f"free some space, then run the command again ({self.fmt} output cannot --resume; JSON Lines can)"
+        return f"free some space, then run the command again ({self.fmt} output cannot resume; JSON Lines can)"
 
     def _after_parts(self, shard, parts, result: JobResult) -> None:
         """Launched processes meet, then process 0 merges; a manual shard says what is next."""
@@ -331,7 +332,7 @@ class Job:
         if result.skipped_existing:
             console.message(
                 f"skipped {result.skipped_existing} images whose sidecar already exists "
-                "(--existing overwrite|append|prepend to redo them)"
+                "(set existing to overwrite, append or prepend to redo them)"
             )
 
     @staticmethod

@@ -816,13 +816,14 @@ class StoreUpdate:
         if diffs:
             raise UsageError(
                 f"the vector store {str(self.path)!r} holds other vectors: " + "; ".join(diffs),
-                hint="use the store's settings (--model, --features, --pool), or write a new store with -o",
+                hint="run with the settings the store was made with, or write a new store elsewhere",
             )
         if old.meta.dtype != meta.dtype:
             if dtype_given:
                 raise UsageError(
                     f"the vector store {str(self.path)!r} is {old.meta.dtype}, not {meta.dtype}",
-                    hint="drop --store-dtype, or write a new store with -o",
+                    hint=f"leave store_dtype out (the store keeps {old.meta.dtype}), or write a new store elsewhere",
+                    params=["store_dtype"],
                 )
             self.meta.dtype = old.meta.dtype
 

@@ -296,10 +296,10 @@ def parse_carry(values: Iterable[str] | None) -> tuple[str, ...]:
             if not part:
                 continue
             if not re.fullmatch(r"[a-z0-9_][a-z0-9_.-]*", part):
-                raise UsageError(f"--carry {part!r} is not a member extension (e.g. txt, json, cls)")
+                raise UsageError(f"carry={part!r} is not a member extension (e.g. txt, json, cls)", params=["carry"])
             if part in record_fields() or part in ("carry",):
-                raise UsageError(f"--carry {part}: a record already has a field {part!r}",
-                                 hint="carry other members (txt, json, cls, ...)")
+                raise UsageError(f"carry={part!r}: a record already has a field {part!r}",
+                                 hint="carry other members (txt, json, cls, ...)", params=["carry"])
             if part not in out:
                 out.append(part)
     return tuple(out)
@@ -357,10 +357,11 @@ def run_per_shard(job, items: list, guard, result):
             hint="caption the shards and the other images in separate runs",
         )
     if job.sidecar is not None:
-        raise UsageError("--sidecar does not work with tar shards as inputs (their images are no files)")
+        raise UsageError("sidecar does not work with tar shards as inputs (their images are no files)",
+                         params=["sidecar"])
     if job.fmt not in ("jsonl", "parquet"):
         raise UsageError(f"per-shard outputs are JSON Lines or Parquet, not {job.fmt}",
-                         hint="drop --format, or use --format parquet")
+                         hint="drop format, or use format='parquet'", params=["format"])
     if job.fmt == "parquet":
         from .parquet import require_pyarrow
 

@@ -224,10 +224,12 @@ class Sink:
 
     DEFAULT_HINT = "free some space (or fix the output), then run again"
 
-    def __init__(self, path: str | None, *, append: bool = False, hint: str | None = None):
+    def __init__(self, path: str | None, *, append: bool = False, hint: str | None = None,
+                 hint_params: tuple = ()):
         self.path = path if path not in (None, "-") else None
         self.append = append
         self.hint = hint or self.DEFAULT_HINT
+        self.hint_params = tuple(hint_params)  # parameters the hint names (a front end respells them)
         self._fh: IO[bytes] | None = None
         self.records = 0
         self._good = 0  # byte offset after the last whole record
@@ -294,7 +296,7 @@ class Sink:
                 kept = f"; the last record in {self.path} may be incomplete"
         return OutputError(
             f"cannot write to {self.path}: {what}{kept}",
-            hint=self.hint,
+            hint=self.hint, params=self.hint_params,
         )
 
     # A plain text-stream face, for code that wants one.

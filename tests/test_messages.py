@@ -31,11 +31,7 @@ SHELL_COMMAND = re.compile(r"`(?:blip2|hf) [^`]*`|\bblip2 [a-z]+ .*$")
 # Modules another helper is converting in this same checkout (their files carry
 # uncommitted work): listed here so the check covers them the moment they are done.
 # Remove an entry when its messages name parameters.
-PENDING = {
-    "job.py": "helper K (job.check, the disk-full hint)",
-    "store.py": "helper M (store settings hints)",
-    "webdataset.py": "helper K (--carry, --sidecar with tar inputs)",
-}
+PENDING: dict[str, str] = {}
 
 
 def core_files() -> list[Path]:
