@@ -15,6 +15,7 @@ import typer
 
 from .choices import Dtype, Format, Preprocess, Quantize  # declared once, in the core
 from .defaults import default_batch_size, default_workers
+from . import caption as _caption_defaults
 from .loader import DEFAULT_MODEL
 from .sidecar import Existing as ExistingOpt
 
@@ -331,6 +332,100 @@ def infer_format(fmt: Optional[Format], output: Optional[Path], *, formats: tupl
 
         require_pyarrow()
     return name
+
+
+# -- option bundles: shared option lists, declared once --------------------------
+class Bundle:
+    """Options that several commands share, declared once. A command takes the whole
+    bundle as one parameter whose default is the bundle (``loading: Bundle = LOADING``);
+    :func:`expands` shows Typer the bundle's options in its place and hands the command
+    their values as one namespace (``load.model``, ``load.device``, ...)."""
+
+    def __init__(self, **options):
+        # name -> (Annotated type, default)
+        self.options = options
+
+    def without(self, *names: str) -> "Bundle":
+        """The same options less ``names`` (a command that takes them its own way)."""
+        return Bundle(**{k: v for k, v in self.options.items() if k not in names})
+
+    def but(self, **options) -> "Bundle":
+        """The same options with some declared otherwise (another default or help)."""
+        return Bundle(**{**self.options, **options})
+
+    def parameters(self):
+        import inspect
+
+        return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                for name, (annotation, default) in self.options.items()]
+
+    def pack(self, values: dict):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(**{name: values.pop(name) for name in self.options})
+
+
+def expands(func):
+    """Replace each parameter whose default is a :class:`Bundle` by the bundle's options
+    (in Typer's eyes), and pack their values back into that one parameter when called."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(func, eval_str=True)  # the Annotated types Typer reads
+    bundles = {p.name: p.default for p in signature.parameters.values() if isinstance(p.default, Bundle)}
+    params = []
+    for p in signature.parameters.values():
+        if p.name in bundles:
+            params.extend(bundles[p.name].parameters())
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                          if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD else p)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        for name, bundle in bundles.items():
+            kwargs[name] = bundle.pack(kwargs)
+        return func(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+# -- generation (caption, ask, chat) ---------------------------------------------
+MaxNewTokens = Annotated[int, typer.Option(metavar="N", min=1, rich_help_panel=GENERATION)]
+MinNewTokens = Annotated[int, typer.Option(metavar="N", min=0, rich_help_panel=GENERATION)]
+NumBeams = Annotated[
+    Optional[int],
+    typer.Option(metavar="N", min=1, rich_help_panel=GENERATION, show_default=False,
+                 help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample)."),
+]
+Sample = Annotated[bool, typer.Option("--sample", rich_help_panel=GENERATION, help="Nucleus sampling instead of beam search.")]
+Temperature = Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=GENERATION, help="Sampling temperature.")]
+TopP = Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=GENERATION, help="Nucleus sampling p.")]
+Seed = Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=GENERATION, help="Random seed for --sample.")]
+RepetitionPenalty = Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=GENERATION)]
+
+
+LOADING = Bundle(
+    model=(Model, DEFAULT_MODEL), revision=(Revision, None), device=(DeviceOpt, "auto"),
+    dtype=(DtypeOpt, Dtype.auto), quantize=(QuantizeOpt, Quantize.none), offline=(Offline, False),
+    allow_pickle=(AllowPickle, False),
+)
+RETRIEVAL_LOADING = LOADING.but(model=(RetrievalModel, None))
+# The decoding options of caption (ask and chat take them with their own token defaults).
+DECODING = Bundle(
+    max_new_tokens=(MaxNewTokens, _caption_defaults.DEFAULT_MAX_NEW_TOKENS),
+    min_new_tokens=(MinNewTokens, _caption_defaults.DEFAULT_MIN_NEW_TOKENS),
+    num_beams=(NumBeams, None), sample=(Sample, False), temperature=(Temperature, 1.0), top_p=(TopP, 0.9),
+    seed=(Seed, None), repetition_penalty=(RepetitionPenalty, 1.0),
+)
+# Sidecar files (caption, ask): commands.common.sidecar_policy(**vars(bundle)).
+SIDECAR_FILES = Bundle(
+    sidecar=(Sidecar, False), sidecar_ext=(SidecarExt, ".txt"), output_dir=(OutputDir, None),
+    existing=(Existing, ExistingOpt.skip), prefix=(Prefix, ""), suffix=(Suffix, ""), separator=(Separator, ", "),
+)
+SOURCES = Bundle(recursive=(Recursive, True), ext=(Ext, None), null=(Null, False), files_from=(FilesFrom, None))
 
 
 __all__ = [name for name in dir() if not name.startswith("_")] + ["DEFAULT_MODEL"]

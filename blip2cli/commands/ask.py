@@ -40,6 +40,7 @@ QuietLong = Annotated[bool, typer.Option("--quiet", rich_help_panel=o.OUTPUT, he
 
 
 @handles_errors
+@o.expands
 def ask(
     arguments: Arguments = None,
     question: Annotated[
@@ -60,29 +61,14 @@ def ask(
     raw: Annotated[
         bool, typer.Option("--raw", rich_help_panel=QUESTIONS, help="Send each question as is, without a template.")
     ] = False,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    quantize: o.QuantizeOpt = o.Quantize.none,
-    offline: o.Offline = False,
-    allow_pickle: o.AllowPickle = False,
-    recursive: o.Recursive = True,
-    ext: o.Ext = None,
-    null: o.Null = False,
-    files_from: o.FilesFrom = None,
+    loading: o.Bundle = o.LOADING,
+    src: o.Bundle = o.SOURCES,
     carry: o.Carry = None,
-    max_new_tokens: Annotated[int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION)] = ASK_MAX_NEW_TOKENS,
-    min_new_tokens: Annotated[int, typer.Option(metavar="N", min=0, rich_help_panel=o.GENERATION)] = ASK_MIN_NEW_TOKENS,
-    num_beams: Annotated[Optional[int], typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample).", show_default=False)] = None,
+    dec: o.Bundle = o.DECODING.but(max_new_tokens=(o.MaxNewTokens, ASK_MAX_NEW_TOKENS),
+                                    min_new_tokens=(o.MinNewTokens, ASK_MIN_NEW_TOKENS)),
     num_answers: Annotated[
         int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Answers per question (best beams, or samples).")
     ] = 1,
-    sample: Annotated[bool, typer.Option("--sample", rich_help_panel=o.GENERATION, help="Nucleus sampling instead of beam search.")] = False,
-    temperature: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,
-    seed: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=o.GENERATION, help="Random seed for --sample.")] = None,
-    repetition_penalty: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION)] = 1.0,
     fmt: o.FormatOpt = None,
     output: o.Output = None,
     html_links: o.HtmlLinks = False,
@@ -91,13 +77,7 @@ def ask(
     workers: o.Workers = None,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
     compile_: o.Compile = False,
-    sidecar: o.Sidecar = False,
-    sidecar_ext: o.SidecarExt = ".txt",
-    output_dir: o.OutputDir = None,
-    existing: o.Existing = o.ExistingOpt.skip,
-    prefix: o.Prefix = "",
-    suffix: o.Suffix = "",
-    separator: o.Separator = ", ",
+    sidecars: o.Bundle = o.SIDECAR_FILES,
     dry_run: o.DryRun = False,
     resume: o.Resume = False,
     fail_fast: o.FailFast = False,
@@ -111,24 +91,13 @@ def ask(
     from ..images import ImageStage
     from ..job import Job
 
-    gen = GenerationOptions(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        num_beams=num_beams,
-        num_captions=num_answers,
-        sample=sample,
-        temperature=temperature,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        static_cache=compile_,
-    )
+    gen = GenerationOptions(num_captions=num_answers, static_cache=compile_, **vars(dec))
     gen.validate(count_name="num_answers")
     if raw and template is not None:
         raise UsageError("--raw and --template contradict each other", hint="use one of them")
     prompt_template = None if raw else check_template(template if template is not None else DEFAULT_TEMPLATE)
-    inputs, questions = gather_questions(arguments or [], question or [], questions_file, files_from)
-    policy = sidecar_policy(sidecar, sidecar_ext, output_dir, existing, prefix, suffix, separator)
+    inputs, questions = gather_questions(arguments or [], question or [], questions_file, src.files_from)
+    policy = sidecar_policy(**vars(sidecars))
     fmt_name = o.infer_format(fmt, output)
     # One card per image: the answers to all its questions.
     thumbnails, html = html_output(fmt_name, html_links, output, per_card=len(questions))
@@ -139,7 +108,7 @@ def ask(
         )
     job = Job(
         command="ask",
-        load_options=load_options(model, revision, device, dtype, quantize, offline, allow_pickle),
+        load_options=load_options(**vars(loading)),
         make_task=lambda loaded: AskTask(
             Asker(loaded, gen, pairs_per_call=(batch_size or o.default_batch_size(loaded.device.type)) * PAIRS_PER_IMAGE),
             ImageStage(loaded, preprocess.value, thumbnails),
@@ -165,7 +134,7 @@ def ask(
         keys_of_item=lambda item: [(item.name, q) for q in questions],
         key_of_record=lambda r: (r["path"], r.get("question")),
         description="answering",
-        seed=seed,
+        seed=dec.seed,
         shard=shard,
         html=html,
     )
@@ -173,14 +142,14 @@ def ask(
         job.fmt = "jsonl"
     from ..webdataset import configure
 
-    configure(job, carry, ext)
+    configure(job, carry, src.ext)
     job.check()
     from ..failedlist import wrapper as failed_wrapper
 
-    job.wrappers += [w for w in (failed_wrapper(failed_list, null=null),) if w]
+    job.wrappers += [w for w in (failed_wrapper(failed_list, null=src.null),) if w]
     if not dry_run and not job.parts_mode():
         check_output_path(output)
-    items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="ask")
+    items, total = resolve_items(inputs, command="ask", **vars(src))
     finish(job.run(items, total), output=output, quiet=quiet, job=job)
 
 

@@ -14,6 +14,7 @@ BENCH = "Benchmark"
 
 
 @handles_errors
+@o.expands
 def bench(
     model: o.Model = o.DEFAULT_MODEL,
     from_config: Annotated[
@@ -33,12 +34,7 @@ def bench(
                      help="Batch sizes to measure, comma-separated. Default: 1,16 on the CPU, 8,32,128 on a GPU."),
     ] = None,
     task: Annotated[str, typer.Option("--task", metavar="[caption|ask|embed]", rich_help_panel=BENCH, help="The task to time.")] = "caption",
-    revision: o.Revision = None,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    quantize: o.QuantizeOpt = o.Quantize.none,
-    offline: o.Offline = False,
-    allow_pickle: o.AllowPickle = False,
+    loading: o.Bundle = o.LOADING.without("model"),
     max_new_tokens: Annotated[int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION)] = 20,
     min_new_tokens: Annotated[
         Optional[int], typer.Option(metavar="N", min=0, rich_help_panel=o.GENERATION, show_default=False,
@@ -89,14 +85,14 @@ def bench(
         raise UsageError(f"--qformer-dtype {qformer_dtype!r}: use one of {', '.join(QFORMER_DTYPES)}")
     if from_config is not None and from_config not in KNOWN_CONFIGS:
         raise UsageError(f"--from-config {from_config!r}: unknown", hint=f"one of {', '.join(KNOWN_CONFIGS)}")
-    if from_config is not None and quantize.value != "none":
+    if from_config is not None and loading.quantize.value != "none":
         raise UsageError("--quantize needs real weights to quantize; drop --from-config or --quantize")
     if from_config is not None and task == "embed":
         raise UsageError("--from-config builds captioning models; embed needs a retrieval checkpoint")
     if decode == "gpu":  # before a model is loaded: say at once when it cannot be
         from ..loader import resolve_device
 
-        choose_decode(decode, resolve_device(device))
+        choose_decode(decode, resolve_device(loading.device))
     gen = GenerationOptions(max_new_tokens=max_new_tokens,
                             min_new_tokens=max_new_tokens if min_new_tokens is None else min_new_tokens,
                             num_beams=num_beams, static_cache=compile_)
@@ -116,12 +112,12 @@ def bench(
 
     t0 = time.perf_counter()
     if from_config is not None:
-        loaded = build_from_config(from_config, device, dtype.value)
+        loaded = build_from_config(from_config, loading.device, loading.dtype.value)
     else:
         from ..loader import ALL_ARCHITECTURES, GENERATIVE, load
 
         loaded = load(
-            load_options(model, revision, device, dtype, quantize, offline, allow_pickle),
+            load_options(model, **vars(loading)),
             architectures=ALL_ARCHITECTURES if task == "embed" else GENERATIVE, task=task,
         )
     load_s = time.perf_counter() - t0

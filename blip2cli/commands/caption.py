@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import options as o
-from ..caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, CaptionTask  # noqa: F401 (CaptionTask re-exported)
+from ..caption import CaptionTask  # noqa: F401 (re-exported)
 from .common import check_output_path, finish, handles_errors, html_output, load_options, resolve_items, sidecar_policy
 
 EXAMPLES = """
@@ -29,35 +29,20 @@ Examples:
 
 
 @handles_errors
+@o.expands
 def caption(
     inputs: o.Inputs = None,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    quantize: o.QuantizeOpt = o.Quantize.none,
-    offline: o.Offline = False,
-    allow_pickle: o.AllowPickle = False,
-    recursive: o.Recursive = True,
-    ext: o.Ext = None,
-    null: o.Null = False,
-    files_from: o.FilesFrom = None,
+    loading: o.Bundle = o.LOADING,
+    src: o.Bundle = o.SOURCES,
     carry: o.Carry = None,
     prompt: Annotated[
         Optional[str],
         typer.Option(metavar="TEXT", rich_help_panel=o.GENERATION, help='Text the caption continues, e.g. "a photo of".'),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION)] = DEFAULT_MAX_NEW_TOKENS,
-    min_new_tokens: Annotated[int, typer.Option(metavar="N", min=0, rich_help_panel=o.GENERATION)] = DEFAULT_MIN_NEW_TOKENS,
-    num_beams: Annotated[Optional[int], typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample).", show_default=False)] = None,
+    dec: o.Bundle = o.DECODING,
     num_captions: Annotated[
         int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Captions per image (best beams, or samples).")
     ] = 1,
-    sample: Annotated[bool, typer.Option("--sample", rich_help_panel=o.GENERATION, help="Nucleus sampling instead of beam search.")] = False,
-    temperature: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,
-    seed: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=o.GENERATION, help="Random seed for --sample.")] = None,
-    repetition_penalty: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION)] = 1.0,
     fmt: o.FormatOpt = None,
     output: o.Output = None,
     html_links: o.HtmlLinks = False,
@@ -66,13 +51,7 @@ def caption(
     workers: o.Workers = None,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
     compile_: o.Compile = False,
-    sidecar: o.Sidecar = False,
-    sidecar_ext: o.SidecarExt = ".txt",
-    output_dir: o.OutputDir = None,
-    existing: o.Existing = o.ExistingOpt.skip,
-    prefix: o.Prefix = "",
-    suffix: o.Suffix = "",
-    separator: o.Separator = ", ",
+    sidecars: o.Bundle = o.SIDECAR_FILES,
     dry_run: o.DryRun = False,
     resume: o.Resume = False,
     fail_fast: o.FailFast = False,
@@ -85,28 +64,14 @@ def caption(
     from ..caption import Captioner, GenerationOptions, caption_schema
     from ..job import Job
 
-    gen = GenerationOptions(
-        prompt=prompt,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        num_beams=num_beams,
-        num_captions=num_captions,
-        sample=sample,
-        temperature=temperature,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        static_cache=compile_,
-    )
+    gen = GenerationOptions(prompt=prompt, num_captions=num_captions, static_cache=compile_, **vars(dec))
     gen.validate()
     fmt_name = o.infer_format(fmt, output)
     thumbnails, html = html_output(fmt_name, html_links, output, per_card=1)
-    policy = sidecar_policy(
-        sidecar, sidecar_ext, output_dir, existing, prefix, suffix, separator
-    )
+    policy = sidecar_policy(**vars(sidecars))
     job = Job(
         command="caption",
-        load_options=load_options(model, revision, device, dtype, quantize, offline, allow_pickle),
+        load_options=load_options(**vars(loading)),
         make_task=lambda loaded: CaptionTask(loaded, Captioner(loaded, gen), preprocess.value, thumbnails),
         schema=caption_schema(gen.num_captions),
         fmt=fmt_name,
@@ -120,7 +85,7 @@ def caption(
         dry_run=dry_run,
         fail_fast=fail_fast,
         description="captioning",
-        seed=seed,
+        seed=dec.seed,
         shard=shard,
         html=html,
     )
@@ -128,7 +93,7 @@ def caption(
         job.fmt = "jsonl"  # an output directory holds JSON Lines part files
     from ..webdataset import configure, refuse_with_shards
 
-    configure(job, carry, ext)
+    configure(job, carry, src.ext)
     job.check()
     from .. import failedlist
     from .. import metadata as hf_metadata
@@ -145,10 +110,10 @@ def caption(
         from ..errors import UsageError
 
         raise UsageError("--metadata-format applies to --metadata", hint="add --metadata")
-    job.wrappers += [w for w in (failedlist.wrapper(failed_list, null=null),) if w]
+    job.wrappers += [w for w in (failedlist.wrapper(failed_list, null=src.null),) if w]
     if not dry_run and not job.parts_mode():
         check_output_path(output)
-    items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="caption")
+    items, total = resolve_items(inputs, command="caption", **vars(src))
     if metadata and total is not None:
         refuse_with_shards(items, "--metadata", hint="write records instead: -o DIR (one file per shard)")
     result = job.run(items, total)

@@ -249,6 +249,7 @@ def pipe_reader() -> Callable[[], Optional[str]]:
 
 
 @handles_errors
+@o.expands
 def chat(
     image: Annotated[str, typer.Argument(metavar="IMAGE", help="The image to talk about (switch with /image PATH).", show_default=False)],
     template: Annotated[
@@ -261,21 +262,9 @@ def chat(
         typer.Option("--context-tokens", metavar="N", min=1, rich_help_panel="Questions", show_default=False,
                      help="At most N prompt tokens per turn (older turns dropped beyond). Default: what the model holds."),
     ] = None,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    quantize: o.QuantizeOpt = o.Quantize.none,
-    offline: o.Offline = False,
-    allow_pickle: o.AllowPickle = False,
-    max_new_tokens: Annotated[int, typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION)] = CHAT_MAX_NEW_TOKENS,
-    min_new_tokens: Annotated[int, typer.Option(metavar="N", min=0, rich_help_panel=o.GENERATION)] = ASK_MIN_NEW_TOKENS,
-    num_beams: Annotated[Optional[int], typer.Option(metavar="N", min=1, rich_help_panel=o.GENERATION, help="Beam width; 1 is greedy. Default: 5, or 1 with --sample (N > 1 with --sample: beam-sample).", show_default=False)] = None,
-    sample: Annotated[bool, typer.Option("--sample", rich_help_panel=o.GENERATION, help="Nucleus sampling instead of beam search.")] = False,
-    temperature: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION, help="Nucleus sampling p.")] = 0.9,
-    seed: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=o.GENERATION, help="Random seed for --sample.")] = None,
-    repetition_penalty: Annotated[float, typer.Option(metavar="FLOAT", rich_help_panel=o.GENERATION)] = 1.0,
+    loading: o.Bundle = o.LOADING,
+    dec: o.Bundle = o.DECODING.but(max_new_tokens=(o.MaxNewTokens, CHAT_MAX_NEW_TOKENS),
+                                    min_new_tokens=(o.MinNewTokens, ASK_MIN_NEW_TOKENS)),
     fmt: Annotated[
         ChatFormat,
         typer.Option("--format", "-f", metavar="[text|jsonl]", rich_help_panel=o.OUTPUT, case_sensitive=False,
@@ -290,16 +279,7 @@ def chat(
     from ..images import ImageError, ImageStage, open_image
     from ..loader import load
 
-    gen = GenerationOptions(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        num_beams=num_beams,
-        sample=sample,
-        temperature=temperature,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    gen = GenerationOptions(**vars(dec))
     gen.validate()
     turn_template = check_template(template if template is not None else DEFAULT_TEMPLATE)
     if image == "-":
@@ -314,13 +294,13 @@ def chat(
 
     interactive = stdin_is_terminal()
     loaded = load(
-        load_options(model, revision, device, dtype, quantize, offline, allow_pickle),
+        load_options(**vars(loading)),
         task="chat",
     )
-    if seed is not None:
+    if dec.seed is not None:
         import torch
 
-        torch.manual_seed(seed)
+        torch.manual_seed(dec.seed)
     session = ChatSession(Asker(loaded, gen), ImageStage(loaded, preprocess.value), template=turn_template,
                           limit=context_tokens or 0)
     session.set_image(image, image)
@@ -332,7 +312,7 @@ def chat(
         with sigterm_as_interrupt():
             if interactive:
                 read_line, save_history = terminal_reader()
-                console.message(f"talking about {image} ({model}); /help for commands, Ctrl-D to end")
+                console.message(f"talking about {image} ({loading.model}); /help for commands, Ctrl-D to end")
                 try:
                     failures = loop.run(read_line)
                 finally:

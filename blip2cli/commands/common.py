@@ -205,7 +205,7 @@ def check_sidecar_ext(ext: str) -> str:
     return ext if ext.startswith(".") else "." + ext
 
 
-def sidecar_policy(sidecar, ext, output_dir, existing, prefix, suffix, separator):
+def sidecar_policy(sidecar, sidecar_ext, output_dir, existing, prefix, suffix, separator):
     """The SidecarPolicy for the sidecar options, or None without --sidecar/--output-dir.
 
     Options that only mean something for sidecar files (--sidecar-ext, --existing,
@@ -215,7 +215,7 @@ def sidecar_policy(sidecar, ext, output_dir, existing, prefix, suffix, separator
 
     if not sidecar and output_dir is None:
         defaults = {"sidecar_ext": ".txt", "existing": "skip", "prefix": "", "suffix": "", "separator": ", "}
-        values = {"sidecar_ext": ext, "existing": getattr(existing, "value", existing), "prefix": prefix,
+        values = {"sidecar_ext": sidecar_ext, "existing": getattr(existing, "value", existing), "prefix": prefix,
                   "suffix": suffix, "separator": separator}
         used = [flag for name, flag in SIDECAR_ONLY if _given(name, values[name], defaults[name])]
         if used:
@@ -224,7 +224,7 @@ def sidecar_policy(sidecar, ext, output_dir, existing, prefix, suffix, separator
                 hint="add --sidecar (or --output-dir DIR)",
             )
         return None
-    ext = check_sidecar_ext(ext)
+    ext = check_sidecar_ext(sidecar_ext)
     return SidecarPolicy(
         ext=ext,
         output_dir=str(output_dir) if output_dir is not None else None,

@@ -108,6 +108,7 @@ def _read_texts(texts, texts_file) -> list[str]:
 
 
 @handles_errors
+@o.expands
 def embed(
     inputs: o.Inputs = None,
     text: Annotated[
@@ -122,17 +123,8 @@ def embed(
     ] = None,
     features: FeaturesOpt = Features.auto,
     pool: PoolOpt = None,
-    model: o.RetrievalModel = None,
-    revision: o.Revision = None,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    quantize: o.QuantizeOpt = o.Quantize.none,
-    offline: o.Offline = False,
-    allow_pickle: o.AllowPickle = False,
-    recursive: o.Recursive = True,
-    ext: o.Ext = None,
-    null: o.Null = False,
-    files_from: o.FilesFrom = None,
+    loading: o.Bundle = o.RETRIEVAL_LOADING,
+    src: o.Bundle = o.SOURCES,
     carry: o.Carry = None,
     fmt: Annotated[
         Optional[EmbedFormat],
@@ -195,13 +187,13 @@ def embed(
         raise UsageError("--prune and --store-dtype apply to a vector store",
                          hint="name one with -o vectors.safetensors (or .npy)")
     fmt_name = "jsonl" if to_store else o.infer_format(fmt, output, formats=tuple(e.value for e in EmbedFormat))
-    if texts_file is not None and str(texts_file) == "-" and "-" in [*(inputs or []), *(files_from or [])]:
+    if texts_file is not None and str(texts_file) == "-" and "-" in [*(inputs or []), *(src.files_from or [])]:
         raise UsageError("stdin cannot hold both the texts (--texts-file -) and the images (-)")
     texts = _read_texts(text, texts_file)
     if texts and to_store:
         raise UsageError("a vector store holds images; texts go to JSON Lines or CSV",
                          hint="embed the texts in a separate run: blip2 embed --text ... -f jsonl")
-    have_images = bool(inputs or files_from)
+    have_images = bool(inputs or src.files_from)
     if not texts and not have_images:
         raise UsageError(
             "nothing to embed: name images (files, folders, globs, -) or give --text",
@@ -210,11 +202,11 @@ def embed(
     if not (shard is not None or _wants_directory(output)):
         check_output_path(output)
     model, revision, features_name, pool_name = store_settings(
-        output if to_store else None, model, revision, features.value, pool.value if pool is not None else None
+        output if to_store else None, loading.model, loading.revision, features.value, pool.value if pool is not None else None
     )
     items, total = (None, 0)
     if have_images:
-        items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="embed")
+        items, total = resolve_items(inputs, command="embed", **vars(src))
         from ..guard import screen_inputs  # no output (a store and its index too) is an input
         from ..store import index_paths
 
@@ -225,7 +217,7 @@ def embed(
         from ..job import Job
         from ..loader import ALL_ARCHITECTURES
 
-        opts = check_for_features(model, revision, device, dtype, quantize, offline, allow_pickle,
+        opts = check_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline, loading.allow_pickle,
                                   features=features_name)
         job = Job(
             command="embed",
@@ -246,11 +238,11 @@ def embed(
         )
         from ..webdataset import configure
 
-        configure(job, carry, ext)
+        configure(job, carry, src.ext)
         job.check()
         from ..failedlist import wrapper as failed_wrapper
 
-        job.wrappers += [w for w in (failed_wrapper(failed_list, null=null),) if w]
+        job.wrappers += [w for w in (failed_wrapper(failed_list, null=src.null),) if w]
         finish(job.run(items, total), output=output, quiet=quiet, job=job)
     if have_images and total is not None:
         from ..webdataset import refuse_with_shards
@@ -267,7 +259,7 @@ def embed(
             hint="drop the option, or embed images and texts in separate runs",
         )
 
-    loaded = load_for_features(model, revision, device, dtype, quantize, offline, allow_pickle,
+    loaded = load_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline, loading.allow_pickle,
                                features=features_name, task="embed", need_text=bool(texts))
     embedder = Embedder(loaded, features_name, pool_name)
     batch = batch_size or o.default_batch_size(loaded.device.type)

@@ -25,17 +25,13 @@ Examples:
 
 
 @handles_errors
+@o.expands
 def score(
     image: Annotated[str, typer.Argument(metavar="IMAGE", help="An image file, or - for image bytes on stdin.", show_default=False)],
     texts: Annotated[
         Optional[list[str]], typer.Argument(metavar="TEXTS", help="Texts to score against the image.", show_default=False)
     ] = None,
-    model: o.RetrievalModel = None,
-    revision: o.Revision = None,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    offline: o.Offline = False,
-    allow_pickle: o.AllowPickle = False,
+    loading: o.Bundle = o.RETRIEVAL_LOADING.without("quantize"),
     fmt: o.FormatOpt = None,
     output: o.Output = None,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
@@ -56,8 +52,8 @@ def score(
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "score")
     check_output_path(output, inputs=[image])
-    loaded = load_for_features(model or DEFAULT_RETRIEVAL_MODEL, revision, device, dtype, o.Quantize.none,
-                               offline, allow_pickle, features="itc", task="score", need_text=True,
+    loaded = load_for_features(loading.model or DEFAULT_RETRIEVAL_MODEL, loading.revision, loading.device, loading.dtype, o.Quantize.none,
+                               loading.offline, loading.allow_pickle, features="itc", task="score", need_text=True,
                                need_itm=True)
     embedder = Embedder(loaded, Features.itc.value, "none")
     task = EmbedTask(loaded, embedder, preprocess.value)

@@ -64,6 +64,7 @@ def _rerank(hits, store, query: str, task: EmbedTask, embedder, batch_size: int)
 
 
 @handles_errors
+@o.expands
 def search(
     arguments: Annotated[
         Optional[list[str]],
@@ -95,17 +96,8 @@ def search(
                      "its match probability (N >= -k; text queries, retrieval checkpoints)."),
     ] = None,
     features: FeaturesOpt = Features.auto,
-    model: o.RetrievalModel = None,
-    revision: o.Revision = None,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    quantize: o.QuantizeOpt = o.Quantize.none,
-    offline: o.Offline = False,
-    allow_pickle: o.AllowPickle = False,
-    recursive: o.Recursive = True,
-    ext: o.Ext = None,
-    null: o.Null = False,
-    files_from: o.FilesFrom = None,
+    loading: o.Bundle = o.RETRIEVAL_LOADING,
+    src: o.Bundle = o.SOURCES,
     fmt: o.FormatOpt = None,
     output: o.Output = None,
     prune: Annotated[
@@ -148,7 +140,7 @@ def search(
     if rerank is not None and rerank < top_k:
         raise UsageError(f"--rerank {rerank} is less than -k {top_k}: the re-scored results are the ones printed",
                          hint=f"use --rerank {top_k} or more, or a smaller -k")
-    have_images = bool(inputs or files_from)
+    have_images = bool(inputs or src.files_from)
     if index is not None and not is_store_path(index):
         raise UsageError(f"--index {index}: a vector store is named FILE.safetensors or FILE.npy, "
                          "or is a directory written with --layout segments")
@@ -160,7 +152,7 @@ def search(
                          hint='blip2 search "a cat" photos/   or   blip2 search "a cat" --index vectors.safetensors')
     if index is not None and not have_images:
         VectorStore.open(index)  # raises if there is no store to search
-    model, revision, wanted_features, pool = store_settings(index, model, revision, features.value, None)
+    model, revision, wanted_features, pool = store_settings(index, loading.model, loading.revision, features.value, None)
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "search")
     protected = [image, index]
@@ -173,12 +165,12 @@ def search(
         raise InputError(f"--image {image}: no such file")
     items, total = (None, 0)
     if have_images:
-        items, total = resolve_items(inputs, files_from, recursive=recursive, ext=ext, null=null, command="search")
+        items, total = resolve_items(inputs, command="search", **vars(src))
         from ..guard import screen_inputs
 
         items = screen_inputs(items, total, [output])  # an output is never one of the inputs
 
-    loaded = load_for_features(model, revision, device, dtype, quantize, offline, allow_pickle,
+    loaded = load_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline, loading.allow_pickle,
                                features=wanted_features, task="search", need_text=query is not None,
                                need_itm=rerank is not None)
     embedder = Embedder(loaded, wanted_features, pool)
