@@ -425,6 +425,11 @@ SIDECAR_FILES = Bundle(
     sidecar=(Sidecar, False), sidecar_ext=(SidecarExt, ".txt"), output_dir=(OutputDir, None),
     existing=(Existing, ExistingOpt.skip), prefix=(Prefix, ""), suffix=(Suffix, ""), separator=(Separator, ", "),
 )
+# How a job runs (caption, ask): the compute it uses, and resuming, sharding, failures.
+COMPUTE = Bundle(batch_size=(BatchSize, None), workers=(Workers, None), preprocess=(PreprocessOpt, Preprocess.fast),
+                 compile_=(Compile, False))
+RUNNING = Bundle(dry_run=(DryRun, False), resume=(Resume, False), fail_fast=(FailFast, False), shard=(ShardOpt, None),
+                 failed_list=(FailedListOpt, None))
 SOURCES = Bundle(recursive=(Recursive, True), ext=(Ext, None), null=(Null, False), files_from=(FilesFrom, None))
 
 

@@ -73,16 +73,9 @@ def ask(
     output: o.Output = None,
     html_links: o.HtmlLinks = False,
     quiet: QuietLong = False,
-    batch_size: o.BatchSize = None,
-    workers: o.Workers = None,
-    preprocess: o.PreprocessOpt = o.Preprocess.fast,
-    compile_: o.Compile = False,
+    perf: o.Bundle = o.COMPUTE,
     sidecars: o.Bundle = o.SIDECAR_FILES,
-    dry_run: o.DryRun = False,
-    resume: o.Resume = False,
-    fail_fast: o.FailFast = False,
-    shard: o.ShardOpt = None,
-    failed_list: o.FailedListOpt = None,
+    running: o.Bundle = o.RUNNING,
 ) -> None:
     """Ask questions about images: one record per image and question, streamed in input order."""
     from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema, check_template, generation_settings
@@ -91,7 +84,7 @@ def ask(
     from ..images import ImageStage
     from ..job import Job
 
-    gen = GenerationOptions(num_captions=num_answers, static_cache=compile_, **vars(dec))
+    gen = GenerationOptions(num_captions=num_answers, static_cache=perf.compile_, **vars(dec))
     gen.validate(count_name="num_answers")
     if raw and template is not None:
         raise UsageError("--raw and --template contradict each other", hint="use one of them")
@@ -110,8 +103,8 @@ def ask(
         command="ask",
         load_options=load_options(**vars(loading)),
         make_task=lambda loaded: AskTask(
-            Asker(loaded, gen, pairs_per_call=(batch_size or o.default_batch_size(loaded.device.type)) * PAIRS_PER_IMAGE),
-            ImageStage(loaded, preprocess.value, thumbnails),
+            Asker(loaded, gen, pairs_per_call=(perf.batch_size or o.default_batch_size(loaded.device.type)) * PAIRS_PER_IMAGE),
+            ImageStage(loaded, perf.preprocess.value, thumbnails),
             questions,
             prompt_template,
         ),
@@ -119,23 +112,23 @@ def ask(
         fmt=fmt_name,
         output=output,
         extra_settings={
-            "preprocess": preprocess.value,
+            "preprocess": perf.preprocess.value,
             "template": prompt_template,
             "generation": generation_settings(gen),
         },
         quiet=quiet,
-        batch_size=batch_size,
-        workers=workers,
+        batch_size=perf.batch_size,
+        workers=perf.workers,
         sidecar=policy,
         sidecar_text=lambda r: r.get("answers") or [],
-        resume=resume,
-        dry_run=dry_run,
-        fail_fast=fail_fast,
+        resume=running.resume,
+        dry_run=running.dry_run,
+        fail_fast=running.fail_fast,
         keys_of_item=lambda item: [(item.name, q) for q in questions],
         key_of_record=lambda r: (r["path"], r.get("question")),
         description="answering",
         seed=dec.seed,
-        shard=shard,
+        shard=running.shard,
         html=html,
     )
     if job.parts_mode() and fmt is None:
@@ -146,8 +139,8 @@ def ask(
     job.check()
     from ..failedlist import wrapper as failed_wrapper
 
-    job.wrappers += [w for w in (failed_wrapper(failed_list, null=src.null),) if w]
-    if not dry_run and not job.parts_mode():
+    job.wrappers += [w for w in (failed_wrapper(running.failed_list, null=src.null),) if w]
+    if not running.dry_run and not job.parts_mode():
         check_output_path(output)
     items, total = resolve_items(inputs, command="ask", **vars(src))
     finish(job.run(items, total), output=output, quiet=quiet, job=job)

@@ -47,16 +47,9 @@ def caption(
     output: o.Output = None,
     html_links: o.HtmlLinks = False,
     quiet: o.Quiet = False,
-    batch_size: o.BatchSize = None,
-    workers: o.Workers = None,
-    preprocess: o.PreprocessOpt = o.Preprocess.fast,
-    compile_: o.Compile = False,
+    perf: o.Bundle = o.COMPUTE,
     sidecars: o.Bundle = o.SIDECAR_FILES,
-    dry_run: o.DryRun = False,
-    resume: o.Resume = False,
-    fail_fast: o.FailFast = False,
-    shard: o.ShardOpt = None,
-    failed_list: o.FailedListOpt = None,
+    running: o.Bundle = o.RUNNING,
     metadata: o.Metadata = False,
     metadata_format: o.MetadataFormat = "jsonl",
 ) -> None:
@@ -64,7 +57,7 @@ def caption(
     from ..caption import Captioner, GenerationOptions, caption_schema
     from ..job import Job
 
-    gen = GenerationOptions(prompt=prompt, num_captions=num_captions, static_cache=compile_, **vars(dec))
+    gen = GenerationOptions(prompt=prompt, num_captions=num_captions, static_cache=perf.compile_, **vars(dec))
     gen.validate()
     fmt_name = o.infer_format(fmt, output)
     thumbnails, html = html_output(fmt_name, html_links, output, per_card=1)
@@ -72,21 +65,21 @@ def caption(
     job = Job(
         command="caption",
         load_options=load_options(**vars(loading)),
-        make_task=lambda loaded: CaptionTask(loaded, Captioner(loaded, gen), preprocess.value, thumbnails),
+        make_task=lambda loaded: CaptionTask(loaded, Captioner(loaded, gen), perf.preprocess.value, thumbnails),
         schema=caption_schema(gen.num_captions),
         fmt=fmt_name,
         output=output,
-        extra_settings={"preprocess": preprocess.value, "generation": gen.describe()},
+        extra_settings={"preprocess": perf.preprocess.value, "generation": gen.describe()},
         quiet=quiet,
-        batch_size=batch_size,
-        workers=workers,
+        batch_size=perf.batch_size,
+        workers=perf.workers,
         sidecar=policy,
-        resume=resume,
-        dry_run=dry_run,
-        fail_fast=fail_fast,
+        resume=running.resume,
+        dry_run=running.dry_run,
+        fail_fast=running.fail_fast,
         description="captioning",
         seed=dec.seed,
-        shard=shard,
+        shard=running.shard,
         html=html,
     )
     if job.parts_mode() and fmt is None:
@@ -99,7 +92,7 @@ def caption(
     from .. import metadata as hf_metadata
 
     if metadata:
-        root = hf_metadata.metadata_root(inputs, resume=resume, parts=job.parts_mode())
+        root = hf_metadata.metadata_root(inputs, resume=running.resume, parts=job.parts_mode())
         if policy is not None and policy.existing.value == "skip":
             from ..errors import UsageError
 
@@ -110,8 +103,8 @@ def caption(
         from ..errors import UsageError
 
         raise UsageError("--metadata-format applies to --metadata", hint="add --metadata")
-    job.wrappers += [w for w in (failedlist.wrapper(failed_list, null=src.null),) if w]
-    if not dry_run and not job.parts_mode():
+    job.wrappers += [w for w in (failedlist.wrapper(running.failed_list, null=src.null),) if w]
+    if not running.dry_run and not job.parts_mode():
         check_output_path(output)
     items, total = resolve_items(inputs, command="caption", **vars(src))
     if metadata and total is not None:
