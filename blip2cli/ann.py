@@ -19,7 +19,6 @@ recall@10 against exact search.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 ANN_AUTO_ROWS = 10_000_000  # documented: below this, exact search is the recommendation
@@ -79,9 +78,10 @@ def load_or_build(store, *, quiet: bool = True):
         console.message(f"building the approximate (faiss) index for {store.rows:,} rows "
                         f"(once per store version): {path}")
     index = build(store)
-    tmp = path.with_name("." + path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    from .fsutil import replacing
+
+    with replacing(path) as tmp:
+        faiss.write_index(index, tmp)
     for old in path.parent.glob(path.name.split("ann-")[0] + "ann-*.faiss"):
         if old != path:
             old.unlink(missing_ok=True)

@@ -75,12 +75,12 @@ def export_clip_retrieval(store, out: str | os.PathLike, *, vectors: str = "mean
 
 
 def _replace(path: Path, write) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    from .fsutil import replacing
+
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def export_segments(store, out: str | os.PathLike) -> int:

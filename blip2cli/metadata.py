@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import csv
-import io
 import json
 import os
 import tempfile
@@ -25,6 +24,7 @@ import tempfile
 from . import console
 from .choices import EmbedFormat, names
 from .errors import OutputError, UsageError
+from .fsutil import new_file_mode
 from .utf8 import is_clean, original_path
 
 FORMATS = tuple(names(EmbedFormat))  # the same three files as embed's records: jsonl, csv, parquet
@@ -107,7 +107,7 @@ class MetadataWriter:
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
                 self._fh.close()
-            os.chmod(self._tmp, 0o666 & ~_umask())
+            os.chmod(self._tmp, new_file_mode())
             os.replace(self._tmp, self.target)
             atexit.unregister(self._discard)
         except OSError as exc:
@@ -130,12 +130,6 @@ class MetadataWriter:
             os.unlink(self._tmp)
         except OSError:
             pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def wrapper(root, *, fmt: str = "jsonl", several: bool = False):

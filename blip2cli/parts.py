@@ -358,20 +358,12 @@ class PartsDir:
     def _write_final(self, rows, files: list[Path]) -> tuple[int, list[str]]:
         """Copy the chosen records (re-serialised as ``merge`` always wrote them) into
         a temporary file beside the output, then rename it over the output."""
-        import tempfile
+        from .fsutil import replacing
 
-        final = self.final
-        try:
-            mode = os.stat(final).st_mode & 0o777
-        except OSError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        fd, tmp = tempfile.mkstemp(prefix=".blip2-", suffix=".tmp", dir=final.parent)
         handles = [open(p, "rb") for p in files]
         written, missing = 0, []
         try:
-            with os.fdopen(fd, "wb") as out:
+            with replacing(self.final) as tmp, open(tmp, "wb") as out:
                 for name, file, off, length, raw in rows:
                     if file is None:
                         missing.append(name.decode("utf-8", "surrogateescape"))
@@ -387,14 +379,6 @@ class PartsDir:
                     written += 1
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
         finally:
             for h in handles:
                 h.close()

@@ -496,14 +496,11 @@ def _promote(part, final, fmt: str, schema) -> None:
             os.fsync(f.fileno())
         os.replace(part, final)
         return
-    import tempfile
-
+    from .fsutil import replacing
     from .parquet import ParquetWriter
     from .writers import Sink
 
-    fd, tmp = tempfile.mkstemp(prefix=".blip2-", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    try:
+    with replacing(final) as tmp:
         sink = Sink(tmp).open()
         try:
             writer = ParquetWriter(sink, schema)
@@ -514,13 +511,6 @@ def _promote(part, final, fmt: str, schema) -> None:
             writer.close()
         finally:
             sink.close()
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     os.unlink(part)
 
 
