@@ -20,13 +20,14 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import best_of  # noqa: E402 (benchmarks/common.py)
 
 
 def make_jpegs(folder: Path, size: tuple[int, int], n: int) -> list[Path]:
@@ -43,15 +44,6 @@ def make_jpegs(folder: Path, size: tuple[int, int], n: int) -> list[Path]:
         img.save(path, quality=90)
         paths.append(path)
     return paths
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402 (benchmarks/common.py)
 SETTINGS = {"model": "Salesforce/blip2-opt-2.7b", "revision": None, "max_new_tokens": 30, "num_beams": 5}
 
 
@@ -65,7 +66,7 @@ def stage_merge(root: Path) -> dict:
     t0 = time.perf_counter()
     written, missing = parts.merge(RECORD_KEYS["caption"])
     return {"written": written, "missing": len(missing), "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(common.peak_rss_mb(), 1),
             "output_mb": round(parts.final.stat().st_size / 2**20, 1)}
 
 

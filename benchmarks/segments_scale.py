@@ -22,21 +22,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402 (benchmarks/common.py)
 DIMS = (256,)
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _meta():
@@ -76,7 +72,7 @@ def _write(path: Path, start: int, count: int, pool, **kw) -> dict:
 def stage_write(path: Path, rows: int) -> dict:
     out = _write(path, 0, rows, _pool())
     out["store_mb"] = round(sum(p.stat().st_size for p in path.iterdir()) / 2**20, 1)
-    out["peak_rss_mb"] = round(_rss_mb(), 1)
+    out["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
     return out
 
 
@@ -86,7 +82,7 @@ def stage_append(path: Path, rows: int, append: int, empty: Path) -> dict:
     small = _write(empty, rows, append, pool)
     big = _write(path, rows, append, pool)
     return {"to_empty": small, "to_store": big, "ratio": round(big["seconds"] / small["seconds"], 2),
-            "peak_rss_mb": round(_rss_mb(), 1)}
+            "peak_rss_mb": round(common.peak_rss_mb(), 1)}
 
 
 def stage_prune(path: Path, rows: int, append: int) -> dict:
@@ -98,7 +94,7 @@ def stage_prune(path: Path, rows: int, append: int) -> dict:
             up._keep[r] = False
         stats = up.commit()
     return {"rows_deleted": append, "rows_total": stats.rows, "seconds": round(time.perf_counter() - t0, 3),
-            "compacted": stats.compacted, "peak_rss_mb": round(_rss_mb(), 1)}
+            "compacted": stats.compacted, "peak_rss_mb": round(common.peak_rss_mb(), 1)}
 
 
 def stage_search(path: Path, queries: int, k: int = 10) -> dict:
@@ -145,15 +141,12 @@ def stage_search(path: Path, queries: int, k: int = 10) -> dict:
         "ann_nprobe": ann.NPROBE, "ann_refine": ann.REFINE,
         "ann_query_seconds_median": round(statistics.median(ann_t), 4),
         "recall_at_10": round(sum(recalls) / len(recalls), 3), "queries": queries,
-        "peak_rss_mb": round(_rss_mb(), 1),
+        "peak_rss_mb": round(common.peak_rss_mb(), 1),
     }
 
 
 def run_stage(argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"stage {argv} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_stage(__file__, argv)
 
 
 def main() -> None:

@@ -32,11 +32,12 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import best_of  # noqa: E402 (benchmarks/common.py)
 
 
 def make_images(n: int, size: int) -> list[bytes]:
@@ -71,15 +72,6 @@ def write_inputs(root: Path, images: list[bytes], per_shard: int) -> tuple[Path,
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
     return files, shards
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -128,10 +120,10 @@ def main() -> None:
 
         n = args.images
         stage = {
-            "read_files_s": best(read_files, args.repeats),
-            "read_shards_s": best(read_shards, args.repeats),
-            "read_decode_files_s": best(decode_files, args.repeats),
-            "read_decode_shards_s": best(decode_shards, args.repeats),
+            "read_files_s": best_of(read_files, args.repeats),
+            "read_shards_s": best_of(read_shards, args.repeats),
+            "read_decode_files_s": best_of(decode_files, args.repeats),
+            "read_decode_shards_s": best_of(decode_shards, args.repeats),
         }
         runner = CliRunner()
         common = ["--model", str(model), "--max-new-tokens", "3", "--num-beams", "1", "--batch-size", "16",
@@ -147,9 +139,9 @@ def main() -> None:
             return go
 
         e2e = {
-            "caption_files_s": best(caption(files), args.repeats),
-            "caption_shards_s": best(caption(shards), args.repeats),
-            "caption_shards_outdir_s": best(caption(shards, out=tmp / "outdir"), args.repeats),
+            "caption_files_s": best_of(caption(files), args.repeats),
+            "caption_shards_s": best_of(caption(shards), args.repeats),
+            "caption_shards_outdir_s": best_of(caption(shards, out=tmp / "outdir"), args.repeats),
         }
         per_shard_files = sorted(p.name for p in (tmp / "outdir").iterdir() if p.suffix == ".jsonl")
         result = {

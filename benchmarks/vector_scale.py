@@ -36,9 +36,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,9 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+import common  # noqa: E402 (benchmarks/common.py)
 
 
 def _unit_batch(rng, n, dims, dtype):
@@ -97,11 +93,11 @@ def stage_write(path: Path, rows: int, dims: tuple[int, ...], dtype: str, batch:
             "seconds_collecting": round(t_rows, 2),
             "seconds_commit": round(seconds - t_rows, 2),
             "rows_per_s": round(count / seconds),
-            "peak_rss_mb": round(_rss_mb(), 1),
+            "peak_rss_mb": round(common.peak_rss_mb(), 1),
         }
     result["matrix_mb"] = round(path.stat().st_size / 2**20, 1)
     result["index_mb"] = round(Path(str(path) + ".index.parquet").stat().st_size / 2**20, 1)
-    result["peak_rss_mb"] = round(_rss_mb(), 1)
+    result["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
     return result
 
 
@@ -133,15 +129,12 @@ def stage_search(path: Path, queries: int, k: int = 10) -> dict:
         "first_query_seconds": round(times[0], 3),
         "query_seconds_median": round(statistics.median(steady), 3),
         "query_seconds_min": round(min(steady), 3),
-        "peak_rss_mb": round(_rss_mb(), 1),
+        "peak_rss_mb": round(common.peak_rss_mb(), 1),
     }
 
 
 def run_stage(argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"stage {argv} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_stage(__file__, argv)
 
 
 def main() -> None:
