@@ -69,11 +69,12 @@ class EmbedFormat(str, Enum):
     parquet = "parquet"
 
 
-class StoreLayout(str, Enum):
-    """A vector store directory's layout."""
+class ExportLayout(str, Enum):
+    """What ``blip2 export`` writes from a vector store."""
 
-    segments = "segments"
     clip_retrieval = "clip-retrieval"
+    npy = "npy"
+    safetensors = "safetensors"
 
 
 class StoreDtype(str, Enum):
@@ -89,4 +90,4 @@ def names(enum: type[Enum]) -> tuple[str, ...]:
 
 
 __all__ = ["Dtype", "EmbedFormat", "Features", "Format", "Pool", "Preprocess", "Quantize", "StoreDtype",
-           "StoreLayout", "names"]
+           "ExportLayout", "names"]

@@ -8,7 +8,6 @@ benchmarks); the store itself (file format, updater, search) is ``store.py``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from . import console
 from .embed import DEFAULT_RETRIEVAL_MODEL, model_key
@@ -22,7 +21,7 @@ class StoreSink:
         self.update = update
 
     def write(self, record: dict) -> None:
-        from .store import Entry
+        from .storefiles import Entry
 
         if record.get("error") or record.get("vector") is None:
             if isinstance(record.get("source"), str):  # counted as failed, retried next time
@@ -67,13 +66,6 @@ def embed_into_store(items, update, task, *, total, batch_size: int, workers: in
     return stats
 
 
-def open_update(path: Path, *, meta, prune: bool, dtype_given: bool, layout: str | None = None,
-                compact: bool = False):
-    from .store import open_update as store_update
-
-    return store_update(path, meta, prune=prune, dtype_given=dtype_given, layout=layout, compact=compact)
-
-
 def store_settings(path, model, revision, features: str, pool: str | None):
     """(model, revision, features, pool) for a run on the store at ``path``.
 
@@ -82,11 +74,13 @@ def store_settings(path, model, revision, features: str, pool: str | None):
     weights are read. Without a store: the retrieval checkpoint, pool ``none``.
     """
     from .errors import UsageError
-    from .store import VectorStore
+    from .store import VectorStore, exists
 
-    if path is None or not VectorStore.exists(path):
+    if path is None or not exists(path):
         return model or DEFAULT_RETRIEVAL_MODEL, revision, features, pool or "none"
-    meta = VectorStore.open(path).meta
+    store = VectorStore.open(path)
+    meta = store.meta
+    store.close()
     diffs = []
     if model is not None and model_key(model) != meta.model:
         diffs.append(f"model {meta.model!r} (store) vs {model_key(model)!r}")
@@ -114,4 +108,4 @@ def store_summary(path, ustats, stats) -> str:
     return f"{path}: {ustats.rows} rows ({', '.join(parts)}{retried})"
 
 
-__all__ = ["StoreSink", "embed_into_store", "open_update", "store_settings", "store_summary"]
+__all__ = ["StoreSink", "embed_into_store", "store_settings", "store_summary"]

@@ -1,38 +1,61 @@
-"""clip-retrieval's layout: what autofaiss, clip-retrieval's back-end and faiss read.
+"""A vector store in the layouts other tools read (``blip2 export``).
 
-``blip2 embed photos/ -o out/ --layout clip-retrieval`` keeps a segmented store in
-``out/`` (``blip2-store.json`` + ``seg-*`` files: incremental, crash-safe, what
-``blip2 search --index out/`` reads) and, after each commit, writes from it::
+clip-retrieval's (``export_clip_retrieval``): what autofaiss, clip-retrieval's back-end
+and faiss read, named as clip-retrieval's own writer names them (the file number
+zero-padded to the digits of the file count: ``img_emb_0.npy`` for one file,
+``img_emb_00.npy`` .. ``img_emb_11.npy`` for twelve)::
 
-    out/img_emb/img_emb_0.npy           2-D float32 [n, D], one file per 1,000,000 rows
+    out/img_emb/img_emb_0.npy           2-D float32 [n, D], ROWS_PER_FILE rows per file
     out/metadata/metadata_0.parquet     image_path (and caption, when known), row for row
 
 Rows are the store's rows in order. A store of 32 query vectors per image
-(``--pool none``, the default) is exported pooled by default
-(``vectors="mean"``: the mean of the query vectors, re-normalised, one row per
-image: what ``--pool mean`` stores) or flattened (``vectors="flatten"``: 32 rows
-per image, each with its ``image_path`` and ``query`` number: the best of an
-image's rows is BLIP-2's ITC score, so a k x 32 search deduplicated by image is
-exact). The export is rewritten whole at each run (a copy of the store: O(rows));
-each file is written under a temporary name and renamed, and files left over
-from a bigger export are removed.
+(``--pool none``, the default) is exported pooled (``vectors="mean"``: the mean of
+the query vectors, re-normalised, one row per image: what ``--pool mean`` stores;
+its ranking is *not* ``blip2 search``'s) or flattened (``vectors="flatten"``: 32 rows
+per image, each with its ``image_path`` and ``query`` number: the best of an image's
+rows is BLIP-2's ITC score, so a k x 32 search deduplicated by image gives
+``blip2 search``'s ranking). ``image_path`` is the path as embedded, or absolute
+(``absolute_paths=True``).
+
+The export is written into a temporary folder inside ``out`` and then moved into
+place, every metadata file before any vector file, so a run killed at any point
+never leaves an ``img_emb`` file without its metadata (the next export removes
+what a killed one left). Files left over from a bigger export are removed.
+
+A single matrix (``export_matrix``): ``FILE.npy`` (numpy) or ``FILE.safetensors``
+(one tensor ``vectors``, the settings in its header), with ``FILE.index.parquet``
+beside it (the rows' paths, in order; the settings in its key-value metadata).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 ROWS_PER_FILE = 1_000_000
 EXPORT_VECTORS = ("mean", "flatten")
+TEMP_PREFIX = ".blip2-export-"
+KINDS = {"img_emb": ("img_emb_", ".npy"), "metadata": ("metadata_", ".parquet")}
+
+
+def part_name(kind: str, number: int, count: int) -> str:
+    """clip-retrieval's name for file ``number`` of ``count``: zero-padded to the digits of
+    ``count`` (its writer pads to ``int(log10(count)) + 1``)."""
+    stem, ext = KINDS[kind]
+    return f"{stem}{str(number).zfill(len(str(max(1, count))))}{ext}"
 
 
 def export_clip_retrieval(store, out: str | os.PathLike, *, vectors: str = "mean",
-                          rows_per_file: int = ROWS_PER_FILE, captions: dict | None = None) -> int:
-    """Write ``store`` (an open ``VectorStore`` or ``SegmentedStore``) in clip-retrieval's
-    layout under ``out``; return the number of vector rows written.
+                          rows_per_file: int = ROWS_PER_FILE, captions: dict | None = None,
+                          absolute_paths: bool = False) -> int:
+    """Write ``store`` (an open ``VectorStore``) in clip-retrieval's layout under ``out``;
+    return the number of vector rows written.
 
-    ``captions``: ``path -> caption`` for the ``caption`` column (omitted when None)."""
+    ``captions``: ``path -> caption`` for the ``caption`` column (omitted when None);
+    ``absolute_paths``: ``image_path`` is each file's absolute path."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -40,89 +63,102 @@ def export_clip_retrieval(store, out: str | os.PathLike, *, vectors: str = "mean
     if vectors not in EXPORT_VECTORS:
         raise ValueError(f"vectors must be one of {EXPORT_VECTORS}, not {vectors!r}")
     out = Path(out)
-    emb_dir, meta_dir = out / "img_emb", out / "metadata"
-    emb_dir.mkdir(parents=True, exist_ok=True)
-    meta_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(TEMP_PREFIX + "*"):  # what a killed export left
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}"
     per_query = len(store.meta.dims) == 2
     q = store.meta.dims[0] if per_query and vectors == "flatten" else 1
     step = max(1, rows_per_file // q)
-    written = files = 0
-    for files, start in enumerate(range(0, store.rows, step)):
-        stop = min(store.rows, start + step)
-        block = store.read_rows(start, stop).astype(np.float32)
-        if per_query and vectors == "mean":
-            block = block.mean(axis=1)
-            if store.meta.normalized:
-                block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
-        elif per_query:
-            block = block.reshape(-1, block.shape[-1])
-        paths = store.paths(start, stop) if hasattr(store, "paths") else [e.path for e in store.entries[start:stop]]
-        columns = {"image_path": [p for p in paths for _ in range(q)]}
-        if q > 1:
-            columns["query"] = pa.array(np.tile(np.arange(q, dtype=np.int32), stop - start))
-        if captions is not None:
-            columns["caption"] = [captions.get(p) for p in paths for _ in range(q)]
-        _replace(emb_dir / f"img_emb_{files}.npy", lambda f: np.save(f, np.ascontiguousarray(block)))
-        _replace(meta_dir / f"metadata_{files}.parquet", lambda f: pq.write_table(pa.table(columns), f))
-        written += len(block)
-    count = files + 1 if store.rows else 0
-    for folder, stem, ext in ((emb_dir, "img_emb_", ".npy"), (meta_dir, "metadata_", ".parquet")):
-        for p in folder.glob(f"{stem}*{ext}"):  # left over from a bigger export
-            number = p.name[len(stem):-len(ext)]
-            if number.isdigit() and int(number) >= count:
-                p.unlink()
+    count = -(-store.rows // step)
+    written = 0
+    names: dict[str, list[str]] = {kind: [] for kind in KINDS}
+    try:
+        for kind in KINDS:
+            (tmp / kind).mkdir(parents=True)
+        for number, start in enumerate(range(0, store.rows, step)):
+            stop = min(store.rows, start + step)
+            block = store.read_rows(start, stop).astype(np.float32)
+            if per_query and vectors == "mean":
+                block = block.mean(axis=1)
+                if store.meta.normalized:
+                    block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+            elif per_query:
+                block = block.reshape(-1, block.shape[-1])
+            paths = store.paths(start, stop)
+            shown = store.paths(start, stop, column="abspath") if absolute_paths else paths
+            columns = {"image_path": [p for p in shown for _ in range(q)]}
+            if q > 1:
+                columns["query"] = pa.array(np.tile(np.arange(q, dtype=np.int32), stop - start))
+            if captions is not None:
+                columns["caption"] = [captions.get(p) for p in paths for _ in range(q)]
+            emb, meta = part_name("img_emb", number, count), part_name("metadata", number, count)
+            with open(tmp / "img_emb" / emb, "wb") as f:
+                np.save(f, np.ascontiguousarray(block))
+                f.flush()
+                os.fsync(f.fileno())
+            pq.write_table(pa.table(columns), tmp / "metadata" / meta)
+            names["img_emb"].append(emb)
+            names["metadata"].append(meta)
+            written += len(block)
+        # into place: every metadata file first, then the vectors (an img_emb file never lacks its metadata)
+        for kind in ("metadata", "img_emb"):
+            (out / kind).mkdir(exist_ok=True)
+            for name in names[kind]:
+                os.replace(tmp / kind / name, out / kind / name)
+        for kind in ("img_emb", "metadata"):  # left over from another export
+            stem, ext = KINDS[kind]
+            keep = set(names[kind])
+            for p in (out / kind).glob(f"{stem}*{ext}"):
+                if p.name[len(stem):-len(ext)].isdigit() and p.name not in keep:
+                    p.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return written
 
 
-def _replace(path: Path, write) -> None:
+def export_matrix(store, out: str | os.PathLike, *, kind: str) -> int:
+    """Write ``store``'s rows as one matrix file ``out`` (``kind``: ``npy`` or ``safetensors``)
+    and its index ``out.index.parquet`` (each written under a temporary name, then renamed:
+    the matrix first). Returns the rows."""
+    import struct
+
     from .fsutil import replacing
-
-    with replacing(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def export_segments(store, out: str | os.PathLike) -> int:
-    """Copy ``store`` (a single-file store, typically) into a new segmented store at
-    ``out`` (a directory that does not exist yet, or is empty): the same rows in the
-    same order, its settings, and the files it remembers as failed. Returns the rows.
-
-    The migration path to ``--layout segments``: the single-file store is read, not
-    changed (delete it when the new one serves)."""
-    import dataclasses
-
-    import numpy as np
-
-    from .errors import UsageError
-    from .segments import SegmentedUpdate
-    from .store import _COPY_BYTES
+    from .storefiles import COPY_BYTES, entries_table, npy_header, pyarrow_modules
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{str(out)!r} exists and is not an empty directory",
-                         hint="name a new directory for the segmented store")
-    row_bytes = int(np.prod(store.meta.dims)) * np.dtype(store.meta.dtype).itemsize
-    step = max(1, _COPY_BYTES // max(1, row_bytes))
-    with SegmentedUpdate(out, dataclasses.replace(store.meta), layout="segments") as update:
+    meta = store.meta
+    settings = {**meta.settings(), "rows": store.rows, "generation": store.generation}
+    if kind == "npy":
+        header = npy_header(meta, store.rows)
+    elif kind == "safetensors":
+        metadata = {k: json.dumps(v) for k, v in settings.items()}
+        nbytes = store.rows * meta.row_bytes
+        raw = json.dumps({"__metadata__": metadata,
+                          "vectors": {"dtype": {"float32": "F32", "float16": "F16"}[meta.dtype],
+                                      "shape": [store.rows, *meta.dims], "data_offsets": [0, nbytes]}},
+                         separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+        header = struct.pack("<Q", len(raw)) + raw
+    else:
+        raise ValueError(f"kind must be npy or safetensors, not {kind!r}")
+    step = max(1, COPY_BYTES // max(1, meta.row_bytes))
+    with replacing(out) as tmp, open(tmp, "wb") as f:
+        f.write(header)
         for start in range(0, store.rows, step):
-            stop = min(store.rows, start + step)
-            block = store.read_rows(start, stop)
-            entries = store.entries[start:stop] if isinstance(store.entries, list) else \
-                [store.entries[r] for r in range(start, stop)]
-            for entry, row in zip(entries, block):
-                update.add(entry, row)
-        for info in store.failed.values():
-            update.fail(info["path"], info["abspath"], info.get("error"))
-        update.commit()
+            f.write(store.read_rows(start, min(store.rows, start + step)).data)
+        f.flush()
+        os.fsync(f.fileno())
+    _, pq = pyarrow_modules()
+    table = entries_table(list(store.entries)).replace_schema_metadata({b"blip2": json.dumps(settings).encode()})
+    with replacing(out.with_name(out.name + ".index.parquet")) as tmp:
+        pq.write_table(table, tmp)
     return store.rows
 
 
 def read_captions(path: str | os.PathLike) -> dict:
     """``path -> caption`` from the JSON Lines records of ``blip2 caption`` (records
     without a caption, error records and lines that are not JSON objects are skipped)."""
-    import json
-
     captions = {}
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:

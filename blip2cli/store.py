@@ -1,98 +1,97 @@
-"""The vector store: a binary matrix on disk plus a Parquet index.
+"""The vector store: a folder of immutable segments and one manifest.
 
-``blip2 embed photos/ -o vectors.safetensors`` (or ``vectors.npy``) writes two files:
+``blip2 embed photos/ -o vectors.safetensors`` (any name; ``.safetensors`` and ``.npy``
+name a new store, an existing store folder is recognised by its manifest) writes the
+folder ``vectors.safetensors/``::
 
-* the **matrix**, one row per image: shape ``[rows, *dims]`` (``[rows, 32, 256]``
-  for the 32 query embeddings of BLIP-2's ITC head, ``[rows, 256]`` pooled),
-  float32 or float16, C order. ``.safetensors``: one tensor named ``vectors``,
-  the store's settings and generation in the header's ``__metadata__``. ``.npy``:
-  numpy's format (``np.load(path, mmap_mode="r")``).
-* the **index**, ``<matrix>.index.parquet`` (``vectors.safetensors.index.parquet``):
-  one row per row of the matrix, in row order, and nothing else (columns ``path``,
-  ``abspath``, ``size``, ``mtime_ns``, ``sha256``); the store's settings, row count,
-  generation and the files that failed to embed are in the Parquet file's
-  key-value metadata (key ``blip2``, a JSON object). Reading without blip2::
+    blip2-store.json     the manifest: settings, generation, the segments (and the files that failed)
+    seg-<id>.npy         a segment's rows: [rows, *dims] float32/float16, C order (np.load reads it)
+    seg-<id>.parquet     its index: path, abspath, size, mtime_ns, sha256 (one row per row, in order)
 
-    import json, numpy as np, pandas as pd, pyarrow.parquet as pq
-    vectors = np.load("vectors.npy", mmap_mode="r")  # [rows, 32, 256] (or [rows, 256] pooled)
-    rows = pd.read_parquet("vectors.npy.index.parquet")  # rows.path[i] is the image of vectors[i]
-    settings = json.loads(pq.read_schema("vectors.npy.index.parquet").metadata[b"blip2"])
+Segment files are written once, under names never used before, and never
+modified. An update streams its new rows to a side file (``.pending``, which also
+holds the writer's ``flock``: one writer at a time) while the model runs; its
+commit writes them as one new segment, records deleted rows (changed files,
+``--prune``) as row numbers in the manifest, and renames a new manifest over the
+old one: the single commit point. A crash (kill -9, a full disk) before it leaves
+the old manifest, which does not name the new files (the next writer deletes
+them); after it, the new store. Appending N rows writes N rows (and a manifest),
+whatever the store's size.
 
-  and a ``.safetensors`` store::
+The ties between the files: each segment's id is written into its ``.npy`` (a
+40-byte ``BLIP2GEN`` trailer after the rows, which numpy's readers never reach)
+and into its Parquet file's key-value metadata (``blip2.segment``); the manifest
+names each segment by id with its row count and a checksum of its rows and
+paths. Ids and counts are checked on every open (files from another commit or
+another store are refused); the checksum when a store is served
+(``VectorStore.verify``: ``blip2 search``, ``blip2 export``) and when compaction
+copies a segment, so rows swapped or edited inside a segment are refused, never
+matched to the wrong images.
 
-    import json, pandas as pd, pyarrow.parquet as pq
-    from safetensors.numpy import load_file
-    vectors = load_file("vectors.safetensors")["vectors"]
-    rows = pd.read_parquet("vectors.safetensors.index.parquet")
-    settings = json.loads(pq.read_schema("vectors.safetensors.index.parquet").metadata[b"blip2"])
+Compaction: a segment whose rows are more than half deleted is rewritten at the
+next commit; adjacent trailing segments are merged while the older one is at
+most twice the size of the newer one (so there are O(log rows) segments and each
+row is copied O(log rows) times over its life); ``--compact`` merges everything
+into one segment.
 
-  Stores written before (a JSON Lines index, ``<matrix>.index.jsonl``, whose first
-  line was the settings) are still read, and their next update writes the Parquet
-  index and removes the JSON Lines one (a crash in between leaves both: the
-  Parquet one, complete, is read first).
+Reading without blip2 (numpy + pandas): the live rows of each segment, in order::
 
-Nothing is ever modified in place. An update (``StoreUpdate``) streams the new
-rows to a side file while the model runs; ``commit()`` writes a complete new
-matrix and a new index next to the old ones (temporary names), fsyncs them, and
-renames them over the old files: the matrix first, then the index. A crash at
-any point leaves either the old store or the new one, never a mix:
+    import json, numpy as np, pandas as pd
+    m = json.load(open("vectors.safetensors/blip2-store.json"))
+    segs = [(pd.read_parquet(f"vectors.safetensors/{s['index']}").drop(index=s["deleted"]), s) for s in m["segments"]]
+    rows = pd.concat([r for r, _ in segs], ignore_index=True)  # rows.path[i] is the image of vectors[i]
+    vectors = np.concatenate([np.load(f"vectors.safetensors/{s['vectors']}", mmap_mode="r")[r.index] for r, s in segs])
 
-* the matrix's temporary file still exists -> the rename never happened: the old
-  store is intact; the leftovers are removed by the next writer;
-* it is gone but the index's temporary file exists -> the crash came between the
-  two renames: the new matrix belongs to that index; readers use it, and the
-  next writer finishes the rename (roll forward).
-
-Every commit has a generation id, written into both files: the index's metadata,
-and the matrix (``.safetensors``: its header's ``__metadata__``; ``.npy``:
-a 40-byte trailer after the rows, ``BLIP2GEN`` + the id, which numpy's readers
-never reach: ``np.load`` reads the rows its header announces). The matrix's
-row count, dims, dtype, size on disk and generation are checked against the
-index on every open, so a matrix and an index from different commits (a crash
-between the renames whose new index was lost, files copied separately) are
-refused, never served: same row counts are not enough, the rows may be other
-images. (An ``.npy`` written before the trailer existed has no generation; it
-is checked by rows alone until its next commit.) One writer at a time: a writer holds an
-exclusive ``flock`` on the side file (POSIX; no lock on Windows).
-
-Old rows are copied into the new matrix a chunk at a time, and new rows wait in
-the side file, so neither an update nor a search ever holds the whole matrix
-(let alone Python lists of floats) in memory. Search (``top_k``) is a matrix
-product over chunks of rows with a running top-k.
-
-Only numpy and pyarrow are needed here (no torch): this module is plain data handling.
+Search (``top_k``) is a matrix product over chunks of rows with a running top-k;
+neither an update nor a search ever holds the whole matrix in memory. Only numpy
+and pyarrow are needed here (no torch). The low-level pieces are ``storefiles.py``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import struct
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
-from .choices import StoreDtype, names
-from .errors import Blip2Error, UsageError
+from .errors import UsageError
+from .storefiles import (
+    COPY_BYTES,
+    Entry,
+    FileLock,
+    StoreError,
+    StoreMeta,
+    column_values,
+    entries_from_table,
+    entries_table,
+    fsync_dir,
+    npy_header,
+    npy_trailer,
+    pyarrow_modules,
+    read_npy_info,
+    remove_stale_temp,
+    sha256_file,
+    show,
+    unlink,
+)
 
+MANIFEST = "blip2-store.json"
 FORMAT_NAME = "blip2-vector-store"
-FORMAT_VERSION = 2  # 2: the index is Parquet (1: JSON Lines with a header line, still read)
-STORE_SUFFIXES = (".safetensors", ".npy")
-TENSOR_NAME = "vectors"
-STORE_DTYPES = names(StoreDtype)  # ("float32", "float16")
-_ST_DTYPES = {"float32": "F32", "float16": "F16"}
-_ST_DTYPES_BACK = {v: k for k, v in _ST_DTYPES.items()}
-# Rows per chunk are chosen so that one chunk, converted to float32, is about this big.
+FORMAT_VERSION = 1
+NEW_STORE_SUFFIXES = (".safetensors", ".npy")  # an -o name with these suffixes is a (new) store folder
+PENDING = ".pending"  # the writer's side file and lock
+DELETED_FRACTION = 0.5  # a segment more deleted than this is rewritten at the next commit
+TAIL_RATIO = 2  # merge the last two segments while the older is at most this times the newer
+PARQUET_KEY = b"blip2.segment"
+ROW_GROUP = 16384  # rows per Parquet row group: reading one entry reads one group
+# Rows per search chunk are chosen so that one chunk, converted to float32, is about this big.
 CHUNK_BYTES = 64 << 20
-_COPY_BYTES = 16 << 20
-
-
-class StoreError(Blip2Error):
-    """The store cannot be read or written as asked (exit 2: nothing was embedded)."""
 
 
 # --------------------------------------------------------------------------- #
@@ -100,465 +99,154 @@ class StoreError(Blip2Error):
 # --------------------------------------------------------------------------- #
 
 
+def exists(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a store folder (it holds a manifest)."""
+    return path is not None and (Path(path) / MANIFEST).is_file()
+
+
 def is_store_path(path: str | os.PathLike | None) -> bool:
-    """A single-file store's name (FILE.safetensors, FILE.npy), or a segmented store's directory."""
+    """A name for a new store (``NAME.safetensors``, ``NAME.npy``) or an existing store folder."""
     if path is None:
         return False
-    from .segments import is_segmented
-
-    return Path(path).suffix.lower() in STORE_SUFFIXES or is_segmented(path)
+    return Path(path).suffix.lower() in NEW_STORE_SUFFIXES or exists(path)
 
 
-def open_update(path: str | os.PathLike, meta: "StoreMeta", *, prune: bool = False, dtype_given: bool = True,
-                layout: str | None = None, compact: bool = False) -> "StoreUpdate":
-    """An update of the store at ``path``: single-file (FILE.safetensors / FILE.npy) or,
-    for a directory (``layout="segments"``, or one that holds a segmented store), segmented."""
-    return StoreUpdate(path, meta, prune=prune, dtype_given=dtype_given, layout=layout, compact=compact)
+def _ours(name: str) -> bool:
+    """A file name a store folder may hold before its first commit (or after a crash)."""
+    return (name.startswith(("seg-", "ann-", ".blip2-")) or name in (PENDING, MANIFEST + ".tmp"))
 
 
-def index_path(path: str | os.PathLike) -> Path:
-    """The index of a single-file store: ``FILE.index.parquet`` (one row per row of the matrix)."""
-    path = Path(path)
-    return path.with_name(path.name + ".index.parquet")
-
-
-def legacy_index_path(path: str | os.PathLike) -> Path:
-    """The JSON Lines index (a settings header line, then the rows) written before 0.x:
-    still read; replaced by ``FILE.index.parquet`` at the store's next update."""
-    path = Path(path)
-    return path.with_name(path.name + ".index.jsonl")
-
-
-def index_paths(path: str | os.PathLike) -> list[Path]:
-    """Every name a single-file store's index may have (the current one first)."""
-    return [index_path(path), legacy_index_path(path)]
-
-
-def _matrix_tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _index_tmp(path: Path) -> Path:
-    idx = index_path(path)
-    return idx.with_name(idx.name + ".tmp")
-
-
-def _legacy_index_tmp(path: Path) -> Path:
-    idx = legacy_index_path(path)
-    return idx.with_name(idx.name + ".tmp")
-
-
-def _pending_path(path: Path) -> Path:
-    return path.with_name(path.name + ".pending")
-
-
-def _kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix not in STORE_SUFFIXES:
-        raise UsageError(
-            f"{str(path)!r} is not a vector store name",
-            hint="name it vectors.safetensors or vectors.npy",
-        )
-    return suffix[1:]
+def _not_a_store(path: Path) -> StoreError:
+    if path.is_file():
+        return StoreError(
+            f"{str(path)!r} is a file, not a blip2 vector store (a store is a folder; a single-file "
+            "store written by a pre-release blip2 is not read any more)",
+            hint=f"choose another -o name, or delete {str(path)!r} (and {path.name}.index.parquet beside it) "
+            "and embed again", params=["output"])
+    return StoreError(f"no vector store at {str(path)!r} (no {MANIFEST} in it)",
+                      hint=f"create one: blip2 embed PHOTOS -o {path}")
 
 
 # --------------------------------------------------------------------------- #
-# Rows and settings
+# Segments and the manifest
 # --------------------------------------------------------------------------- #
-
-
-@dataclass(slots=True)  # a million rows are a million of these: no per-object __dict__
-class Entry:
-    """One row of the store: which file it came from, and that file's identity."""
-
-    path: str  # as given or found when it was embedded
-    abspath: str  # the key: absolute, normalised path
-    size: int
-    mtime_ns: int
-    sha256: str
-
-    def to_json(self, row: int) -> dict:
-        return {
-            "row": row,
-            "path": self.path,
-            "abspath": self.abspath,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "sha256": self.sha256,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Entry":
-        path, abspath = d["path"], d["abspath"]
-        return cls(path, path if abspath == path else abspath, int(d["size"]), int(d["mtime_ns"]), d["sha256"])
 
 
 @dataclass
-class StoreMeta:
-    """What the vectors are: they only compare with vectors of the same settings."""
+class Segment:
+    """One immutable pair of files, and which of its rows are deleted."""
 
-    model: str
-    features: str  # itc | vision | qformer
-    pool: str  # none | mean
-    dims: tuple[int, ...]  # per row
-    normalized: bool  # rows (each query vector) have unit length
-    dtype: str = "float32"  # storage dtype
-    revision: str | None = None
-
-    def settings(self) -> dict:
-        return {
-            "model": self.model,
-            "revision": self.revision,
-            "features": self.features,
-            "pool": self.pool,
-            "dims": list(self.dims),
-            "normalized": self.normalized,
-            "dtype": self.dtype,
-        }
-
-    @classmethod
-    def from_settings(cls, d: dict) -> "StoreMeta":
-        return cls(
-            model=d["model"],
-            revision=d.get("revision"),
-            features=d["features"],
-            pool=d["pool"],
-            dims=tuple(int(x) for x in d["dims"]),
-            normalized=bool(d["normalized"]),
-            dtype=d.get("dtype", "float32"),
-        )
-
-    def differences(self, other: "StoreMeta") -> list[str]:
-        """Settings of ``other`` (a new run) that the vectors in ``self`` do not share."""
-        out = []
-        for name in ("model", "revision", "features", "pool", "dims"):
-            a, b = getattr(self, name), getattr(other, name)
-            if a != b:
-                out.append(f"{name} {_show(a)} (store) vs {_show(b)} (this run)")
-        return out
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple):
-        return "x".join(map(str, value))
-    return repr(value)
-
-
-def file_identity(path: str, data: bytes | None = None) -> tuple[int, int, str]:
-    """(size, mtime_ns, sha256) of a file; ``data``: its bytes, if already read."""
-    st = os.stat(path)
-    if data is None:
-        digest = sha256_file(path)
-    else:
-        digest = hashlib.sha256(data).hexdigest()
-    return st.st_size, st.st_mtime_ns, digest
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- #
-# The matrix file: headers
-# --------------------------------------------------------------------------- #
-
-
-def _safetensors_header(meta: StoreMeta, rows: int, generation: str) -> bytes:
-    import numpy as np
-
-    nbytes = rows * int(np.prod(meta.dims)) * np.dtype(meta.dtype).itemsize
-    metadata = {k: json.dumps(v) for k, v in meta.settings().items()}
-    metadata.update(format=FORMAT_NAME, version=str(FORMAT_VERSION), generation=generation)
-    header = {
-        "__metadata__": metadata,
-        TENSOR_NAME: {
-            "dtype": _ST_DTYPES[meta.dtype],
-            "shape": [rows, *meta.dims],
-            "data_offsets": [0, nbytes],
-        },
-    }
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
-
-
-NPY_TRAILER_MAGIC = b"BLIP2GEN"
-NPY_TRAILER_BYTES = len(NPY_TRAILER_MAGIC) + 32  # + the generation: 32 hex digits
-
-
-def _npy_trailer(generation: str) -> bytes:
-    raw = generation.encode("ascii")
-    if len(raw) != 32:
-        raise ValueError(f"a generation id is 32 hex digits, not {generation!r}")
-    return NPY_TRAILER_MAGIC + raw
-
-
-def _npy_header(meta: StoreMeta, rows: int) -> bytes:
-    import io
-
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.dtype(meta.dtype).str, "fortran_order": False, "shape": (rows, *meta.dims)}
-    )
-    return buf.getvalue()
-
-
-@dataclass
-class _MatrixInfo:
-    rows: int
-    dims: tuple[int, ...]
-    dtype: str
-    offset: int
-    generation: str | None
+    id: str
+    rows: int  # physical rows in the files
+    deleted: object  # sorted int64 numpy array of deleted physical rows
+    checksum: str = ""  # sha256 of its rows' bytes, then its paths (see ``_Checksum``)
+    offset: int = 0  # where the rows start in the .npy
+    base: int = 0  # its first live row's number in the store
+    _live: object = field(default=None, repr=False)
 
     @property
-    def nbytes(self) -> int:
+    def vectors(self) -> str:
+        return f"seg-{self.id}.npy"
+
+    @property
+    def index(self) -> str:
+        return f"seg-{self.id}.parquet"
+
+    @property
+    def live_rows(self) -> int:
+        return self.rows - len(self.deleted)
+
+    @property
+    def live(self):
+        """Physical row numbers of the live rows (None: all of them)."""
         import numpy as np
 
-        return self.rows * int(np.prod(self.dims)) * np.dtype(self.dtype).itemsize
+        if not len(self.deleted):
+            return None
+        if self._live is None:
+            mask = np.ones(self.rows, dtype=bool)
+            mask[self.deleted] = False
+            self._live = np.flatnonzero(mask)
+        return self._live
+
+    def copy(self) -> Segment:
+        return Segment(self.id, self.rows, self.deleted.copy(), self.checksum, self.offset, self.base)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "rows": self.rows, "vectors": self.vectors, "index": self.index,
+                "checksum": self.checksum, "deleted": [int(x) for x in self.deleted]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Segment:
+        import numpy as np
+
+        deleted = np.unique(np.asarray(d.get("deleted") or [], dtype=np.int64))
+        return cls(str(d["id"]), int(d["rows"]), deleted, str(d["checksum"]))
 
 
-def _truncated(path: Path, info: _MatrixInfo, size: int, expected: int) -> StoreError:
-    return StoreError(
-        f"the vector store {str(path)!r} is truncated: {size} bytes on disk, {expected} needed for the "
-        f"{info.rows} rows its header announces (an interrupted copy, or a full disk?)",
-        hint=f"restore it together with {str(index_path(path))!r} from where it was copied, or rebuild it: "
-        f"delete both files and run blip2 embed PHOTOS -o {path} again",
-    )
+class _Checksum:
+    """A segment's checksum: sha256 over its rows' bytes in order, then each row's
+    ``path`` and ``abspath`` (NUL-terminated, UTF-8 with surrogate escapes)."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+
+    def rows(self, data) -> None:
+        self.h.update(data)
+
+    def paths(self, table) -> str:
+        for name in ("path", "abspath"):
+            for value in column_values(table, name):
+                self.h.update(value.encode("utf-8", "surrogateescape") + b"\0")
+        return "sha256:" + self.h.hexdigest()
 
 
-def _read_matrix_info(path: Path) -> _MatrixInfo:
-    import numpy as np
-
-    kind = _kind(path)
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if kind == "npy":
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                if fortran or len(shape) < 2 or dtype.name not in STORE_DTYPES:
-                    raise ValueError(f"an array of shape {shape} and dtype {dtype} in {'Fortran' if fortran else 'C'} order")
-                info = _MatrixInfo(int(shape[0]), tuple(int(x) for x in shape[1:]), dtype.name, f.tell(), None)
-                end = info.offset + info.nbytes
-                if size < end:
-                    raise _truncated(path, info, size, end)
-                if size == end + NPY_TRAILER_BYTES:
-                    f.seek(end)
-                    tail = f.read(NPY_TRAILER_BYTES)
-                    if tail.startswith(NPY_TRAILER_MAGIC):
-                        info.generation = tail[len(NPY_TRAILER_MAGIC):].decode("ascii", "replace")
-                        return info
-                if size != end:  # neither a trailer nor a store written before trailers existed
-                    raise ValueError(f"{size - end} unexpected bytes after its {info.rows} rows")
-                return info
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 << 20:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-            info = header.get(TENSOR_NAME)
-            if not isinstance(info, dict):
-                raise ValueError(f"no tensor named {TENSOR_NAME!r}")
-            shape = info["shape"]
-            dtype = _ST_DTYPES_BACK.get(info["dtype"])
-            if dtype is None or len(shape) < 2:
-                raise ValueError(f"tensor {TENSOR_NAME!r} is {info['dtype']} {shape}")
-            generation = (header.get("__metadata__") or {}).get("generation")
-            begin, stop = (int(x) for x in info["data_offsets"])
-            matrix = _MatrixInfo(int(shape[0]), tuple(int(x) for x in shape[1:]), dtype, 8 + n + begin, generation)
-            if stop - begin != matrix.nbytes:
-                raise ValueError(f"its data_offsets span {stop - begin} bytes, not the {matrix.nbytes} of its shape")
-            if size < matrix.offset + matrix.nbytes:
-                raise _truncated(path, matrix, size, matrix.offset + matrix.nbytes)
-            return matrix
+        data = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise ValueError(f"not a {FORMAT_NAME} manifest")
+        if int(data.get("version", 0)) > FORMAT_VERSION:
+            raise StoreError(f"{str(path)!r} was written by a newer blip2 (store version {data['version']})",
+                             hint="upgrade blip2")
+        data["segments"] = [Segment.from_json(d) for d in data.get("segments") or []]
+        return data
     except OSError as exc:
-        raise StoreError(f"cannot read the vector store {str(path)!r}: {exc.strerror or exc}") from exc
-    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
-        raise StoreError(
-            f"{str(path)!r} is not a blip2 vector store ({exc})",
-            hint="choose another -o name, or delete the file",
-        ) from exc
-
-
-# --------------------------------------------------------------------------- #
-# The index file
-# --------------------------------------------------------------------------- #
-
-
-@dataclass
-class _Index:
-    meta: StoreMeta
-    rows: int
-    generation: str
-    created: str | None
-    entries: list[Entry]
-    failed: dict = field(default_factory=dict)  # abspath -> {"path", "abspath", "error"}: no row yet
-
-
-INDEX_KEY = b"blip2"  # the Parquet index's key-value metadata: the store's settings (JSON)
-INDEX_COLUMNS = ("path", "abspath", "size", "mtime_ns", "sha256")
-INDEX_ROW_GROUP = 65536
-
-
-def _pyarrow():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise StoreError("the vector store's index is Parquet: pyarrow is needed",
-                         hint="pip install pyarrow") from None
-    return pa, pq
-
-
-def entries_table(entries: Sequence[Entry], pa=None):
-    """The index rows of ``entries`` as an Arrow table (``INDEX_COLUMNS``, row order).
-
-    A file name that is not valid UTF-8 (undecodable bytes on a POSIX file system,
-    a surrogate escape in Python) cannot be a Parquet string: its ``path`` and
-    ``abspath`` show U+FFFD in the string columns and the exact bytes go to the
-    ``path_bytes`` / ``abspath_bytes`` columns (present only when needed, null elsewhere)."""
-    if pa is None:
-        pa, _ = _pyarrow()
-    paths = [e.path for e in entries]
-    abspaths = [e.abspath for e in entries]
-    columns = {
-        "size": pa.array([e.size for e in entries], pa.int64()),
-        "mtime_ns": pa.array([e.mtime_ns for e in entries], pa.int64()),
-        "sha256": pa.array([e.sha256 for e in entries], pa.string()),
-    }
-    extra = {}
-    for name, values in (("path", paths), ("abspath", abspaths)):
-        try:
-            columns[name] = pa.array(values, pa.string())
-        except (UnicodeEncodeError, pa.ArrowInvalid, pa.ArrowTypeError):
-            shown, raw = [], []
-            for v in values:
-                try:
-                    v.encode("utf-8")
-                    shown.append(v)
-                    raw.append(None)
-                except UnicodeEncodeError:
-                    b = os.fsencode(v)
-                    shown.append(b.decode("utf-8", "replace"))
-                    raw.append(b)
-            columns[name] = pa.array(shown, pa.string())
-            extra[name + "_bytes"] = pa.array(raw, pa.binary())
-    ordered = {name: columns[name] for name in INDEX_COLUMNS}
-    ordered.update(extra)
-    return pa.table(ordered)
-
-
-def entries_from_table(table) -> list[Entry]:
-    """``entries_table`` read back: an Entry per row."""
-    cols = table.select([c for c in table.column_names
-                         if c in INDEX_COLUMNS or c in ("path_bytes", "abspath_bytes")]).to_pydict()
-    paths, abspaths = cols["path"], cols["abspath"]
-    for name, values in (("path", paths), ("abspath", abspaths)):
-        for i, raw in enumerate(cols.get(name + "_bytes") or ()):
-            if raw is not None:
-                values[i] = os.fsdecode(raw)
-    return [Entry(p, p if a == p else a, int(size), int(mtime), digest)  # one string if equal
-            for p, a, size, mtime, digest in zip(paths, abspaths, cols["size"], cols["mtime_ns"], cols["sha256"])]
-
-
-def _read_head(path: Path, head) -> tuple[dict, StoreMeta, dict]:
-    if not isinstance(head, dict) or head.get("format") != FORMAT_NAME:
-        raise ValueError("no blip2-vector-store settings")
-    if int(head.get("version", 0)) > FORMAT_VERSION:
-        raise StoreError(
-            f"{str(path)!r} was written by a newer blip2 (store version {head['version']})",
-            hint="upgrade blip2",
-        )
-    meta = StoreMeta.from_settings(head)
-    failed = {str(f["abspath"]): {"path": str(f["path"]), "abspath": str(f["abspath"]),
-                                  "error": f.get("error")}
-              for f in head.get("failed") or []}
-    return head, meta, failed
-
-
-def _read_index(path: Path) -> _Index:
-    """Read an index: Parquet (its settings in the key-value metadata), or the legacy
-    JSON Lines one (a header line, then the rows), told apart by name."""
-    legacy = ".index.jsonl" in path.name
-    try:
-        if legacy:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                head, meta, failed = _read_head(path, json.loads(f.readline() or "null"))
-                entries = [Entry.from_json(json.loads(line)) for line in f if line.strip()]
-        else:
-            _, pq = _pyarrow()
-            try:
-                table = pq.read_table(path)
-                raw = (table.schema.metadata or {}).get(INDEX_KEY)
-            except OSError:
-                raise
-            except Exception as exc:  # pyarrow's ArrowInvalid and friends: not a complete Parquet file
-                raise ValueError(str(exc)) from None
-            head, meta, failed = _read_head(path, json.loads(raw) if raw else None)
-            entries = entries_from_table(table)
-        return _Index(meta, int(head["rows"]), str(head["generation"]), head.get("created"), entries, failed)
-    except OSError as exc:
-        raise StoreError(f"cannot read the store index {str(path)!r}: {exc.strerror or exc}") from exc
+        raise StoreError(f"cannot read the store manifest {str(path)!r}: {exc.strerror or exc}") from exc
     except (ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"the store index {str(path)!r} is damaged ({exc})") from exc
+        raise StoreError(f"the store manifest {str(path)!r} is damaged ({exc})") from exc
 
 
-def _consistent(index: _Index, info: _MatrixInfo) -> bool:
-    return (
-        index.rows == info.rows == len(index.entries)
-        and index.meta.dims == info.dims
-        and index.meta.dtype == info.dtype
-        and (info.generation is None or info.generation == index.generation)
-    )
-
-
-def _mismatch(path: Path, idx: Path, info: _MatrixInfo, index: _Index) -> StoreError:
-    """The matrix and the index were not written by the same commit: say how they differ."""
-    why = []
-    if index.rows != info.rows or len(index.entries) != index.rows:
-        why.append(f"the matrix has {info.rows} rows, the index {len(index.entries)}")
-    if index.meta.dims != info.dims or index.meta.dtype != info.dtype:
-        why.append(f"the matrix holds {info.dtype} rows of {_show(info.dims)}, the index says "
-                   f"{index.meta.dtype} rows of {_show(index.meta.dims)}")
-    if info.generation is not None and info.generation != index.generation:
-        why.append(f"the matrix is from commit {info.generation[:12]}, the index from commit {index.generation[:12]}")
+def _damaged(folder: Path, seg: Segment, why: str) -> StoreError:
     return StoreError(
-        f"the vector store {str(path)!r} and its index {str(idx)!r} do not belong together: they come "
-        f"from different commits ({'; '.join(why) or 'they disagree'}). Rows would be matched to the wrong "
-        "images, so the store is not used (a writer was killed between its two renames and the new "
-        "index was lost, or one of the files was copied or restored without the other)",
-        hint=f"restore both files from the same copy, or rebuild the store: delete {str(path)!r} and "
-        f"{str(idx)!r} and run blip2 embed PHOTOS -o {path} again",
+        f"the vector store {str(folder)!r} is damaged: segment {seg.vectors} {why}. Rows would be matched "
+        "to the wrong images, so the store is not used (files edited, or copied or restored from different "
+        "commits?)",
+        hint=f"restore the whole folder from one copy, or rebuild it: delete {str(folder)!r} and run "
+        f"blip2 embed PHOTOS -o {folder} again",
     )
 
 
-def _fsync_dir(folder: Path) -> None:
+def _check_segment(folder: Path, seg: Segment, meta: StoreMeta, pq) -> None:
+    """The ties: the .npy and the .parquet both name this segment, with its rows."""
+    vec, idx = folder / seg.vectors, folder / seg.index
+    if not vec.exists() or not idx.exists():
+        raise FileNotFoundError(vec if not vec.exists() else idx)
+    info = read_npy_info(vec)
+    if info.segment != seg.id:
+        raise _damaged(folder, seg, f"holds the rows of segment {info.segment[:12]}")
+    if info.rows != seg.rows or info.dims != meta.dims or info.dtype != meta.dtype:
+        raise _damaged(folder, seg, f"holds {info.rows} {info.dtype} rows of {show(info.dims)}, the manifest says "
+                                    f"{seg.rows} {meta.dtype} rows of {show(meta.dims)}")
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+        md = pq.read_metadata(idx)
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid (a ValueError) or OSError
+        raise _damaged(folder, seg, f"has an unreadable index ({exc})") from None
+    tag = (md.metadata or {}).get(PARQUET_KEY, b"").decode("ascii", "replace")
+    if tag != seg.id or md.num_rows != seg.rows:
+        raise _damaged(folder, seg, f"has the index of segment {tag[:12] or '?'} with {md.num_rows} rows")
+    seg.offset = info.offset
 
 
 # --------------------------------------------------------------------------- #
@@ -566,121 +254,278 @@ def _unlink(path: Path) -> None:
 # --------------------------------------------------------------------------- #
 
 
-class VectorStore:
-    """A store opened for reading: settings, entries, and a read-only memory map."""
+class _Entries:
+    """``store.entries``: an Entry per live row, read from the Parquet files when asked."""
 
-    def __init__(self, path: Path, index: _Index, info: _MatrixInfo, index_file: Path | None = None):
-        self.path = path
-        self.index_file = index_file  # the file the index was read from (a legacy .index.jsonl: migrated at the next update)
-        self.meta = index.meta
-        self.entries = index.entries
-        self.generation = index.generation
-        self.created = index.created
-        self.failed = index.failed  # files that failed to embed (no row): retried by the next update
-        self._info = info
-        self._matrix = None
-        self._file = None
-        self._by_abspath: dict[str, int] | None = None
+    def __init__(self, store: VectorStore):
+        self._store = store
+        self._tables: dict[str, object] = {}
+        self._groups: dict[str, tuple] = {}  # segment id -> (ParquetFile, group starts, groups read)
+
+    def __len__(self) -> int:
+        return self._store.rows
+
+    def table(self, seg: Segment):
+        if seg.id not in self._tables:
+            _, pq = pyarrow_modules()
+            self._tables[seg.id] = pq.read_table(self._store.path / seg.index)
+        return self._tables[seg.id]
+
+    def _one(self, seg: Segment, phys: int) -> Entry:
+        if seg.id in self._tables:
+            return entries_from_table(self._tables[seg.id].slice(phys, 1))[0]
+        # one row group, not the whole index: a search prints 10 paths
+        import bisect
+
+        if seg.id not in self._groups:
+            _, pq = pyarrow_modules()
+            pf = pq.ParquetFile(self._store.path / seg.index)
+            starts, n = [], 0
+            for g in range(pf.metadata.num_row_groups):
+                starts.append(n)
+                n += pf.metadata.row_group(g).num_rows
+            self._groups[seg.id] = (pf, starts, {})
+        pf, starts, cache = self._groups[seg.id]
+        group = bisect.bisect_right(starts, phys) - 1
+        if group not in cache:
+            cache[group] = pf.read_row_group(group)
+        return entries_from_table(cache[group].slice(phys - starts[group], 1))[0]
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[r] for r in range(*row.indices(len(self)))]
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(row)
+        return self._one(*self._store.locate(row))
+
+    def __iter__(self) -> Iterator[Entry]:
+        for seg in self._store.segments:
+            entries = entries_from_table(self.table(seg))
+            live = range(seg.rows) if seg.live is None else seg.live.tolist()
+            for i in live:
+                yield entries[i]
+
+    def column(self, seg: Segment, name: str) -> list:
+        return column_values(self.table(seg), name)
+
+
+class _Matrix:
+    """``store.matrix``: rows by number (an int, a slice, an array of row numbers)."""
+
+    def __init__(self, store: VectorStore):
+        self._store = store
+        self.maps: dict[str, object] = {}
 
     @property
-    def rows(self) -> int:
-        return len(self.entries)
+    def shape(self) -> tuple:
+        return (self._store.rows, *self._store.meta.dims)
+
+    def __len__(self) -> int:
+        return self._store.rows
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._store.read_rows(0, self._store.rows)
+        return out if dtype is None else out.astype(dtype)
+
+    def map(self, seg: Segment):
+        import numpy as np
+
+        if seg.id not in self.maps:
+            meta = self._store.meta
+            self.maps[seg.id] = np.memmap(self._store.path / seg.vectors, dtype=meta.dtype, mode="r",
+                                          offset=seg.offset, shape=(seg.rows, *meta.dims))
+        return self.maps[seg.id]
+
+    def __getitem__(self, key):
+        import numpy as np
+
+        store = self._store
+        if isinstance(key, slice):
+            start, stop, step = key.indices(store.rows)
+            if step == 1:
+                return store.read_rows(start, max(start, stop))
+            key = np.arange(start, stop, step)
+        if isinstance(key, (int, np.integer)):
+            row = int(key) + (store.rows if key < 0 else 0)
+            seg, phys = store.locate(row)
+            return self.map(seg)[phys]
+        rows = np.asarray(key, dtype=np.int64)
+        out = np.empty((len(rows), *store.meta.dims), dtype=store.meta.dtype)
+        segs, phys = store.locate_many(rows)
+        for si in np.unique(segs):
+            pick = segs == si
+            out[pick] = self.map(store.segments[si])[phys[pick]]
+        return out
+
+
+class VectorStore:
+    """A store opened for reading: its settings, ``entries`` (one per row), ``matrix``
+    (rows by number) and ``read_rows``; no lock (readers never block the writer).
+
+    Opening reads the manifest, the ``.npy`` headers and the Parquet footers only;
+    index rows are read when asked for (``entries[row]``, ``row_of``), a segment at a
+    time. ``VectorStore(path, meta, segments)`` reads segments it is handed (compaction)."""
+
+    def __init__(self, path: Path, meta: StoreMeta, segments: list[Segment], *, generation: str = "",
+                 created: str | None = None, failed: dict | None = None):
+        import numpy as np
+
+        self.path = Path(path)
+        self.meta = meta
+        self.generation = generation
+        self.created = created
+        self.failed = failed or {}  # abspath -> {"path", "abspath", "error"}: no row yet, retried next time
+        self.segments = segments
+        base = 0
+        for seg in segments:
+            seg.base = base
+            base += seg.live_rows
+        self.rows = base
+        self._bases = np.asarray([s.base for s in segments], dtype=np.int64)
+        self.entries = _Entries(self)
+        self._mx = _Matrix(self)
+        self._files: dict[str, object] = {}
+        self._by_abspath: dict[str, int] | None = None
 
     @classmethod
-    def exists(cls, path: str | os.PathLike) -> bool:
+    def open(cls, path: str | os.PathLike) -> VectorStore:
+        """Open for reading; ``StoreError`` if it is missing or its files do not belong together."""
         path = Path(path)
-        if path.is_dir():
-            from .segments import is_segmented
-
-            return is_segmented(path)
-        return path.exists() or any(p.exists() for p in index_paths(path))
-
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> "VectorStore":
-        """Open for reading (no lock); ``StoreError`` if it is missing or inconsistent.
-
-        A directory is a segmented store (``segments.SegmentedStore``, the same interface)."""
-        path = Path(path)
-        if path.is_dir():
-            from .segments import SegmentedStore, is_segmented
-
-            if not is_segmented(path):
-                raise StoreError(f"no vector store at {str(path)!r} (a directory without blip2-store.json)",
-                                 hint=f"create one: blip2 embed PHOTOS -o {path} --layout segments")
-            return SegmentedStore.open(path)
-        found = [p for p in index_paths(path) if p.exists()]
-        idx = found[0] if found else index_path(path)
-        if not path.exists() or not found:
-            missing, present = (path, idx) if not path.exists() else (idx, path)
-            if not present.exists():
-                raise StoreError(f"no vector store at {str(path)!r}",
-                                 hint=f"create one: blip2 embed PHOTOS -o {path}")
-            raise StoreError(
-                f"{str(present)!r} exists but {str(missing)!r} does not: not a complete blip2 vector store",
-                hint="choose another name, or delete the leftover file",
-            )
-        info = _read_matrix_info(path)
-        index = _read_index(idx)
-        if _consistent(index, info):
-            return cls(path, index, info, idx)
-        # The other candidates, newest first: a legacy index beside a Parquet one (an
-        # update that stopped after its commit, before removing it); a writer stopped
-        # (or is) between its two renames: the new matrix belongs to the new index,
-        # still under its temporary name; a writer renamed its index just now.
-        others = found[1:]
-        if not _matrix_tmp(path).exists():
-            others += [t for t in (_index_tmp(path), _legacy_index_tmp(path)) if t.exists()]
-        others += index_paths(path)
-        for other in others:
+        if not exists(path):
+            raise _not_a_store(path)
+        _, pq = pyarrow_modules()
+        for attempt in (0, 1):
+            manifest = _read_manifest(path)
+            meta = StoreMeta.from_settings(manifest)
+            segments = manifest["segments"]
             try:
-                newer = _read_index(other)
-            except StoreError:
-                continue
-            if _consistent(newer, info):
-                return cls(path, newer, info, other)
-        raise _mismatch(path, idx, info, index)
+                for seg in segments:
+                    _check_segment(path, seg, meta, pq)
+            except FileNotFoundError as exc:
+                if attempt == 0:  # a writer replaced the manifest and removed old segments just now
+                    continue
+                raise StoreError(f"the vector store {str(path)!r} is incomplete: {exc.args[0]} is missing",
+                                 hint=f"restore the whole folder from one copy, or rebuild it: delete "
+                                 f"{str(path)!r} and run blip2 embed PHOTOS -o {path}") from None
+            failed = {str(f["abspath"]): {"path": str(f["path"]), "abspath": str(f["abspath"]),
+                                          "error": f.get("error")} for f in manifest.get("failed") or []}
+            return cls(path, meta, segments, generation=str(manifest["generation"]),
+                       created=manifest.get("created"), failed=failed)
+        raise AssertionError("unreachable")
 
     @property
     def matrix(self):
-        """The rows as a read-only numpy memmap (None when the store is empty)."""
-        if self._matrix is None and self.rows:
-            import numpy as np
+        """Rows by number (None when the store is empty), read on demand."""
+        return self._mx if self.rows else None
 
-            self._matrix = np.memmap(
-                self.path, dtype=self._info.dtype, mode="r", offset=self._info.offset,
-                shape=(self.rows, *self._info.dims),
-            )
-        return self._matrix
+    # -- the checksums ----------------------------------------------------------
+    def verify(self, segments: Iterable[Segment] | None = None) -> None:
+        """Check each segment's rows and paths against its checksum (reads them all);
+        ``StoreError`` naming the first segment that differs."""
+        for seg in self.segments if segments is None else segments:
+            check = _Checksum()
+            total = seg.rows * self.meta.row_bytes
+            with open(self.path / seg.vectors, "rb") as f:
+                f.seek(seg.offset)
+                while total:
+                    block = f.read(min(total, COPY_BYTES))
+                    if not block:
+                        break
+                    check.rows(block)
+                    total -= len(block)
+            if check.paths(self.entries.table(seg)) != seg.checksum:
+                raise _damaged(self.path, seg, "does not match its checksum (its rows or paths were changed "
+                               "after it was written)")
 
-    def read_rows(self, start: int, stop: int, out=None):
-        """Rows ``[start, stop)`` as an array (``out``, if given, is filled), read
-        with plain file I/O.
-
-        Full scans and copies use this rather than the memory map, so that the
-        process's resident memory stays at one chunk (mapped pages count as
-        resident while they are touched)."""
+    # -- row numbers ------------------------------------------------------------
+    def locate(self, row: int) -> tuple[Segment, int]:
         import numpy as np
 
-        n = max(0, stop - start)
-        elems = int(np.prod(self._info.dims))
-        dtype = np.dtype(self._info.dtype)
-        if self._file is None:
-            self._file = open(self.path, "rb")
-        self._file.seek(self._info.offset + start * elems * dtype.itemsize)
-        if out is None:
-            out = np.empty((n, *self._info.dims), dtype=dtype)
-        elif out.shape != (n, *self._info.dims) or out.dtype != dtype or not out.flags.c_contiguous:
-            raise ValueError("read_rows: out has the wrong shape or dtype")
-        got = self._file.readinto(memoryview(out).cast("B")) if n else 0
-        if got != out.nbytes:
-            raise StoreError(f"the vector store {str(self.path)!r} is truncated (rows {start}-{stop} are missing)",
-                             hint="rebuild it: delete it and its index and run blip2 embed again")
-        return out
+        si = int(np.searchsorted(self._bases, row, side="right")) - 1
+        seg = self.segments[si]
+        local = row - seg.base
+        return seg, (local if seg.live is None else int(seg.live[local]))
+
+    def locate_many(self, rows):
+        """(segment numbers, physical rows) for an array of row numbers."""
+        import numpy as np
+
+        segs = np.searchsorted(self._bases, rows, side="right") - 1
+        phys = rows - self._bases[segs]
+        for si in np.unique(segs):
+            live = self.segments[si].live
+            if live is not None:
+                pick = segs == si
+                phys[pick] = live[phys[pick]]
+        return segs, phys
 
     def row_of(self, abspath: str) -> int | None:
         if self._by_abspath is None:
-            self._by_abspath = {e.abspath: i for i, e in enumerate(self.entries)}
+            self._by_abspath = {name: row for row, name in self.abspaths()}
         return self._by_abspath.get(abspath)
+
+    def paths(self, start: int, stop: int, *, column: str = "path") -> list[str]:
+        """The ``path`` (or ``abspath``) of rows ``[start, stop)``: a column read, not an Entry per row."""
+        out: list[str] = []
+        for seg in self.segments:
+            a, b = max(start, seg.base), min(stop, seg.base + seg.live_rows)
+            if a >= b:
+                continue
+            names = self.entries.column(seg, column)
+            live = range(seg.rows) if seg.live is None else seg.live.tolist()
+            out.extend(names[i] for i in live[a - seg.base:b - seg.base])
+        return out
+
+    def abspaths(self) -> Iterator[tuple[int, str]]:
+        for seg in self.segments:
+            names = self.entries.column(seg, "abspath")
+            live = range(seg.rows) if seg.live is None else seg.live.tolist()
+            for n, i in enumerate(live):
+                yield seg.base + n, names[i]
+
+    # -- rows ------------------------------------------------------------------
+    def read_physical(self, seg: Segment, a: int, b: int, out) -> None:
+        """Physical rows ``[a, b)`` of ``seg`` into ``out`` (plain file I/O)."""
+        f = self._files.get(seg.id)
+        if f is None:
+            f = self._files[seg.id] = open(self.path / seg.vectors, "rb")
+        f.seek(seg.offset + a * self.meta.row_bytes)
+        got = f.readinto(memoryview(out).cast("B")) if b > a else 0
+        if got != out.nbytes:
+            raise StoreError(f"the vector store {str(self.path)!r} is truncated (segment {seg.vectors})",
+                             hint="rebuild it: delete the folder and run blip2 embed again")
+
+    def read_rows(self, start: int, stop: int, out=None):
+        """Rows ``[start, stop)`` read with plain file I/O (``out`` is filled, if given), so
+        that resident memory stays at one chunk during full scans and copies."""
+        import numpy as np
+
+        n = max(0, stop - start)
+        dims, dtype = self.meta.dims, np.dtype(self.meta.dtype)
+        if out is None:
+            out = np.empty((n, *dims), dtype=dtype)
+        elif out.shape != (n, *dims) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError("read_rows: out has the wrong shape or dtype")
+        pos = start
+        while pos < stop:
+            seg, _ = self.locate(pos)
+            a, b = pos - seg.base, min(stop, seg.base + seg.live_rows) - seg.base
+            dst = out[pos - start:pos - start + (b - a)]
+            if seg.live is None:
+                self.read_physical(seg, a, b, dst)
+            else:
+                phys = seg.live[a:b]
+                lo, hi = int(phys[0]), int(phys[-1]) + 1
+                if hi - lo == b - a:
+                    self.read_physical(seg, lo, hi, dst)
+                else:
+                    tmp = np.empty((hi - lo, *dims), dtype=dtype)
+                    self.read_physical(seg, lo, hi, tmp)
+                    dst[...] = tmp[phys - lo]
+            pos += b - a
+        return out
 
     def vector(self, row: int):
         import numpy as np
@@ -688,10 +533,10 @@ class VectorStore:
         return np.asarray(self.matrix[row], dtype=np.float32)
 
     def close(self) -> None:
-        self._matrix = None  # the memmap is closed when it is collected
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        self._mx.maps = {}
 
 
 # --------------------------------------------------------------------------- #
@@ -706,110 +551,137 @@ class UpdateStats:
     unchanged: int = 0  # same size and mtime, or same content hash: reused
     pruned: int = 0  # rows of files that are gone, dropped (--prune)
     added: int = 0  # rows written by this run
-    failed: int = 0  # files that failed to embed in this run (no row; remembered in the index)
+    failed: int = 0  # files that failed to embed in this run (no row; remembered in the manifest)
     retried: int = 0  # files that had failed before, tried again (not counted as new)
     rows: int = 0  # rows after the commit
-    rewritten: bool = False  # whether the matrix was rewritten (segmented: whether anything was written)
-    compacted: int = 0  # segmented stores: old rows copied by compaction in this commit
+    rewritten: bool = False  # whether the commit wrote anything
+    compacted: int = 0  # old rows copied by compaction in this commit
 
 
-class _Lock:
-    """An exclusive flock on the side file that also collects the new rows."""
+def _write_segment(folder: Path, meta: StoreMeta, parts, entries=None, pending=None,
+                   pending_rows: int = 0) -> Segment:
+    """Write a new segment: the vectors of ``parts`` (``(reader, segment, physical rows)``:
+    old rows copied a chunk at a time), then ``pending_rows`` rows from ``pending``
+    (an iterator of row blocks as bytes). Its index: ``entries`` (one per row), or
+    else the index rows of ``parts``. Files are removed again if it fails."""
+    import numpy as np
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.fh = None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no locking
-            fcntl = None
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            if fcntl is None:
-                break
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise StoreError(
-                    f"another blip2 process is writing the vector store {str(self.path)[:-len('.pending')]!r}",
-                    hint="wait for it to finish (or remove the .pending file if no blip2 is running)",
-                ) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # not unlinked by the previous holder meanwhile
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        self.fh = os.fdopen(fd, "r+b")
-
-    def release(self, remove: bool) -> None:
-        if self.fh is None:
-            return
-        if remove:
-            _unlink(self.path)
-        self.fh.close()  # releases the lock
-        self.fh = None
+    pa, pq = pyarrow_modules()
+    seg_id = uuid.uuid4().hex
+    rows = sum(len(p[2]) for p in parts) + pending_rows
+    if entries is not None and len(entries) != rows:
+        raise ValueError(f"{len(entries)} index rows for {rows} vectors")
+    step = max(1, COPY_BYTES // max(1, meta.row_bytes))
+    header = npy_header(meta, rows)
+    seg = Segment(seg_id, rows, np.empty(0, np.int64), offset=len(header))
+    check = _Checksum()
+    tables = []
+    try:
+        with open(folder / seg.vectors, "wb") as out:
+            out.write(header)
+            for reader, old, phys in parts:
+                for s in range(0, len(phys), step):
+                    pick = phys[s:s + step]
+                    lo, hi = int(pick[0]), int(pick[-1]) + 1
+                    if hi - lo == len(pick):
+                        block = np.empty((hi - lo, *meta.dims), dtype=meta.dtype)
+                        reader.read_physical(old, lo, hi, block)
+                    else:
+                        block = np.ascontiguousarray(reader._mx.map(old)[pick])
+                    check.rows(block.data)
+                    out.write(block.data)
+                if entries is None:
+                    table = reader.entries.table(old)
+                    tables.append(table if len(phys) == old.rows else table.take(pa.array(phys)))
+            written = 0
+            for block in pending or ():
+                check.rows(block)
+                out.write(block)
+                written += len(block)
+            if written != pending_rows * meta.row_bytes:
+                raise StoreError("the side file of new vectors ended early")
+            out.write(npy_trailer(seg_id))
+            out.flush()
+            os.fsync(out.fileno())
+        if entries:  # entries is None: the parts' own index rows (compaction)
+            tables.append(entries_table(entries))
+        table = (pa.concat_tables(tables, promote_options="default") if tables
+                 else entries_table([]))
+        seg.checksum = check.paths(table)
+        table = table.replace_schema_metadata({PARQUET_KEY: seg_id.encode("ascii"),
+                                               b"blip2.dims": json.dumps(list(meta.dims)).encode()})
+        idx = folder / seg.index
+        pq.write_table(table, idx, row_group_size=ROW_GROUP)
+        with open(idx, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        unlink(folder / seg.vectors)
+        unlink(folder / seg.index)
+        raise
+    return seg
 
 
 class StoreUpdate:
-    """One update of a store: decide what to embed, collect new rows, commit.
+    """One update of the store at ``path`` (a folder, created if needed): decide what
+    to embed, collect new rows, commit. The one way to write a store.
 
-    Use as a context manager: leaving it without ``commit()`` discards the new
-    rows and leaves the store as it was.
+    Use as a context manager: leaving it without ``commit()`` discards the new rows
+    and leaves the store as it was.
 
-    ``select(items)`` filters the input items lazily (it may run in another
-    thread): a file whose size and mtime, or else whose content hash, match its
-    row is skipped (reused); a changed file's old row is dropped and the file is
-    passed on to be embedded again. ``add(entry, vector)`` appends a row;
-    ``commit()`` writes the new store.
+    ``select(items)`` filters the input items lazily (it may run in another thread):
+    a file whose size and mtime, or else whose content hash, match its row is skipped
+    (reused); a changed file's old row is dropped and the file is passed on to be
+    embedded again. ``add(entry, vector)`` appends a row to the side file,
+    ``fail(path, abspath, error)`` remembers a file that could not be embedded,
+    ``pending_rows`` counts the rows added, ``commit()`` writes the new generation
+    and returns ``UpdateStats``. ``prune``: drop the rows of files that are gone;
+    ``compact``: merge every segment into one; ``dtype_given=False``: an existing
+    store keeps its own dtype.
     """
 
-    def __new__(cls, path, *args, layout: str | None = None, **kwargs):
-        if cls is StoreUpdate and (layout == "segments" or Path(path).is_dir()):
-            from .segments import SegmentedUpdate
-
-            return super().__new__(SegmentedUpdate)
-        return super().__new__(cls)
-
     def __init__(self, path: str | os.PathLike, meta: StoreMeta, *, prune: bool = False,
-                 dtype_given: bool = True, layout: str | None = None, compact: bool = False):
+                 dtype_given: bool = True, compact: bool = False):
         import numpy as np
 
         self.path = Path(path)
-        self.kind = _kind(self.path)
         self.meta = meta
         self.prune = prune
+        self.compact = compact
         self.stats = UpdateStats()
-        self._lock = _Lock(_pending_path(self.path))
+        if self.path.exists() and not self.path.is_dir():
+            raise _not_a_store(self.path)
+        pyarrow_modules()
+        if not exists(self.path) and self.path.is_dir():
+            strangers = [p.name for p in self.path.iterdir() if not _ours(p.name)]
+            if strangers:
+                raise StoreError(f"{str(self.path)!r} is a folder that is not a blip2 vector store "
+                                 f"(it holds {strangers[0]!r})",
+                                 hint="name a new folder (or an existing store) as the output", params=["output"])
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(self.path / PENDING, str(self.path))
         self._mutex = threading.Lock()
         self._closed = False
         self._added: list[Entry] = []
         self._added_keys: set[str] = set()
         self._old: VectorStore | None = None
-        self._keep: list[bool] = []
+        self._keep = np.ones(0, dtype=bool)
         self._touched: dict[int, Entry] = {}
         self._kinds: dict[str, str] = {}  # abspath -> "new" | "changed" | "retried", as select() counted it
         self._failed: dict[str, dict] = {}  # abspath -> what failed in this run
-        self._np = np
         self._lock.acquire()
         try:
             self._recover()
-            if VectorStore.exists(self.path):
+            if exists(self.path):
                 self._old = VectorStore.open(self.path)
                 self._adopt(self._old, dtype_given)
-                self._keep = [True] * self._old.rows
+                self._keep = np.ones(self._old.rows, dtype=bool)
         except BaseException:
             self._lock.release(remove=False)
             raise
         self._row_elems = int(np.prod(meta.dims))
         self._row_dtype = np.dtype(self.meta.dtype)
 
-    def _adopt(self, old, dtype_given: bool) -> None:
+    def _adopt(self, old: VectorStore, dtype_given: bool) -> None:
         """Refuse a run whose vectors would not compare with the store's; keep its dtype."""
         meta = self.meta
         diffs = old.meta.differences(meta)
@@ -828,7 +700,7 @@ class StoreUpdate:
             self.meta.dtype = old.meta.dtype
 
     # -- lifecycle ---------------------------------------------------------
-    def __enter__(self) -> "StoreUpdate":
+    def __enter__(self) -> StoreUpdate:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -840,28 +712,18 @@ class StoreUpdate:
         self._lock.release(remove=True)
 
     def _recover(self) -> None:
-        """Finish or undo what a writer that crashed left behind (we hold the lock)."""
-        mtmp = _matrix_tmp(self.path)
-        tmps = [(_index_tmp(self.path), index_path(self.path)),
-                (_legacy_index_tmp(self.path), legacy_index_path(self.path))]  # an older blip2's
-        if mtmp.exists():  # it stopped before its commit point: the old store stands
-            _unlink(mtmp)
-            for itmp, _ in tmps:
-                _unlink(itmp)
-            return
-        for itmp, final in tmps:
-            if not itmp.exists():
-                continue
-            try:
-                newer = _read_index(itmp)
-                ok = self.path.exists() and _consistent(newer, _read_matrix_info(self.path))
-            except StoreError:
-                ok = False
-            if ok:  # it stopped between its two renames: finish
-                os.replace(itmp, final)
-                _fsync_dir(self._folder())
-            else:
-                _unlink(itmp)
+        """Delete what a writer that stopped before its commit point left (we hold the lock):
+        files the manifest does not name, a manifest's temporary file, and our stale
+        temporary files (a faiss index being saved when its process was killed)."""
+        unlink(self.path / (MANIFEST + ".tmp"))
+        named: set[str] = set()
+        if exists(self.path):
+            for seg in _read_manifest(self.path)["segments"]:
+                named.update((seg.vectors, seg.index))
+        for p in self.path.iterdir():
+            if p.name.startswith("seg-") and p.name not in named:
+                unlink(p)
+        remove_stale_temp(self.path)
 
     # -- deciding what to embed ---------------------------------------------
     @property
@@ -915,7 +777,7 @@ class StoreUpdate:
 
     def fail(self, path: str, abspath: str, error: str | None) -> None:
         """A file that could not be embedded: counted as failed (not new) and
-        remembered in the index, so the next update retries it and says so."""
+        remembered in the manifest, so the next update retries it and says so."""
         with self._mutex:
             if self._kinds.pop(abspath, None) == "new":
                 self.stats.new -= 1
@@ -924,7 +786,7 @@ class StoreUpdate:
             self._failed[abspath] = {"path": path, "abspath": abspath, "error": error}
 
     def _failed_after(self) -> dict:
-        """The failures the new index remembers: this run's, and earlier ones not tried again."""
+        """The failures the new manifest remembers: this run's, and earlier ones not tried again."""
         out = {}
         if self._old is not None:
             for abspath, info in self._old.failed.items():
@@ -945,142 +807,178 @@ class StoreUpdate:
 
     def add(self, entry: Entry, vector) -> None:
         """Append one row (``vector`` shaped like ``meta.dims``) to the side file."""
-        np = self._np
+        import numpy as np
+
         arr = np.ascontiguousarray(vector, dtype=self._row_dtype)
         if arr.size != self._row_elems:
             raise ValueError(f"vector of shape {arr.shape} does not fit the store's dims {self.meta.dims}")
         if entry.abspath in self._added_keys:  # the same file twice in one run: keep the first
             return
+        try:
+            self._lock.fh.write(arr.tobytes())
+        except OSError as exc:
+            raise self._not_written(exc) from None
         self._added_keys.add(entry.abspath)
-        self._lock.fh.write(arr.tobytes())
         self._added.append(entry)
+
+    def _not_written(self, exc: OSError) -> StoreError:
+        """A write failed before the commit point: the store on disk is the old one."""
+        rows = self._old.rows if self._old is not None else 0
+        if exc.errno == errno.ENOSPC:
+            need = max(1, (len(self._added) + 1) * self.meta.row_bytes >> 20)
+            return StoreError(
+                f"the disk is full: the vector store {str(self.path)!r} was not updated. It is intact: its "
+                f"previous version ({rows:,} rows) is unchanged and nothing of this run was kept",
+                hint=f"free some disk space (this run needs about {need:,} MB more than the store has) and "
+                "run the same command again: the images already in the store are skipped")
+        return StoreError(
+            f"cannot write the vector store {str(self.path)!r} ({exc.strerror or exc}): it was not updated. "
+            f"It is intact: its previous version ({rows:,} rows) is unchanged",
+            hint="fix the cause and run the same command again: the images already in the store are skipped")
 
     # -- committing ------------------------------------------------------------
     def commit(self) -> UpdateStats:
-        """Write the new store (atomically); return what changed."""
+        """Write the new generation (atomically: the manifest's rename); return what changed."""
+        import numpy as np
+
         with self._mutex:
             self._closed = True
         old = self._old
-        keep = list(self._keep)
+        keep = np.array(self._keep, dtype=bool)
         if self.prune and old is not None:
-            for row, entry in enumerate(old.entries):
-                if keep[row] and not os.path.exists(entry.abspath):
+            for row, abspath in old.abspaths():
+                if keep[row] and not os.path.exists(abspath):
                     keep[row] = False
                     self.stats.pruned += 1
-        kept = [r for r, k in enumerate(keep) if k]
-        old_rows = old.rows if old is not None else 0
-        entries = [self._touched.get(r, old.entries[r]) for r in kept] + self._added
+        moved = sorted(r for r in self._touched if keep[r])  # new mtimes: the rows move to the new segment
+        for r in moved:
+            keep[r] = False
+        new_entries = [self._touched[r] for r in moved] + self._added
+        gone = np.flatnonzero(~keep)
         self.stats.added = len(self._added)
-        self.stats.rows = len(entries)
+        self.stats.rows = (old.rows if old is not None else 0) - len(gone) + len(new_entries)
         failed = self._failed_after()
-        matrix_same = old is not None and len(kept) == old_rows and not self._added
-        legacy = old is not None and legacy_index_path(self.path).exists()  # read, or left by a torn migration
-        if matrix_same and not self._touched and failed == old.failed and not legacy:
-            return self.stats  # nothing to write
-        created = old.created if old is not None else None
-        if matrix_same:
-            # Only mtimes (or the failures remembered) changed, or the index is in the legacy
-            # format: rewrite the index alone (one atomic rename).
-            self._write_index(_index_tmp(self.path), entries, old.generation, created, failed)
-            os.replace(_index_tmp(self.path), index_path(self.path))
-            self._drop_legacy_index()
-            _fsync_dir(self._folder())
+        changed = bool(len(gone) or new_entries)
+        if old is not None and not changed and not self.compact and failed == old.failed:
             return self.stats
-        generation = uuid.uuid4().hex
-        mtmp, itmp = _matrix_tmp(self.path), _index_tmp(self.path)
-        committed = False
+        before = {p.name for p in self.path.iterdir()}
         try:
-            self._write_matrix(mtmp, kept, len(entries), generation)
-            self._write_index(itmp, entries, generation, created, failed)
-            if old is not None:
-                old.close()  # no open handle on the file being replaced
-            os.replace(mtmp, self.path)  # the commit point
-            committed = True
-            os.replace(itmp, index_path(self.path))
-            self._drop_legacy_index()
-            _fsync_dir(self._folder())
-        except BaseException:
-            if not committed:
-                _unlink(mtmp)
-                _unlink(itmp)
-            raise
+            segments = self._write_generation(old, keep, gone, moved, new_entries, failed)
+        except OSError as exc:  # before the commit point (the manifest's rename): the old store stands
+            for p in self.path.iterdir():
+                if p.name.startswith("seg-") and p.name not in before:
+                    unlink(p)
+            unlink(self.path / (MANIFEST + ".tmp"))
+            raise self._not_written(exc) from None
+        if old is not None:
+            old.close()
+        named = {n for s in segments for n in (s.vectors, s.index)}
+        for p in self.path.iterdir():
+            if p.name.startswith("seg-") and p.name not in named:
+                unlink(p)
         self.stats.rewritten = True
         return self.stats
 
-    def _folder(self) -> Path:
-        return self.path.parent if str(self.path.parent) else Path(".")
+    def _write_generation(self, old, keep, gone, moved, new_entries, failed) -> list[Segment]:
+        import numpy as np
 
-    def _drop_legacy_index(self) -> None:
-        """After the Parquet index is in place: remove a JSON Lines one (the migration's last step;
-        a crash before it leaves both, and readers prefer the Parquet one)."""
-        _unlink(legacy_index_path(self.path))
+        segments = [] if old is None else [s.copy() for s in old.segments]
+        if len(gone):
+            segs, phys = old.locate_many(gone)
+            for si in np.unique(segs):
+                s = segments[si]
+                s.deleted = np.union1d(s.deleted, phys[segs == si])
+                s._live = None
+        # the new segment: moved rows (their vectors copied), then the new ones from the side file
+        written: list[Segment] = []
+        if new_entries:
+            parts = []
+            if moved:
+                segs, phys = old.locate_many(np.asarray(moved, dtype=np.int64))
+                for si in np.unique(segs):  # moved is sorted: segment by segment, in row order
+                    parts.append((old, old.segments[si], phys[segs == si]))
+            written.append(_write_segment(self.path, self.meta, parts, new_entries, self._pending_blocks(),
+                                          len(self._added)))
+            segments.append(written[-1])
+        segments, merged = self._compaction(segments)
+        self.stats.compacted = merged
+        self._write_manifest(segments, failed, old)
+        return segments
 
-    def _write_matrix(self, tmp: Path, kept: Sequence[int], rows: int, generation: str) -> None:
-        np = self._np
-        header = (
-            _safetensors_header(self.meta, rows, generation) if self.kind == "safetensors"
-            else _npy_header(self.meta, rows)
-        )
+    def _pending_blocks(self):
+        pending = self._lock.fh
+        pending.flush()
+        pending.seek(0)
         row_bytes = self._row_elems * self._row_dtype.itemsize
-        step = max(1, _COPY_BYTES // max(1, row_bytes))
-        with open(tmp, "wb") as out:
-            out.write(header)
-            if kept:
-                src = self._old
-                # copy runs of consecutive kept rows, a chunk at a time
-                start = prev = kept[0]
-                runs = []
-                for r in kept[1:]:
-                    if r != prev + 1:
-                        runs.append((start, prev + 1))
-                        start = r
-                    prev = r
-                runs.append((start, prev + 1))
-                for a, b in runs:
-                    for s in range(a, b, step):
-                        chunk = src.read_rows(s, min(b, s + step))
-                        out.write(np.ascontiguousarray(chunk, dtype=self._row_dtype).data)
-            pending = self._lock.fh
-            pending.flush()
-            pending.seek(0)
-            remaining = len(self._added) * row_bytes
-            while remaining:
-                block = pending.read(min(remaining, step * row_bytes))
-                if not block:
-                    raise StoreError("the side file of new vectors ended early")
-                out.write(block)
-                remaining -= len(block)
-            pending.seek(0, os.SEEK_END)
-            if self.kind == "npy":
-                out.write(_npy_trailer(generation))  # ties the matrix to its index (see the module doc)
-            out.flush()
-            os.fsync(out.fileno())
+        remaining = len(self._added) * row_bytes
+        step = max(1, COPY_BYTES // max(1, row_bytes)) * row_bytes
+        while remaining:
+            block = pending.read(min(remaining, step))
+            if not block:
+                raise StoreError("the side file of new vectors ended early")
+            yield block
+            remaining -= len(block)
+        pending.seek(0, os.SEEK_END)
 
-    def _write_index(self, tmp: Path, entries: Sequence[Entry], generation: str, created: str | None,
-                     failed: dict | None = None) -> None:
-        """The index: Parquet, one row per row of the matrix, the settings (and the
-        generation that ties it to the matrix) in its key-value metadata."""
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    def _compaction(self, segments: list[Segment]) -> tuple[list[Segment], int]:
+        """Rewrite what the policy (module doc) says; return the new list and the rows copied.
+        A segment is checked against its checksum before its rows are copied (a damaged
+        one is refused, never given a fresh checksum)."""
+        import numpy as np
+
+        copied = 0
+        reader = VectorStore(self.path, self.meta, [])  # reads any segment it is handed, named or not yet
+
+        def merge(group: list[Segment]) -> Segment:
+            nonlocal copied
+            reader.verify(group)
+            parts = []
+            for s in group:
+                phys = np.arange(s.rows, dtype=np.int64) if s.live is None else s.live
+                if len(phys):
+                    parts.append((reader, s, phys))
+            copied += sum(len(p[2]) for p in parts)
+            return _write_segment(self.path, self.meta, parts)
+
+        try:
+            segments = [s for s in segments if s.live_rows > 0]
+            if self.compact:
+                if len(segments) > 1 or any(len(s.deleted) for s in segments):
+                    segments = [merge(segments)]
+                return segments, copied
+            out = []
+            for s in segments:
+                out.append(merge([s]) if len(s.deleted) > DELETED_FRACTION * s.rows else s)
+            while len(out) >= 2 and out[-2].live_rows <= TAIL_RATIO * out[-1].live_rows:
+                out[-2:] = [merge(out[-2:])]
+            return out, copied
+        finally:
+            reader.close()
+
+    def _write_manifest(self, segments: list[Segment], failed: dict, old) -> None:
         from . import __version__
 
-        pa, pq = _pyarrow()
-        head = {
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "rows": len(entries),
+            "generation": uuid.uuid4().hex,
+            "rows": sum(s.live_rows for s in segments),
             **self.meta.settings(),
-            "matrix": self.path.name,
-            "generation": generation,
-            "created": created or now,
+            "created": (old.created if old is not None else None) or now,
             "updated": now,
             "blip2": __version__,
-            "failed": list((failed or {}).values()),
+            "segments": [s.to_json() for s in segments],
+            "failed": list(failed.values()),
         }
-        raw = json.dumps(head, ensure_ascii=True).encode("ascii")  # \u escapes: any file name fits
-        table = entries_table(entries, pa).replace_schema_metadata({INDEX_KEY: raw})
-        pq.write_table(table, tmp, row_group_size=INDEX_ROW_GROUP)
-        with open(tmp, "rb+") as f:
+        tmp = self.path / (MANIFEST + ".tmp")
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            f.write(json.dumps(body, ensure_ascii=False, indent=1) + "\n")
+            f.flush()
             os.fsync(f.fileno())
+        fsync_dir(self.path)  # the segment files' names are durable before the manifest names them
+        os.replace(tmp, self.path / MANIFEST)  # the commit point
+        fsync_dir(self.path)
 
 
 # --------------------------------------------------------------------------- #

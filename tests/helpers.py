@@ -87,7 +87,7 @@ DIMS = (4, 8)  # a store row: 4 query vectors of 8 numbers (BLIP-2's is 32 x 256
 
 def store_meta(dims=DIMS, **kw):
     """A store's settings for the tiny vectors: pooled (``mean``) when ``dims`` is one number."""
-    from blip2cli.store import StoreMeta
+    from blip2cli.storefiles import StoreMeta
 
     base = dict(model="tiny", features="itc", pool="none" if len(dims) == 2 else "mean", dims=dims, normalized=True)
     base.update(kw)
@@ -117,25 +117,18 @@ def entry_for(path):
     """The store's index entry of a file as it is now (size, mtime, sha256)."""
     import os
 
+    from blip2cli.storefiles import Entry, sha256_file
+
+    st = os.stat(path)
+    return Entry(str(path), os.path.abspath(path), st.st_size, st.st_mtime_ns, sha256_file(str(path)))
+
+
+def crash_at_the_commit_point(monkeypatch):
+    """The process 'dies' (kill -9) just before the manifest's rename, the store's commit point:
+    the new segment files are written, the manifest is not replaced."""
     from blip2cli import store as st
-
-    size, mtime, digest = st.file_identity(str(path))
-    return st.Entry(str(path), os.path.abspath(path), size, mtime, digest)
-
-
-def crash_between_the_renames(monkeypatch):
-    """os.replace works once (the matrix), then the process 'dies' (the index)."""
-    import os
-
-    from blip2cli import store as st
-
-    real = os.replace
-    calls = {"n": 0}
 
     def replace(src, dst):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise SystemExit("simulated kill between the two renames")
-        return real(src, dst)
+        raise SystemExit("simulated kill at the commit point")
 
     monkeypatch.setattr(st.os, "replace", replace)

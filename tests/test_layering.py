@@ -128,7 +128,7 @@ def test_each_enum_is_declared_once():
 
     declared = {frozenset(choices.names(e)): e.__name__ for e in
                 (choices.Dtype, choices.Quantize, choices.Format, choices.Preprocess, choices.Features,
-                 choices.Pool, choices.EmbedFormat, choices.StoreLayout, choices.StoreDtype, Existing)}
+                 choices.Pool, choices.EmbedFormat, choices.ExportLayout, choices.StoreDtype, Existing)}
     assert len(declared) == 10  # no two choices with the same members
     home = {PACKAGE / "choices.py"}
     repeats = []
@@ -140,13 +140,13 @@ def test_each_enum_is_declared_once():
 
 
 def test_the_choices_match_what_the_core_accepts():
-    from blip2cli import choices, embed, loader, store, writers
+    from blip2cli import choices, embed, loader, storefiles, writers
 
     assert loader.DTYPES == choices.names(choices.Dtype)
     assert loader.QUANTIZE == choices.names(choices.Quantize)
     assert embed.FEATURES == choices.names(choices.Features)
     assert embed.POOLS == choices.names(choices.Pool)
-    assert store.STORE_DTYPES == choices.names(choices.StoreDtype)
+    assert storefiles.STORE_DTYPES == choices.names(choices.StoreDtype)
     assert set(writers.FORMATS) <= set(choices.names(choices.Format))
     assert set(choices.names(choices.EmbedFormat)) <= set(choices.names(choices.Format))
 

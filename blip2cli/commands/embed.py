@@ -14,12 +14,12 @@ import typer
 
 from .. import console
 from .. import options as o
-from ..choices import EmbedFormat, Features, Pool, StoreDtype, StoreLayout  # declared once, in the core
+from ..choices import EmbedFormat, Features, Pool, StoreDtype  # declared once, in the core
 from ..embed import DEFAULT_RETRIEVAL_MODEL
 from ..errors import sigterm_as_interrupt
 # The core of embed, search and score (re-exported: older imports keep working).
 from ..embed import EmbedTask, model_key  # noqa: F401
-from ..embedstore import StoreSink, embed_into_store, open_update, store_settings, store_summary  # noqa: F401
+from ..embedstore import StoreSink, embed_into_store, store_settings, store_summary  # noqa: F401
 from .common import check_output_path, finish, handles_errors, load_options, resolve_items
 
 FEATURES_PANEL = "Features"
@@ -29,7 +29,7 @@ EXAMPLES = """
 Examples:
 
 \b
-  blip2 embed photos/ -o vectors.safetensors     # a vector store (+ vectors.safetensors.index.parquet)
+  blip2 embed photos/ -o vectors.safetensors     # a vector store: the folder vectors.safetensors/
   blip2 embed photos/ -o vectors.safetensors --prune   # again later: only new/changed files
   blip2 embed cat.jpg -f jsonl | jq .dims
   blip2 embed --text "a cat on a sofa" --text "a dog"
@@ -134,8 +134,9 @@ def embed(
     output: Annotated[
         Optional[Path],
         typer.Option("--output", "-o", metavar="PATH", rich_help_panel=o.OUTPUT, show_default=False, parser=o.output_path,
-                     help="Write to FILE instead of stdout. FILE.safetensors or FILE.npy: a vector store "
-                     "with its index beside it (FILE.safetensors.index.parquet), updated incrementally."),
+                     help="Write to FILE instead of stdout. NAME.safetensors or NAME.npy (or an existing store): "
+                     "a vector store, the folder NAME.safetensors/, updated incrementally (appends write only "
+                     "the new rows)."),
     ] = None,
     prune: Annotated[
         bool,
@@ -147,18 +148,10 @@ def embed(
         typer.Option("--store-dtype", metavar=o.choices(StoreDtype), rich_help_panel=o.OUTPUT, case_sensitive=False, show_default=False,
                      help="Vector store: float32 (default for a new store) or float16 (half the size)."),
     ] = None,
-    layout: Annotated[
-        Optional[StoreLayout],
-        typer.Option("--layout", metavar=o.choices(StoreLayout), rich_help_panel=o.OUTPUT, case_sensitive=False,
-                     show_default=False,
-                     help="Vector store in the -o DIR: segments (appends write only the new rows; for big "
-                     "collections), clip-retrieval (segments + img_emb/*.npy and metadata/*.parquet for "
-                     "autofaiss and clip-retrieval, rewritten at each run). An existing DIR keeps its own."),
-    ] = None,
     compact: Annotated[
         bool,
         typer.Option("--compact", rich_help_panel=o.OUTPUT,
-                     help="Segmented store: merge all segments into one, dropping deleted rows."),
+                     help="Vector store: merge all its segments into one, dropping deleted rows."),
     ] = False,
     quiet: o.Quiet = False,
     batch_size: o.BatchSize = None,
@@ -174,12 +167,10 @@ def embed(
     from ..errors import UsageError
     from ..store import StoreMeta, is_store_path
 
-    to_store = is_store_path(output) or (layout is not None and output is not None)
-    if (layout is not None or compact) and not to_store:
-        raise UsageError("--layout and --compact apply to a vector store directory",
-                         hint="blip2 embed photos/ -o vectors/ --layout segments")
-    from ..segments import is_segmented  # clip-retrieval: a store whose DIR holds img_emb/
-    clip = layout == StoreLayout.clip_retrieval or (is_segmented(output) and (output / "img_emb").is_dir())
+    to_store = is_store_path(output)
+    if compact and not to_store:
+        raise UsageError("--compact applies to a vector store",
+                         hint="blip2 embed photos/ -o vectors.safetensors --compact")
     if to_store and fmt is not None:
         raise UsageError(f"-o {output} writes a vector store; --format {fmt.value} does not apply",
                          hint="drop --format, or name a .jsonl/.csv output")
@@ -208,9 +199,7 @@ def embed(
     if have_images:
         items, total = resolve_items(inputs, command="embed", **vars(src))
         from ..guard import screen_inputs  # no output (a store and its index too) is an input
-        from ..store import index_paths
-
-        items = screen_inputs(items, total, [output, *index_paths(output)] if to_store else [output])
+        items = screen_inputs(items, total, [output])
 
     if not to_store and not texts:
         # Image records to JSON Lines / CSV: the common job (--resume, -o DIR, --shard).
@@ -271,8 +260,10 @@ def embed(
             dims=embedder.dims, normalized=embedder.normalized,
             dtype=(store_dtype.value if store_dtype is not None else "float32"),
         )
-        with open_update(output, meta=meta, prune=prune, dtype_given=store_dtype is not None,
-                         layout=None if layout is None else "segments", compact=compact) as update:
+        from ..store import StoreUpdate
+
+        with StoreUpdate(output, meta, prune=prune, dtype_given=store_dtype is not None,
+                         compact=compact) as update:
             selected = update.select(items)
             if total is not None:
                 selected = list(selected)
@@ -281,13 +272,6 @@ def embed(
             stats = embed_into_store(selected, update, task, total=total, batch_size=batch, workers=jobs,
                                      quiet=quiet)
             console.message(store_summary(output, update.stats, stats))
-        if clip:
-            from ..export import export_clip_retrieval
-            from ..store import VectorStore
-
-            with_store = VectorStore.open(output)
-            export_clip_retrieval(with_store, output)
-            with_store.close()
         finish_store(stats)
 
     from ..console import Reporter

@@ -20,7 +20,6 @@ from .embed import (
     embed_into_store,
     load_for_features,
     model_key,
-    open_update,
     store_summary,
 )
 
@@ -124,7 +123,7 @@ def search(
     from ..embed import Embedder, pooled_query, search_schema
     from ..errors import InputError, UsageError
     from ..images import ImageError
-    from ..store import StoreMeta, VectorStore, is_store_path, top_k as store_top_k
+    from ..store import StoreMeta, StoreUpdate, VectorStore, is_store_path, top_k as store_top_k
 
     args = list(arguments or [])
     if image is None:
@@ -142,25 +141,27 @@ def search(
                          hint=f"use --rerank {top_k} or more, or a smaller -k")
     have_images = bool(inputs or src.files_from)
     if index is not None and not is_store_path(index):
-        raise UsageError(f"--index {index}: a vector store is named FILE.safetensors or FILE.npy, "
-                         "or is a directory written with --layout segments")
+        raise UsageError(f"--index {index}: not a vector store (a folder written by blip2 embed -o "
+                         "NAME.safetensors, holding blip2-store.json)", hint="name what blip2 embed -o wrote")
     if ann and (index is None or have_images or rerank is not None):
         raise UsageError("--ann searches a whole vector store: give --index, without images or --rerank",
-                         hint='blip2 search "a cat" --index vectors/ --ann')
+                         hint='blip2 search "a cat" --index vectors.safetensors --ann')
     if not have_images and index is None:
         raise UsageError("nothing to search: name images (files, folders, globs, -) or a vector store with --index",
                          hint='blip2 search "a cat" photos/   or   blip2 search "a cat" --index vectors.safetensors')
     if index is not None and not have_images:
-        VectorStore.open(index)  # raises if there is no store to search
+        opened = VectorStore.open(index)  # raises if there is no store to search
+        empty = opened.rows == 0
+        opened.close()
+        if ann and empty:
+            from ..storefiles import StoreError
+
+            raise StoreError(f"the vector store {str(index)!r} is empty: there is nothing to search",
+                             hint=f"embed images into it first: blip2 embed PHOTOS -o {index}")
     model, revision, wanted_features, pool = store_settings(index, loading.model, loading.revision, features.value, None)
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "search")
-    protected = [image, index]
-    if index is not None and is_store_path(index):
-        from ..store import index_paths
-
-        protected.extend(index_paths(index))
-    check_output_path(output, inputs=protected)
+    check_output_path(output, inputs=[image, index])
     if image is not None and not Path(image).is_file():
         raise InputError(f"--image {image}: no such file")
     items, total = (None, 0)
@@ -189,7 +190,7 @@ def search(
 
     stats = None
     with tempfile.TemporaryDirectory(prefix="blip2-search-") as tmp:
-        store_path = index if index is not None else Path(tmp) / "vectors.npy"
+        store_path = index if index is not None else Path(tmp) / "vectors.safetensors"
         wanted: dict[str, str] | None = None  # abspath -> the name this run gave it
         if items is not None:
             wanted = {}
@@ -202,7 +203,7 @@ def search(
 
             meta = StoreMeta(model=model_key(model), revision=revision, features=embedder.features, pool=pool,
                              dims=embedder.dims, normalized=embedder.normalized)
-            with open_update(store_path, meta=meta, prune=prune, dtype_given=False) as update:
+            with StoreUpdate(store_path, meta, prune=prune, dtype_given=False) as update:
                 selected = update.select(remember(items))
                 if total is not None:
                     selected = list(selected)
@@ -212,6 +213,8 @@ def search(
                 if index is not None and not quiet:
                     console.message(store_summary(index, update.stats, stats))
         store = VectorStore.open(store_path)
+        if index is not None:
+            store.verify()  # rows or paths changed inside a segment: refused, never served
         rows, names = None, {}
         if wanted is not None:
             for abspath, name in wanted.items():
