@@ -235,7 +235,7 @@ def _check_segment(folder: Path, seg: Segment, meta: StoreMeta, pq) -> None:
         raise FileNotFoundError(vec if not vec.exists() else idx)
     info = read_npy_info(vec)
     if info.segment != seg.id:
-        raise _damaged(folder, seg, f"holds the rows of segment {info.segment[:12]}")
+        raise _damaged(folder, seg, f"has vectors from commit {info.segment[:12]}")
     if info.rows != seg.rows or info.dims != meta.dims or info.dtype != meta.dtype:
         raise _damaged(folder, seg, f"holds {info.rows} {info.dtype} rows of {show(info.dims)}, the manifest says "
                                     f"{seg.rows} {meta.dtype} rows of {show(meta.dims)}")
@@ -245,7 +245,7 @@ def _check_segment(folder: Path, seg: Segment, meta: StoreMeta, pq) -> None:
         raise _damaged(folder, seg, f"has an unreadable index ({exc})") from None
     tag = (md.metadata or {}).get(PARQUET_KEY, b"").decode("ascii", "replace")
     if tag != seg.id or md.num_rows != seg.rows:
-        raise _damaged(folder, seg, f"has the index of segment {tag[:12] or '?'} with {md.num_rows} rows")
+        raise _damaged(folder, seg, f"has an index from commit {tag[:12] or '?'} with {md.num_rows} rows")
     seg.offset = info.offset
 
 

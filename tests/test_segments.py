@@ -1,4 +1,4 @@
-"""Issue 15: the segmented vector store (appends cost O(new rows), pruning without
+"""Issue 15 / 18: the vector store's segments (appends cost O(new rows), pruning without
 rewriting, compaction, crash safety, a Parquet index readable without blip2), the
 clip-retrieval export read back by numpy/pyarrow/faiss, --ann, and the streaming merge."""
 
@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blip2cli import segments as sg
 from blip2cli import store as st
 from blip2cli.sources import Item
 from blip2cli.store import StoreUpdate, VectorStore, top_k
@@ -27,7 +26,7 @@ pytest.importorskip("pyarrow")
 
 
 def add(path, files, vectors, m=None, **kw) -> st.UpdateStats:
-    with StoreUpdate(path, m or meta(), layout="segments", **kw) as up:
+    with StoreUpdate(path, m or meta(), **kw) as up:
         for f, v in zip(files, vectors):
             up.add(entry_for(f), v)
         return up.commit()
@@ -38,7 +37,7 @@ def seg_files(path: Path) -> set[str]:
 
 
 def manifest(path: Path) -> dict:
-    return json.loads((path / sg.MANIFEST).read_text())
+    return json.loads((path / st.MANIFEST).read_text())
 
 
 def names(store) -> list[str]:
@@ -64,7 +63,7 @@ def test_an_append_writes_a_new_segment_and_leaves_the_old_files_alone(tmp_path)
     for n, (mtime, data) in before.items():
         assert (path / n).stat().st_mtime_ns == mtime and (path / n).read_bytes() == data
     store = VectorStore.open(path)
-    assert isinstance(store, sg.SegmentedStore) and [s.rows for s in store.segments] == [10, 2]
+    assert [s.rows for s in store.segments] == [10, 2]
     np.testing.assert_array_equal(np.asarray(store.matrix), vecs)
     assert names(store) == [f.name for f in files]
     assert store.row_of(os.path.abspath(files[11])) == 11
@@ -164,7 +163,7 @@ def test_compaction_is_amortised_and_explicit(tmp_path):
     with StoreUpdate(path, meta(), prune=True) as up:
         assert up.commit().pruned == 60
     store = VectorStore.open(path)
-    assert all(len(s.deleted) <= sg.DELETED_FRACTION * s.rows for s in store.segments)
+    assert all(len(s.deleted) <= st.DELETED_FRACTION * s.rows for s in store.segments)
     np.testing.assert_array_equal(np.asarray(store.matrix), vecs[60:])
     # --compact: one segment, no deleted rows
     add(path, [], [], compact=True)
@@ -177,21 +176,21 @@ def test_compaction_is_amortised_and_explicit(tmp_path):
 def test_failures_are_remembered_and_an_unchanged_store_is_not_written(tmp_path):
     files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
     path = tmp_path / "store"
-    with StoreUpdate(path, meta(), layout="segments") as up:
+    with StoreUpdate(path, meta()) as up:
         up.add(entry_for(files[0]), unit(np.random.default_rng(4), *DIMS))
         up.fail(str(files[1]), os.path.abspath(files[1]), "cannot decode")
         assert up.commit().failed == 1
     assert list(VectorStore.open(path).failed) == [os.path.abspath(files[1])]
-    before = (path / sg.MANIFEST).read_bytes()
-    with StoreUpdate(path, meta()) as up:  # the directory is recognised: no layout needed
+    before = (path / st.MANIFEST).read_bytes()
+    with StoreUpdate(path, meta()) as up:
         assert [i.name for i in up.select([Item(str(f), str(f)) for f in files])] == [str(files[1])]
         up.fail(str(files[1]), os.path.abspath(files[1]), "cannot decode")
         up.commit()
         assert up.stats.retried == 1
-    assert (path / sg.MANIFEST).read_bytes() == before
+    assert (path / st.MANIFEST).read_bytes() == before
 
 
-def test_an_empty_segmented_store(tmp_path):
+def test_an_empty_store(tmp_path):
     path = tmp_path / "store"
     add(path, [], [])
     store = VectorStore.open(path)
@@ -222,19 +221,19 @@ def test_a_crash_before_the_manifest_rename_leaves_the_old_store(tmp_path, monke
     vecs = unit(rng, 8, *DIMS)
     path = tmp_path / "store"
     add(path, files[:6], vecs[:6])
-    old_manifest, old_files = (path / sg.MANIFEST).read_bytes(), seg_files(path)
+    old_manifest, old_files = (path / st.MANIFEST).read_bytes(), seg_files(path)
     real = os.replace
 
     def replace(src, dst):
-        if str(dst).endswith(sg.MANIFEST):
+        if str(dst).endswith(st.MANIFEST):
             raise KeyboardInterrupt("simulated kill at the commit point")
         return real(src, dst)
 
-    monkeypatch.setattr(sg.os, "replace", replace)
+    monkeypatch.setattr(st.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         add(path, files[6:], vecs[6:])
     monkeypatch.undo()
-    assert (path / sg.MANIFEST).read_bytes() == old_manifest
+    assert (path / st.MANIFEST).read_bytes() == old_manifest
     assert seg_files(path) > old_files  # the new segment's files are left behind ...
     store = VectorStore.open(path)  # ... and ignored by readers
     np.testing.assert_array_equal(np.asarray(store.matrix), vecs[:6])
@@ -271,7 +270,7 @@ KILLER = textwrap.dedent("""
     meta = StoreMeta(model="tiny", features="itc", pool="mean", dims=(64,), normalized=True)
     i = start
     while True:
-        with StoreUpdate(path, meta, layout="segments") as up:
+        with StoreUpdate(path, meta) as up:
             for j in range(i, i + 50):
                 p = f"/img/{j:06d}.jpg"
                 up.add(Entry(p, p, j, j, f"{j:064x}"), np.full(64, j, np.float32))
@@ -310,7 +309,7 @@ def test_kill_9_during_updates_leaves_the_old_or_the_new_store(tmp_path):
 
 
 # --------------------------------------------------------------------------- #
-# The command line: --layout segments / clip-retrieval, --compact, --ann
+# The command line: the default store, --compact, --prune, --ann, the clip-retrieval export
 # --------------------------------------------------------------------------- #
 
 
@@ -353,17 +352,15 @@ def search_paths(*args) -> list[str]:
 
 
 @pytest.mark.parametrize("pool, vectors", [("mean", "mean"), ("none", "flatten")])
-def test_clip_retrieval_layout_is_read_by_numpy_pyarrow_and_faiss(tiny_itm, many_photos, tmp_path, pool, vectors):
+def test_clip_retrieval_export_is_read_by_numpy_pyarrow_and_faiss(tiny_itm, many_photos, tmp_path, pool, vectors):
     faiss = pytest.importorskip("faiss")
     import pyarrow.parquet as pq
 
-    from blip2cli.export import export_clip_retrieval
-
-    out = tmp_path / "clip"
-    res = cli("embed", many_photos, "-m", tiny_itm, "-o", out, "--layout", "clip-retrieval", "--pool", pool)
+    store, out = tmp_path / "vectors.safetensors", tmp_path / "clip"
+    res = cli("embed", many_photos, "-m", tiny_itm, "-o", store, "--pool", pool)
     assert res.exit_code == 0, res.output
-    if vectors == "flatten":  # the same store, exported one row per query vector
-        export_clip_retrieval(VectorStore.open(out), out, vectors="flatten")
+    res = cli("export", store, "-o", out, "--vectors", vectors)
+    assert res.exit_code == 0, res.output
     emb = np.load(out / "img_emb" / "img_emb_0.npy")
     meta_table = pq.read_table(out / "metadata" / "metadata_0.parquet")
     q = 1 if vectors == "mean" else emb.shape[0] // 12
@@ -380,23 +377,29 @@ def test_clip_retrieval_layout_is_read_by_numpy_pyarrow_and_faiss(tiny_itm, many
         name = Path(paths[i]).name
         if name not in ranked:
             ranked.append(name)
-    assert ranked[:10] == search_paths("a cat on a sofa", "--index", out, "-m", tiny_itm)
-    # the store is incremental: a second run embeds nothing and rewrites the export
-    (out / "img_emb" / "img_emb_7.npy").write_bytes(b"left over")
-    res = cli("embed", many_photos, "-m", tiny_itm, "-o", out)
+    assert ranked[:10] == search_paths("a cat on a sofa", "--index", store, "-m", tiny_itm)
+    # the store is incremental (a second run embeds nothing); exporting again removes leftovers
+    res = cli("embed", many_photos, "-m", tiny_itm, "-o", store)
     assert res.exit_code == 0 and "0 new" in res.stderr, res.output
+    (out / "img_emb" / "img_emb_7.npy").write_bytes(b"left over")
+    assert cli("export", store, "-o", out, "--vectors", vectors).exit_code == 0
     assert not (out / "img_emb" / "img_emb_7.npy").exists()
 
 
-def test_layout_segments_on_the_command_line(tiny_itm, many_photos, tmp_path):
-    out = tmp_path / "vectors"
-    res = cli("embed", many_photos, "-m", tiny_itm, "-o", out, "--layout", "segments")
+def test_the_default_store_on_the_command_line(tiny_itm, many_photos, tmp_path):
+    """README's first store example, no layout option: a folder of segments; appends add a
+    segment, --prune --compact leave one."""
+    out = tmp_path / "vectors.safetensors"
+    res = cli("embed", *sorted(many_photos.iterdir())[:10], "-m", tiny_itm, "-o", out)
     assert res.exit_code == 0, res.output
-    assert isinstance(VectorStore.open(out), sg.SegmentedStore)
+    assert out.is_dir() and (out / st.MANIFEST).is_file()
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith("seg-")}
+    res = cli("embed", many_photos, "-m", tiny_itm, "-o", out)  # 2 more: a new segment, the old one kept
+    assert res.exit_code == 0 and "2 new" in res.stderr, res.output
+    assert all((out / n).stat().st_mtime_ns == t for n, t in first.items())
+    assert len(VectorStore.open(out).segments) == 2
     exact = search_paths("a red rocket", "--index", out, "-m", tiny_itm, "-k", "5")
-    single = tmp_path / "v.safetensors"
-    assert cli("embed", many_photos, "-m", tiny_itm, "-o", single).exit_code == 0
-    assert search_paths("a red rocket", "--index", single, "-m", tiny_itm, "-k", "5") == exact
+    assert len(exact) == 5
     for p in sorted(many_photos.iterdir())[:3]:
         p.unlink()
     res = cli("embed", many_photos, "-m", tiny_itm, "-o", out, "--prune", "--compact")
@@ -405,13 +408,15 @@ def test_layout_segments_on_the_command_line(tiny_itm, many_photos, tmp_path):
     store = VectorStore.open(out)
     assert len(store.segments) == 1 and store.rows == 9
     res = cli("embed", many_photos, "-m", tiny_itm, "-o", tmp_path / "x.jsonl", "--compact")
-    assert res.exit_code == 2 and "vector store directory" in res.stderr
+    assert res.exit_code == 2 and "vector store" in res.stderr
+    res = cli("embed", many_photos, "-m", tiny_itm, "-o", out, "--layout", "segments")
+    assert res.exit_code == 2  # the option is gone: there is one store
 
 
 def test_ann_search_finds_the_exact_top_k_on_a_small_store(tiny_itm, many_photos, tmp_path):
     pytest.importorskip("faiss")
-    out = tmp_path / "vectors"
-    assert cli("embed", many_photos, "-m", tiny_itm, "-o", out, "--layout", "segments").exit_code == 0
+    out = tmp_path / "vectors.npy"
+    assert cli("embed", many_photos, "-m", tiny_itm, "-o", out).exit_code == 0
     exact = search_paths("a cat", "--index", out, "-m", tiny_itm, "-k", "5")
     assert search_paths("a cat", "--index", out, "-m", tiny_itm, "-k", "5", "--ann") == exact
     gen = VectorStore.open(out).generation
