@@ -13,16 +13,14 @@ import pytest
 from blip2cli import store as st
 from blip2cli.errors import UsageError
 from blip2cli.sources import Item
-from blip2cli.store import StoreUpdate, VectorStore, index_path, top_k
+from blip2cli.store import StoreUpdate, VectorStore, top_k
 
-from helpers import DIMS, crash_between_the_renames, entry_for, make_files, unit, store_meta as meta
+from helpers import DIMS, crash_at_the_commit_point, entry_for, make_files, unit, store_meta as meta
 
 
-def index_head(path: Path) -> dict:
-    """The settings the store's Parquet index holds in its key-value metadata."""
-    import pyarrow.parquet as pq
-
-    return json.loads(pq.read_schema(index_path(path)).metadata[b"blip2"])
+def manifest(path: Path) -> dict:
+    """The store's manifest: its settings, generation and segments."""
+    return json.loads((path / st.MANIFEST).read_text())
 
 
 def write_store(path: Path, files, vectors, m=None, prune=False) -> st.UpdateStats:
@@ -44,24 +42,19 @@ def test_round_trip_and_standard_readers(tmp_path, name):
     assert store.rows == 3 and store.meta.dims == DIMS
     np.testing.assert_array_equal(np.asarray(store.matrix), vecs)
     assert [e.path for e in store.entries] == [str(f) for f in files]
-    # the matrix is a plain file for other tools
-    if name.endswith(".npy"):
-        np.testing.assert_array_equal(np.load(path), vecs)
-    else:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "np") as f:
-            np.testing.assert_array_equal(f.get_tensor("vectors"), vecs)
-            assert json.loads(f.metadata()["dims"]) == list(DIMS)
-    # the index: Parquet, one row per row (no header row), the settings in its key-value metadata
+    # the store is a folder named by -o; its segment is a plain .npy for other tools
+    assert path.is_dir()
+    head = manifest(path)
+    assert head["format"] == "blip2-vector-store" and head["rows"] == 3 and head["dims"] == list(DIMS)
+    (seg,) = head["segments"]
+    np.testing.assert_array_equal(np.load(path / seg["vectors"]), vecs)
+    # the index: Parquet, one row per row (no header row)
     import pyarrow.parquet as pq
 
-    table = pq.read_table(index_path(path))
-    head = index_head(path)
-    assert head["format"] == "blip2-vector-store" and head["rows"] == 3
+    table = pq.read_table(path / seg["index"])
     assert table.column("path").to_pylist() == [str(f) for f in files]
-    # no leftovers
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["img", name, name + ".index.parquet"])
+    # no leftovers (the writer's side file is gone)
+    assert sorted(p.name for p in path.iterdir()) == sorted([st.MANIFEST, seg["vectors"], seg["index"]])
 
 
 def test_append_keeps_old_rows_and_float16(tmp_path):
@@ -113,11 +106,12 @@ def test_select_reuses_unchanged_redoes_changed_and_prunes(tmp_path):
         up.add(entry_for(new), fresh[1])
         up.commit()
     store = VectorStore.open(path)
-    # kept rows first (a, b, and d: no --prune), then the new ones in order
-    assert [Path(e.path).name for e in store.entries] == ["a.jpg", "b.jpg", "d.jpg", "c.jpg", "e.jpg"]
-    np.testing.assert_array_equal(np.asarray(store.matrix[:3]), vecs[[0, 1, 3]])
+    # kept rows first (a and d: no --prune), then the touched one (its row moves with its new
+    # mtime: old segments are never rewritten) and the new ones in order
+    assert [Path(e.path).name for e in store.entries] == ["a.jpg", "d.jpg", "b.jpg", "c.jpg", "e.jpg"]
+    np.testing.assert_array_equal(np.asarray(store.matrix[:3]), vecs[[0, 3, 1]])
     np.testing.assert_array_equal(np.asarray(store.matrix[3:]), fresh)
-    assert store.entries[1].mtime_ns == files[1].stat().st_mtime_ns  # the touch was recorded
+    assert store.entries[2].mtime_ns == files[1].stat().st_mtime_ns  # the touch was recorded
 
     with StoreUpdate(path, meta(), prune=True) as up:
         assert list(up.select(items)) == []  # everything is current now
@@ -130,12 +124,12 @@ def test_unchanged_store_is_not_rewritten(tmp_path):
     files = make_files(tmp_path / "img", ["a.jpg"])
     path = tmp_path / "v.safetensors"
     write_store(path, files, unit(np.random.default_rng(3), 1, *DIMS))
-    before = (path.stat().st_mtime_ns, index_path(path).stat().st_mtime_ns)
+    before = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
     with StoreUpdate(path, meta()) as up:
         assert list(up.select([Item(str(files[0]), str(files[0]))])) == []
         stats = up.commit()
     assert not stats.rewritten
-    assert (path.stat().st_mtime_ns, index_path(path).stat().st_mtime_ns) == before
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == before
 
 
 def test_other_settings_are_refused(tmp_path):
@@ -157,17 +151,15 @@ def test_one_writer_at_a_time(tmp_path):
         up.commit()
 
 
-def _fail_on_replace(monkeypatch, which: int):
-    real = os.replace
-    calls = {"n": 0}
+def seg_files(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir() if p.name.startswith("seg-")}
 
-    def replace(src, dst):
-        calls["n"] += 1
-        if calls["n"] == which:
-            raise KeyboardInterrupt("simulated crash")
-        return real(src, dst)
 
-    monkeypatch.setattr(st.os, "replace", replace)
+def state(path: Path) -> tuple:
+    """The store as a reader sees it: the manifest's bytes and the named files' bytes."""
+    head = manifest(path)
+    named = sorted(n for s in head["segments"] for n in (s["vectors"], s["index"]))
+    return (path / st.MANIFEST).read_bytes(), [(n, (path / n).read_bytes()) for n in named]
 
 
 @pytest.mark.parametrize("name", ["v.safetensors", "v.npy"])
@@ -177,77 +169,61 @@ def test_crash_before_the_commit_point_leaves_the_old_store(tmp_path, monkeypatc
     path = tmp_path / name
     old = unit(rng, 1, *DIMS)
     write_store(path, files[:1], old)
-    old_bytes = path.read_bytes(), index_path(path).read_bytes()
+    old_state, old_files = state(path), seg_files(path)
 
-    # a crash while the new matrix is being written (the copy loop fails)
-    real_write_matrix = StoreUpdate._write_matrix
+    # a crash while the new segment is being written (the copy loop fails)
+    real_write_segment = st._write_segment
 
-    def broken(self, tmp, *a, **k):
-        real_write_matrix(self, tmp, *a, **k)
-        raise KeyboardInterrupt("simulated crash after writing the temporary matrix")
+    def broken(*a, **k):
+        real_write_segment(*a, **k)
+        raise KeyboardInterrupt("simulated crash after writing the new segment")
 
-    monkeypatch.setattr(StoreUpdate, "_write_matrix", broken)
+    monkeypatch.setattr(st, "_write_segment", broken)
     with pytest.raises(KeyboardInterrupt):
         write_store(path, files[1:], unit(rng, 1, *DIMS))
     monkeypatch.undo()
-    assert (path.read_bytes(), index_path(path).read_bytes()) == old_bytes
+    assert state(path) == old_state
 
-    # a crash at the first rename (kill -9 would leave the temporary files behind)
-    _fail_on_replace(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
+    # a crash at the commit point (the manifest's rename; kill -9 would leave the new files behind)
+    crash_at_the_commit_point(monkeypatch)
+    with pytest.raises(SystemExit):
         write_store(path, files[1:], unit(rng, 1, *DIMS))
     monkeypatch.undo()
-    assert (path.read_bytes(), index_path(path).read_bytes()) == old_bytes
+    assert state(path) == old_state
     store = VectorStore.open(path)
     np.testing.assert_array_equal(np.asarray(store.matrix), old)
 
-    # kill -9 while writing: half-written temporary files are left behind; readers
-    # ignore them and the next writer removes them
-    st._matrix_tmp(path).write_bytes(b"half a matrix")
-    st._index_tmp(path).write_bytes(b"PAR1" + b"half an index")
+    # kill -9 while writing: half-written files are left behind; readers ignore them and
+    # the next writer removes them
+    (path / ("seg-" + "f" * 32 + ".npy")).write_bytes(b"half a segment")
+    (path / (st.MANIFEST + ".tmp")).write_bytes(b'{"half a manifest')
     np.testing.assert_array_equal(np.asarray(VectorStore.open(path).matrix), old)
     with StoreUpdate(path, meta()) as up:
         up.commit()
-    assert not st._matrix_tmp(path).exists() and not st._index_tmp(path).exists()
-    assert (path.read_bytes(), index_path(path).read_bytes()) == old_bytes
+    assert seg_files(path) == old_files and not (path / (st.MANIFEST + ".tmp")).exists()
+    assert state(path) == old_state
 
 
-def test_crash_between_the_renames_rolls_forward(tmp_path, monkeypatch):
-    rng = np.random.default_rng(6)
-    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
-    path = tmp_path / "v.safetensors"
-    write_store(path, files[:1], unit(rng, 1, *DIMS))
-    new = unit(rng, 1, *DIMS)
-    crash_between_the_renames(monkeypatch)  # the matrix is renamed, then the process dies before the index is
-    with StoreUpdate(path, meta()) as up:
-        up.add(entry_for(files[1]), new[0])
-        with pytest.raises(SystemExit):
-            up.commit()
-    monkeypatch.undo()
-    assert st._index_tmp(path).exists()
-    # a reader sees the new store whole
-    store = VectorStore.open(path)
-    assert store.rows == 2
-    np.testing.assert_array_equal(np.asarray(store.matrix[1]), new[0])
-    # the next writer finishes the rename
-    with StoreUpdate(path, meta()) as up:
-        up.commit()
-    assert not st._index_tmp(path).exists()
-    assert index_head(path)["rows"] == 2
-
-
-def test_mismatched_files_are_reported(tmp_path):
-    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
-    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
-    write_store(a, files[:1], unit(np.random.default_rng(7), 1, *DIMS))
-    write_store(b, files, unit(np.random.default_rng(8), 2, *DIMS))
-    index_path(a).write_bytes(index_path(b).read_bytes())
-    with pytest.raises(st.StoreError, match="do not belong together"):
-        VectorStore.open(a)
+def test_a_file_or_a_foreign_folder_is_not_a_store(tmp_path):
+    """0.1.0 has one store format: a single-file store of a pre-release blip2 is refused with
+    what to do, never read, and a folder of other files is never written into."""
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(st.StoreError, match="is a file, not a blip2 vector store"):
+        VectorStore.open(old)
+    with pytest.raises(st.StoreError, match="is a file, not a blip2 vector store"):
+        StoreUpdate(old, meta())
     plain = tmp_path / "plain.npy"
     np.save(plain, np.zeros((2, 3), np.float32))
-    with pytest.raises(st.StoreError, match="does not"):
+    with pytest.raises(st.StoreError, match="is a file"):
         VectorStore.open(plain)
+    photos = tmp_path / "photos.npy"
+    make_files(photos, ["a.jpg"])
+    with pytest.raises(st.StoreError, match="not a blip2 vector store"):
+        StoreUpdate(photos, meta())
+    assert sorted(p.name for p in photos.iterdir()) == ["a.jpg"]
+    with pytest.raises(st.StoreError, match="no vector store"):
+        VectorStore.open(tmp_path / "missing.npy")
 
 
 def brute_force(matrix, query, mode, rows=None):
