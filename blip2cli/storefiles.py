@@ -167,10 +167,14 @@ def read_npy_info(path: Path) -> NpyInfo:
                 raise ValueError(f"an array of shape {shape} and dtype {dtype} in {'Fortran' if fortran else 'C'} order")
             info = NpyInfo(int(shape[0]), tuple(int(x) for x in shape[1:]), dtype.name, f.tell(), "")
             end = info.offset + info.nbytes
+            if size < end + NPY_TRAILER_BYTES:
+                raise StoreError(f"the vector store's segment {str(path)!r} is truncated: {size} bytes on disk, "
+                                 f"{end + NPY_TRAILER_BYTES} needed for its {info.rows} rows (an interrupted copy, "
+                                 "or a full disk?)",
+                                 hint="restore the whole store folder from one copy, or rebuild it: delete the "
+                                 "folder and run blip2 embed PHOTOS -o STORE again")
             if size != end + NPY_TRAILER_BYTES:
-                raise StoreError(f"the vector store's segment {str(path)!r} is {size} bytes, not the "
-                                 f"{end + NPY_TRAILER_BYTES} its {info.rows} rows take (an interrupted copy?)",
-                                 hint="restore the whole store folder from one copy, or rebuild it")
+                raise ValueError(f"{size - end - NPY_TRAILER_BYTES} unexpected bytes after its {info.rows} rows")
             f.seek(end)
             tail = f.read(NPY_TRAILER_BYTES)
             if not tail.startswith(NPY_TRAILER_MAGIC):

@@ -4,8 +4,9 @@
   (caption, ask, embed), a setting missing on either side included;
 * ``blip2 merge`` compares every record of every part file with the manifest
   and refuses a mix, naming the part file, the line and the setting;
-* a vector store's matrix and index are tied by a generation id in both formats:
-  a commit torn between its two renames is rolled forward or refused, never served;
+* a vector store's segments are tied to their index and manifest by an id, and checked
+  against a checksum of their rows and paths: a commit killed at any point leaves the old
+  store, and files mixed, copied or edited are refused, never served;
 * the errors around these say what happened and what to do next;
 * a file that fails to embed into a store is counted as failed, not new.
 """
@@ -22,9 +23,9 @@ import pytest
 
 from blip2cli import store as st
 from blip2cli.sources import Item
-from blip2cli.store import StoreUpdate, VectorStore, index_path, top_k
+from blip2cli.store import StoreUpdate, VectorStore, top_k
 
-from helpers import DIMS, cli, crash_between_the_renames, entry_for, make_files, unit, store_meta as meta
+from helpers import DIMS, cli, crash_at_the_commit_point, entry_for, make_files, unit, store_meta as meta
 
 FAST = ["--max-new-tokens", "4", "--num-beams", "1"]
 
@@ -249,115 +250,118 @@ def test_merge_names_a_line_that_is_not_a_blip2_record(tiny_opt, photos, tmp_pat
 
 
 # --------------------------------------------------------------------------- #
-# Vector stores: a generation ties matrix and index (case 5)
+# Vector stores: ids and checksums tie segments, indexes and the manifest (case 5; issue 19 #12)
 # --------------------------------------------------------------------------- #
 
 
-@pytest.fixture(params=["v.npy", "v.safetensors"])
-def torn(request, tmp_path, monkeypatch):
-    """A store of a, b, c whose update (b changed: rows a, c, b') was killed between
-    its renames: same row count, but row 1 and 2 are other images in the new matrix."""
-    rng = np.random.default_rng(11)
-    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg", "c.jpg"])
-    path = tmp_path / request.param
-    old = unit(rng, 3, *DIMS)
+def add_rows(path, files, vectors):
     with StoreUpdate(path, meta()) as up:
-        for f, v in zip(files, old):
+        for f, v in zip(files, vectors):
             up.add(entry_for(f), v)
         up.commit()
+
+
+def segment(path: Path, n: int = -1) -> dict:
+    return json.loads((path / st.MANIFEST).read_text())["segments"][n]
+
+
+def test_a_commit_killed_at_its_commit_point_is_read_as_the_old_store(tmp_path, monkeypatch):
+    """A store of a, b, c whose update (b changed: rows a, c, b') was killed at its one
+    commit point (the manifest's rename): the old store is served whole, never a mix."""
+    rng = np.random.default_rng(11)
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg", "c.jpg"])
+    path = tmp_path / "v.safetensors"
+    old = unit(rng, 3, *DIMS)
+    add_rows(path, files, old)
     files[1].write_bytes(b"b, changed")
-    new_b = unit(rng, 1, *DIMS)[0]
-    crash_between_the_renames(monkeypatch)
+    crash_at_the_commit_point(monkeypatch)
     with StoreUpdate(path, meta()) as up:
         assert [i.name for i in up.select([Item(str(f), str(f)) for f in files])] == [str(files[1])]
-        up.add(entry_for(files[1]), new_b)
+        up.add(entry_for(files[1]), unit(rng, 1, *DIMS)[0])
         with pytest.raises(SystemExit):
             up.commit()
     monkeypatch.undo()
-    assert st._index_tmp(path).exists()
-    return path, files, old, new_b
-
-
-def test_a_torn_commit_is_read_as_the_new_store(torn):
-    path, files, old, new_b = torn
     store = VectorStore.open(path)
-    assert [Path(e.path).name for e in store.entries] == ["a.jpg", "c.jpg", "b.jpg"]
-    np.testing.assert_array_equal(np.asarray(store.matrix), np.stack([old[0], old[2], new_b]))
+    assert [Path(e.path).name for e in store.entries] == ["a.jpg", "b.jpg", "c.jpg"]
+    np.testing.assert_array_equal(np.asarray(store.matrix), old)
     # searching for c's own vector finds c, not another image at 1.000
     (best,) = top_k(store, old[2].mean(axis=0) / np.linalg.norm(old[2].mean(axis=0)), 1, mode="image")
     assert Path(store.entries[best.row].path).name == "c.jpg"
     store.close()
-    # the next writer finishes the rename
-    with StoreUpdate(path, meta()) as up:
-        up.commit()
-    assert not st._index_tmp(path).exists()
-    assert [Path(e.path).name for e in VectorStore.open(path).entries] == ["a.jpg", "c.jpg", "b.jpg"]
 
 
-def test_a_torn_commit_whose_new_index_is_lost_is_refused(torn, tiny_itm):
-    path, *_ = torn
-    st._index_tmp(path).unlink()  # the new index is gone: the old one does not describe the new rows
-    with pytest.raises(st.StoreError, match="come from different commits") as info:
-        VectorStore.open(path)
-    assert "do not belong together" in str(info.value)
-    assert "delete" in info.value.hint
-    with pytest.raises(st.StoreError, match="different commits"):
-        StoreUpdate(path, meta())
-    res = cli("search", "a cat", "--index", path, "-m", tiny_itm)
-    assert res.exit_code == 2 and "different commits" in res.stderr, res.output
+@pytest.mark.parametrize("name", ["v.npy", "v.safetensors"])
+def test_an_index_from_another_commit_is_refused_even_with_the_same_rows(tmp_path, tiny_itm, name):
+    rng = np.random.default_rng(13)
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
+    a, b = tmp_path / ("a-" + name), tmp_path / ("b-" + name)
+    add_rows(a, files, unit(rng, 2, *DIMS))
+    add_rows(b, files[::-1], unit(rng, 2, *DIMS))
+    shutil.copy(b / segment(b)["index"], a / segment(a)["index"])  # restored from another backup
+    with pytest.raises(st.StoreError, match="has an index from commit") as info:
+        VectorStore.open(a)
+    assert "matched to the wrong images" in str(info.value) and "delete" in info.value.hint
+    with pytest.raises(st.StoreError, match="from commit"):
+        StoreUpdate(a, meta())
+    res = cli("search", "a cat", "--index", a, "-m", tiny_itm)
+    assert res.exit_code == 2 and "from commit" in res.stderr, res.output
 
 
-def test_npy_store_is_still_a_plain_npy_file(tmp_path):
+def test_a_segment_is_a_plain_npy_file_tied_to_its_manifest(tmp_path):
     rng = np.random.default_rng(12)
     files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
     path = tmp_path / "v.npy"
     vecs = unit(rng, 2, *DIMS)
-    with StoreUpdate(path, meta()) as up:
-        for f, v in zip(files, vecs):
-            up.add(entry_for(f), v)
-        up.commit()
-    np.testing.assert_array_equal(np.load(path), vecs)
-    np.testing.assert_array_equal(np.load(path, mmap_mode="r"), vecs)
-    head = json.loads(pq.read_schema(index_path(path)).metadata[b"blip2"])
-    assert path.read_bytes().endswith(b"BLIP2GEN" + head["generation"].encode())
-    assert VectorStore.open(path).generation == head["generation"]
-
-
-def test_an_npy_store_written_before_the_trailer_still_opens_and_gains_one(tmp_path):
-    rng = np.random.default_rng(15)
-    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
-    path = tmp_path / "v.npy"
-    vecs = unit(rng, 2, *DIMS)
-    with StoreUpdate(path, meta()) as up:
-        up.add(entry_for(files[0]), vecs[0])
-        up.commit()
-    path.write_bytes(path.read_bytes()[:-st.NPY_TRAILER_BYTES])  # as an older blip2 wrote it
-    store = VectorStore.open(path)
-    np.testing.assert_array_equal(np.asarray(store.matrix), vecs[:1])
-    store.close()
-    with StoreUpdate(path, meta()) as up:
-        up.add(entry_for(files[1]), vecs[1])
-        up.commit()
-    assert VectorStore.open(path).generation == json.loads(pq.read_schema(index_path(path)).metadata[b"blip2"])["generation"]
-    assert path.read_bytes()[-st.NPY_TRAILER_BYTES:].startswith(b"BLIP2GEN")
-    path.write_bytes(path.read_bytes() + b"junk")  # neither a trailer nor none
-    with pytest.raises(st.StoreError, match="not a blip2 vector store .44 unexpected bytes after its 2 rows"):
+    add_rows(path, files, vecs)
+    seg = segment(path)
+    npy = path / seg["vectors"]
+    np.testing.assert_array_equal(np.load(npy), vecs)
+    np.testing.assert_array_equal(np.load(npy, mmap_mode="r"), vecs)
+    assert npy.read_bytes().endswith(b"BLIP2GEN" + seg["id"].encode())
+    assert pq.read_schema(path / seg["index"]).metadata[b"blip2.segment"] == seg["id"].encode()
+    npy.write_bytes(npy.read_bytes() + b"junk")  # neither a trailer nor none
+    with pytest.raises(st.StoreError, match="not a blip2 store segment .4 unexpected bytes after its 2 rows"):
         VectorStore.open(path)
 
 
-@pytest.mark.parametrize("name", ["v.npy", "v.safetensors"])
-def test_an_index_from_another_commit_is_refused_even_with_the_same_rows(tmp_path, name):
-    rng = np.random.default_rng(13)
-    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg"])
-    a, b = tmp_path / ("a-" + name), tmp_path / ("b-" + name)
-    for path in (a, b):
-        with StoreUpdate(path, meta()) as up:
-            for f, v in zip(files if path is a else files[::-1], unit(rng, 2, *DIMS)):
-                up.add(entry_for(f), v)
-            up.commit()
-    shutil.copy(index_path(b), index_path(a))  # restored from another backup
-    with pytest.raises(st.StoreError, match="different commits"):
-        VectorStore.open(a)
+def swap_rows(npy: Path, a: int, b: int) -> None:
+    """Swap two rows of a segment's .npy in place, its header and trailer kept."""
+    arr = np.load(npy, mmap_mode="r+")
+    arr[[a, b]] = arr[[b, a]]
+    arr.flush()
+    del arr
+
+
+def test_rows_or_paths_swapped_inside_a_segment_are_refused_not_served(tiny_itm, photos, tmp_path):
+    """Issue 19 #12: two rows swapped in a segment file (its metadata kept) used to be served
+    (search --image p0 found p1 at 1.000); the segment's checksum catches rows and paths."""
+    import pyarrow as pa
+
+    path = tmp_path / "v.safetensors"
+    assert cli("embed", photos, "-m", tiny_itm, "-o", path).exit_code == 0
+    query = sorted(photos.iterdir())[0]
+    res = cli("search", "--image", query, "--index", path, "-m", tiny_itm, "-k", "1", "-f", "jsonl")
+    assert res.exit_code == 0 and json.loads(res.stdout)["path"].endswith(query.name), res.output
+    seg = segment(path)
+    original = (path / seg["vectors"]).read_bytes()
+    swap_rows(path / seg["vectors"], 0, 1)
+    for args in (["search", "--image", query, "--index", path], ["search", "a cat", "--index", path],
+                 ["export", path, "-o", tmp_path / "emb"]):
+        res = cli(*args, *(["-m", tiny_itm] if args[0] == "search" else []))
+        assert res.exit_code == 2, res.output
+        assert seg["vectors"] in res.stderr and "checksum" in res.stderr and "Traceback" not in res.stderr
+        assert res.stdout == ""
+    (path / seg["vectors"]).write_bytes(original)
+    # the paths swapped instead (the Parquet file rewritten with its metadata)
+    table = pq.read_table(path / seg["index"])
+    names = table.column("path").to_pylist()
+    names[0], names[1] = names[1], names[0]
+    table = table.set_column(0, "path", pa.array(names, pa.string()))
+    pq.write_table(table, path / seg["index"])
+    with pytest.raises(st.StoreError, match="does not match its checksum"):
+        VectorStore.open(path).verify()
+    res = cli("search", "a cat", "--index", path, "-m", tiny_itm)
+    assert res.exit_code == 2 and seg["vectors"] in res.stderr, res.output
 
 
 # --------------------------------------------------------------------------- #
@@ -369,8 +373,9 @@ def test_an_index_from_another_commit_is_refused_even_with_the_same_rows(tmp_pat
 def test_a_truncated_store_is_a_clear_error(tiny_itm, photos, tmp_path, name):
     path = tmp_path / name
     assert cli("embed", photos, "-m", tiny_itm, "-o", path).exit_code == 0
-    with open(path, "r+b") as f:
-        f.truncate(path.stat().st_size - 700)
+    npy = path / segment(path)["vectors"]
+    with open(npy, "r+b") as f:
+        f.truncate(npy.stat().st_size - 700)
     with pytest.raises(st.StoreError, match="is truncated") as info:
         VectorStore.open(path)
     assert "rebuild" in info.value.hint
@@ -386,16 +391,13 @@ def test_rows_that_do_not_match_say_what_to_do(tmp_path):
     files = make_files(tmp_path / "img", ["a.jpg", "b.jpg", "c.jpg"])
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
     for path, n in ((a, 2), (b, 3)):
-        with StoreUpdate(path, meta()) as up:
-            for f, v in zip(files[:n], unit(rng, n, *DIMS)):
-                up.add(entry_for(f), v)
-            up.commit()
-    shutil.copy(index_path(b), index_path(a))
+        add_rows(path, files[:n], unit(rng, n, *DIMS))
+    shutil.copy(b / segment(b)["index"], a / segment(a)["index"])
     with pytest.raises(st.StoreError) as info:
         VectorStore.open(a)
     message = str(info.value)
-    assert "come from different commits" in message and "the matrix has 2 rows, the index 3" in message
-    assert "restore both files from the same copy" in info.value.hint
+    assert "is damaged" in message and "with 3 rows" in message and segment(a)["vectors"] in message
+    assert "restore the whole folder from one copy" in info.value.hint
 
 
 # --------------------------------------------------------------------------- #
