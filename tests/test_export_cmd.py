@@ -1,6 +1,6 @@
-"""``blip2 export``: any store (single-file or segmented) into clip-retrieval's layout,
-read back with numpy, pyarrow and faiss (the same top-10 as ``blip2 search``), and a
-single-file store copied into a segmented one."""
+"""``blip2 export``: a store into clip-retrieval's layout (named as clip-retrieval's own
+writer names its files), read back with numpy, pyarrow and faiss (flatten: the same top-10
+as ``blip2 search``; mean: not), and into one matrix file (npy, safetensors)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from blip2cli import store as st
 from blip2cli.cli import app
 from blip2cli.store import Entry, StoreUpdate, VectorStore, top_k
+from blip2cli.storefiles import sha256_file
 
 runner = CliRunner()
 EXTRA = 40  # rows added beside the real photos, so that a top-10 means something
@@ -44,7 +44,7 @@ def store(tiny_itm, example_images, tmp_path) -> Path:
         for i in range(EXTRA):
             f = extra / f"{i:02d}.jpg"
             f.write_bytes(b"%d" % i)
-            size, mtime, digest = st.file_identity(str(f))
+            size, mtime, digest = f.stat().st_size, f.stat().st_mtime_ns, sha256_file(str(f))
             v = rng.standard_normal(meta.dims).astype(np.float32)
             up.add(Entry(str(f), os.path.abspath(f), size, mtime, digest), v / np.linalg.norm(v, axis=-1, keepdims=True))
         up.commit()
@@ -71,14 +71,9 @@ def search_paths(tiny_itm, store: Path, text: str, k: int = 10) -> list[str]:
     return [json.loads(line)["path"] for line in res.stdout.splitlines()]
 
 
-@pytest.mark.parametrize("layout", ["single", "segments"])
-def test_flatten_export_gives_blip2_searchs_top_10_through_faiss(tiny_itm, store, tmp_path, layout):
+def test_flatten_export_gives_blip2_searchs_top_10_through_faiss(tiny_itm, store, tmp_path):
     faiss = pytest.importorskip("faiss")
     source = store
-    if layout == "segments":
-        source = tmp_path / "seg"
-        res = cli("export", store, "-o", source, "--to", "segments")
-        assert res.exit_code == 0, res.output
     out = tmp_path / "emb"
     res = cli("export", source, "-o", out, "--vectors", "flatten", "--rows-per-file", 100)
     assert res.exit_code == 0, res.output
@@ -86,7 +81,13 @@ def test_flatten_export_gives_blip2_searchs_top_10_through_faiss(tiny_itm, store
     vectors, meta = read_export(out)
     assert vectors.dtype == np.float32 and vectors.ndim == 2 and len(vectors) == n * q
     per_file = 100 // q  # whole images per file
-    assert len(list((out / "img_emb").glob("*.npy"))) == -(-n // per_file) > 1
+    count = -(-n // per_file)
+    assert len(list((out / "img_emb").glob("*.npy"))) == count > 1
+    # clip-retrieval's own names: the number zero-padded to the digits of the file count
+    width = len(str(count))
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == [f"img_emb_{i:0{width}d}.npy" for i in range(count)]
+    assert sorted(p.name for p in (out / "metadata").iterdir()) == [
+        f"metadata_{i:0{width}d}.parquet" for i in range(count)]
     assert meta["query"] == list(range(q)) * n and len(meta["image_path"]) == n * q
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
@@ -128,21 +129,85 @@ def test_captions_fill_the_caption_column(store, tmp_path, example_images):
     assert meta["caption"][0] == "a cat on a sofa" and meta["caption"][1:] == [None] * (src.rows - 1)
 
 
-def test_to_segments_copies_rows_settings_and_failures(store, tmp_path):
+def test_mean_export_does_not_rank_as_blip2_search(tiny_itm, store, tmp_path):
+    """README: only --vectors flatten reproduces blip2 search's ranking (the max over the 32
+    query vectors); the mean of the query vectors ranks differently."""
+    faiss = pytest.importorskip("faiss")
+    out = tmp_path / "emb"
+    assert cli("export", store, "-o", out).exit_code == 0
+    vectors, meta = read_export(out)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    differs = []
+    for text in ("a cat", "a rocket on a launch pad"):
+        _, ids = index.search(text_vector(tiny_itm, text)[None], 10)
+        differs.append([meta["image_path"][i] for i in ids[0]] != search_paths(tiny_itm, store, text))
+    assert any(differs)
+
+
+def test_absolute_paths(store, tmp_path, monkeypatch):
     src = VectorStore.open(store)
-    seg = tmp_path / "seg"
-    res = cli("export", store, "-o", seg, "--to", "segments")
+    monkeypatch.chdir(tmp_path)
+    res = cli("export", store, "-o", tmp_path / "emb", "--absolute-paths", "--vectors", "flatten")
     assert res.exit_code == 0, res.output
-    new = VectorStore.open(seg)
-    assert new.meta == src.meta and new.rows == src.rows
-    assert [e for e in new.entries] == list(src.entries)
-    np.testing.assert_array_equal(new.read_rows(0, new.rows), src.read_rows(0, src.rows))
-    assert store.exists()  # the source is left as it was
-    # refused: a directory that is not empty, a segmented source, options of the other layout
-    assert cli("export", store, "-o", seg, "--to", "segments").exit_code == 2
-    assert cli("export", seg, "-o", tmp_path / "again", "--to", "segments").exit_code == 2
-    res = cli("export", store, "-o", tmp_path / "x", "--to", "segments", "--vectors", "flatten")
+    _, meta = read_export(tmp_path / "emb")
+    q = src.meta.dims[0]
+    want = [e.abspath for e in src.entries]
+    assert meta["image_path"][::q] == want and all(os.path.isabs(p) for p in want)
+    res = cli("export", store, "-o", tmp_path / "x.npy", "--to", "npy", "--absolute-paths")
+    assert res.exit_code == 2 and "--absolute-paths" in res.stderr
+
+
+@pytest.mark.parametrize("kind", ["npy", "safetensors"])
+def test_to_one_matrix_file(store, tmp_path, kind):
+    src = VectorStore.open(store)
+    out = tmp_path / f"matrix.{kind}"
+    res = cli("export", store, "-o", out, "--to", kind)
+    assert res.exit_code == 0, res.output
+    if kind == "npy":
+        matrix = np.load(out)
+    else:
+        from safetensors.numpy import load_file
+
+        matrix = load_file(str(out))["vectors"]
+    np.testing.assert_array_equal(matrix, src.read_rows(0, src.rows))
+    index = pq.read_table(out.with_name(out.name + ".index.parquet"))
+    assert index.column("path").to_pylist() == [e.path for e in src.entries]
+    settings = json.loads(index.schema.metadata[b"blip2"])
+    assert settings["rows"] == src.rows and settings["dims"] == list(src.meta.dims)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files
+    res = cli("export", store, "-o", tmp_path / "x", "--to", kind, "--vectors", "flatten")
     assert res.exit_code == 2 and "--vectors" in res.stderr
+
+
+def test_an_export_killed_midway_leaves_no_vectors_without_metadata(store, tmp_path, monkeypatch):
+    """Issue 19: kill -9 during export left img_emb_0.npy without its metadata. Files are
+    written in a temporary folder and moved metadata first; the next export removes leftovers."""
+    from blip2cli import export as ex
+
+    out = tmp_path / "emb"
+    real = os.replace
+    moved = []
+
+    def replace(src, dst):
+        if "img_emb" in str(dst) and len([m for m in moved if "img_emb" in m]) == 1:
+            raise SystemExit("simulated kill")
+        moved.append(str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", replace)
+    src = VectorStore.open(store)
+    with pytest.raises(SystemExit):
+        ex.export_clip_retrieval(src, out, rows_per_file=10)
+    monkeypatch.undo()
+    emb = sorted(p.name[len("img_emb_"):-4] for p in (out / "img_emb").glob("img_emb_*.npy"))
+    metadata = sorted(p.name[len("metadata_"):-8] for p in (out / "metadata").glob("metadata_*.parquet"))
+    assert emb and set(emb) <= set(metadata)  # every vector file has its metadata
+    (out / ".blip2-export-0123456789ab").mkdir()  # what a kill -9 leaves (the finally never ran)
+    ex.export_clip_retrieval(src, out, rows_per_file=10)
+    assert sorted(p.name for p in out.iterdir()) == ["img_emb", "metadata"]
+    vectors, meta = read_export(out)
+    assert len(vectors) == len(meta["image_path"]) == src.rows
 
 
 def test_a_missing_store_is_a_clear_error(tmp_path):

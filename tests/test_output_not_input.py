@@ -39,7 +39,7 @@ def test_search_into_the_index_of_its_store_is_refused(tiny_itm, example_images,
     store = tmp_path / "vectors.safetensors"
     made = _run(["embed", *map(str, example_images[:2]), "--model", str(tiny_itm), "-o", str(store)])
     assert made.exit_code == 0, made.stderr
-    index = store.with_name(store.name + ".index.parquet")
+    index = next(store.glob("seg-*.parquet"))  # a file of the store (a folder)
     assert index.exists()
     before = index.read_bytes()
     result = _run(["search", "a cat", "--index", str(store), "--model", str(tiny_itm), "-o", str(index)])

@@ -161,7 +161,8 @@ def search(
     model, revision, wanted_features, pool = store_settings(index, loading.model, loading.revision, features.value, None)
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "search")
-    check_output_path(output, inputs=[image, index])
+    store_files = list(Path(index).iterdir()) if index is not None and Path(index).is_dir() else []
+    check_output_path(output, inputs=[image, index, *store_files])  # no file of the store is the output
     if image is not None and not Path(image).is_file():
         raise InputError(f"--image {image}: no such file")
     items, total = (None, 0)
