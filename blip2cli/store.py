@@ -111,6 +111,19 @@ def is_store_path(path: str | os.PathLike | None) -> bool:
     return Path(path).suffix.lower() in NEW_STORE_SUFFIXES or exists(path)
 
 
+def store_files(path: str | os.PathLike) -> list[Path]:
+    """The store folder and every file in it: what no run may read as an input or write as
+    another output (guards compare them by inode)."""
+    path = Path(path)
+    return [path, *path.iterdir()] if path.is_dir() else [path]
+
+
+def inside(store: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the store folder or lies in it."""
+    s, p = os.path.realpath(store), os.path.realpath(path)
+    return p == s or p.startswith(s.rstrip(os.sep) + os.sep)
+
+
 def _ours(name: str) -> bool:
     """A file name a store folder may hold before its first commit (or after a crash)."""
     return (name.startswith(("seg-", "ann-", ".blip2-")) or name in (PENDING, MANIFEST + ".tmp"))

@@ -198,8 +198,15 @@ def embed(
     items, total = (None, 0)
     if have_images:
         items, total = resolve_items(inputs, command="embed", **vars(src))
-        from ..guard import screen_inputs  # no output (a store and its index too) is an input
-        items = screen_inputs(items, total, [output])
+        from ..guard import screen_inputs  # no output (a store and every file in it too) is an input
+        if to_store:
+            from ..store import inside, store_files
+
+            for given in inputs or []:
+                if str(given) != "-" and inside(output, given):
+                    raise UsageError(f"the input {str(given)!r} is also the output {str(output)!r}: writing "
+                                     "would destroy it", hint="name the images, not the vector store")
+        items = screen_inputs(items, total, store_files(output) if to_store else [output])
 
     if not to_store and not texts:
         # Image records to JSON Lines / CSV: the common job (--resume, -o DIR, --shard).
