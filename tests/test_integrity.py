@@ -364,6 +364,30 @@ def test_rows_or_paths_swapped_inside_a_segment_are_refused_not_served(tiny_itm,
     assert res.exit_code == 2 and seg["vectors"] in res.stderr, res.output
 
 
+def test_disk_full_during_a_store_update_says_the_store_is_intact(tiny_itm, photos, tmp_path, monkeypatch):
+    """Issue 19 #18: "OSError: [Errno 28]" and a debug hint before; now what happened, that
+    the store is intact (verified here) and what to do, exit 2, no traceback hint."""
+    import errno
+
+    path = tmp_path / "v.safetensors"
+    first = sorted(photos.iterdir())[0]
+    assert cli("embed", first, "-m", tiny_itm, "-o", path).exit_code == 0
+    before = np.asarray(VectorStore.open(path).matrix).copy()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st, "_write_segment", full)
+    res = cli("embed", photos, "-m", tiny_itm, "-o", path)
+    assert res.exit_code == 2, res.output
+    assert "the disk is full" in res.stderr and "It is intact" in res.stderr and "free some disk space" in res.stderr
+    assert "BLIP2_DEBUG" not in res.stderr and "Errno" not in res.stderr
+    monkeypatch.undo()
+    store = VectorStore.open(path)
+    store.verify()
+    assert store.rows == 1 and np.array_equal(np.asarray(store.matrix), before)
+
+
 # --------------------------------------------------------------------------- #
 # Clear errors (case 13)
 # --------------------------------------------------------------------------- #

@@ -425,6 +425,44 @@ def test_ann_search_finds_the_exact_top_k_on_a_small_store(tiny_itm, many_photos
     assert res.exit_code == 2 and "--ann searches a whole vector store" in res.stderr
 
 
+def test_ann_on_an_empty_store_is_a_clear_message(tiny_itm, tmp_path):
+    """Issue 19 #15: "TypeError: 'NoneType' object is not subscriptable" before."""
+    pytest.importorskip("faiss")
+    out = tmp_path / "empty.safetensors"
+    add(out, [], [], meta(dims=(8,), pool="mean"))
+    res = cli("search", "a cat", "--index", out, "-m", tiny_itm, "--ann")
+    assert res.exit_code == 2, res.output
+    assert "is empty" in res.stderr and "TypeError" not in res.stderr and "Traceback" not in res.stderr
+    from blip2cli import ann
+
+    with pytest.raises(st.StoreError, match="is empty"):
+        ann.build(VectorStore.open(out))
+
+
+def test_ann_on_a_tiny_store_prints_no_faiss_warning(tmp_path, capfd):
+    """Issue 19: faiss printed "WARNING clustering 8 points to 1 centroids" on tiny stores."""
+    pytest.importorskip("faiss")
+    from blip2cli import ann
+
+    rng = np.random.default_rng(30)
+    files = make_files(tmp_path / "img", [f"{i}.jpg" for i in range(8)])
+    vecs = unit(rng, 8, 8)
+    path = tmp_path / "v.npy"
+    add(path, files, vecs, meta(dims=(8,), pool="mean"))
+    store = VectorStore.open(path)
+    hits = ann.search(store, ann.load_or_build(store), vecs[5], 3)
+    assert [h.row for h in hits] == [h.row for h in top_k(store, vecs[5], 3, mode="text")] and hits[0].row == 5
+    assert "WARNING" not in capfd.readouterr().err
+    # a bigger store still gets the inverted-file index
+    many = unit(rng, 700, 8)
+    big = tmp_path / "big.npy"
+    add(big, make_files(tmp_path / "many", [f"{i}.jpg" for i in range(700)]), many, meta(dims=(8,), pool="mean"))
+    import faiss
+
+    index = ann.build(VectorStore.open(big))
+    assert faiss.extract_index_ivf(index).nlist > 1
+
+
 # --------------------------------------------------------------------------- #
 # blip2 merge streams (same output as the in-memory merge it replaces)
 # --------------------------------------------------------------------------- #

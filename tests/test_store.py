@@ -283,3 +283,56 @@ def test_float16_conversion_is_the_same_with_or_without_torch(monkeypatch):
     got_numpy = st._as_float32(src, np.empty(src.shape, np.float32))
     np.testing.assert_array_equal(got_torch, want)
     np.testing.assert_array_equal(got_numpy, want)
+
+
+def test_disk_full_during_an_update_keeps_the_old_store_and_says_so(tmp_path, monkeypatch):
+    """Issue 19 #18: ENOSPC while the new segment (or the side file) is written: a StoreError
+    that says the store is intact and what to do; nothing half-written is left."""
+    import errno
+
+    rng = np.random.default_rng(20)
+    files = make_files(tmp_path / "img", ["a.jpg", "b.jpg", "c.jpg"])
+    path = tmp_path / "v.safetensors"
+    write_store(path, files[:1], unit(rng, 1, *DIMS))
+    before = state(path)
+    real_write_segment = st._write_segment
+
+    def full(folder, *a, **k):
+        real_write_segment(folder, *a, **k)  # its files are on disk ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the index (say) does not fit
+
+    monkeypatch.setattr(st, "_write_segment", full)
+    with pytest.raises(st.StoreError, match="disk is full.*It is intact: its previous version .1 rows") as info:
+        write_store(path, files[1:], unit(rng, 2, *DIMS))
+    assert "free some disk space" in info.value.hint and "run the same command again" in info.value.hint
+    monkeypatch.undo()
+    assert state(path) == before and len(seg_files(path)) == 2
+    assert not (path / ".pending").exists()
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with StoreUpdate(path, meta()) as up:  # the side file of new rows fills the disk
+        up._lock.fh, real = Full(), up._lock.fh
+        with pytest.raises(st.StoreError, match="disk is full.*intact"):
+            up.add(entry_for(files[1]), unit(rng, 1, *DIMS)[0])
+        up._lock.fh = real
+    assert state(path) == before
+
+
+def test_stale_temporary_files_of_ours_are_removed_by_the_next_writer(tmp_path):
+    """Issue 19: kill -9 while the faiss index was saved left a .blip2-*.tmp that no later
+    run removed. The next writer removes ours once they are stale, never a fresh one."""
+    path = tmp_path / "v.npy"
+    write_store(path, [], [])
+    stale, fresh = path / ".blip2-abc123.tmp", path / ".blip2-def456.tmp"
+    stale.write_bytes(b"half an index")
+    fresh.write_bytes(b"being written now")
+    old = os.stat(stale).st_mtime - 3600
+    os.utime(stale, (old, old))
+    other = path / "notes.tmp"
+    other.write_bytes(b"not ours")
+    with StoreUpdate(path, meta()) as up:
+        up.commit()
+    assert not stale.exists() and fresh.exists() and other.exists()
