@@ -4,7 +4,7 @@
                                         [--out benchmarks/results/segments_scale.md]
 
 No model runs: random unit vectors go through ``StoreSink`` -> ``StoreUpdate.add`` ->
-``commit`` (``blip2 embed -o DIR --layout segments``) and ``store.top_k`` /
+``commit`` (``blip2 embed -o DIR.safetensors``) and ``store.top_k`` /
 ``ann.search`` (``blip2 search --index DIR [--ann]``). Stages, each in a fresh
 process (its own ``ru_maxrss``):
 
@@ -56,7 +56,7 @@ def _write(path: Path, start: int, count: int, pool, **kw) -> dict:
 
     rng = np.random.default_rng(start)
     t0 = time.perf_counter()
-    with StoreUpdate(path, _meta(), layout="segments", **kw) as update:
+    with StoreUpdate(path, _meta(), **kw) as update:
         sink = StoreSink(update)
         for i in range(start, start + count):
             # a fresh mix per row so that the top 10 are not ties
@@ -203,7 +203,7 @@ def render(r: dict) -> str:
         "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs (shared with other jobs), Python {m['python']}, "
         f"numpy {m['numpy']}, blip2 {m['blip2']}. Date: {m['date']}. Command: `{m['command']}`. "
-        "Pooled 256-d float32 rows (`--pool mean`) through the code `blip2 embed -o DIR --layout segments` "
+        "Pooled 256-d float32 rows (`--pool mean`) through the code `blip2 embed -o vectors.safetensors` "
         "and `blip2 search --index DIR [--ann]` use after the model.",
         "",
         "| step | rows | time | peak RSS |",

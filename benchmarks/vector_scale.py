@@ -95,8 +95,8 @@ def stage_write(path: Path, rows: int, dims: tuple[int, ...], dtype: str, batch:
             "rows_per_s": round(count / seconds),
             "peak_rss_mb": round(common.peak_rss_mb(), 1),
         }
-    result["matrix_mb"] = round(path.stat().st_size / 2**20, 1)
-    result["index_mb"] = round(Path(str(path) + ".index.parquet").stat().st_size / 2**20, 1)
+    result["matrix_mb"] = round(sum(p.stat().st_size for p in path.glob("seg-*.npy")) / 2**20, 1)
+    result["index_mb"] = round(sum(p.stat().st_size for p in path.glob("seg-*.parquet")) / 2**20, 1)
     result["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
     return result
 
