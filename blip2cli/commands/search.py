@@ -81,8 +81,8 @@ def search(
     ] = None,
     index: Annotated[
         Optional[Path],
-        typer.Option("--index", metavar="FILE", rich_help_panel=SEARCH_PANEL, show_default=False,
-                     help="A vector store (FILE.safetensors or FILE.npy) to search; images named as "
+        typer.Option("--index", metavar="STORE", rich_help_panel=SEARCH_PANEL, show_default=False,
+                     help="A vector store (what blip2 embed -o NAME.safetensors wrote) to search; images named as "
                      "inputs that it lacks (or that changed) are embedded into it first."),
     ] = None,
     top_k: Annotated[
