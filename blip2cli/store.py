@@ -26,7 +26,9 @@ paths. Ids and counts are checked on every open (files from another commit or
 another store are refused); the checksum when a store is served
 (``VectorStore.verify``: ``blip2 search``, ``blip2 export``) and when compaction
 copies a segment, so rows swapped or edited inside a segment are refused, never
-matched to the wrong images.
+matched to the wrong images. A segment whose files still have the inode, size,
+mtime and ctime its commit recorded is not re-hashed (a write changes the ctime,
+and a ctime cannot be set back).
 
 Compaction: a segment whose rows are more than half deleted is rewritten at the
 next commit; adjacent trailing segments are merged while the older one is at
@@ -135,7 +137,7 @@ def _not_a_store(path: Path) -> StoreError:
             f"{str(path)!r} is a file, not a blip2 vector store (a store is a folder; a single-file "
             "store written by a pre-release blip2 is not read any more)",
             hint=f"choose another -o name, or delete {str(path)!r} (and {path.name}.index.parquet beside it) "
-            "and embed again", params=["output"])
+            "and embed again")
     return StoreError(f"no vector store at {str(path)!r} (no {MANIFEST} in it)",
                       hint=f"create one: blip2 embed PHOTOS -o {path}")
 
@@ -153,6 +155,7 @@ class Segment:
     rows: int  # physical rows in the files
     deleted: object  # sorted int64 numpy array of deleted physical rows
     checksum: str = ""  # sha256 of its rows' bytes, then its paths (see ``_Checksum``)
+    written: str = ""  # the two files as the commit left them (``_fingerprint``): unchanged -> not re-hashed
     offset: int = 0  # where the rows start in the .npy
     base: int = 0  # its first live row's number in the store
     _live: object = field(default=None, repr=False)
@@ -183,18 +186,30 @@ class Segment:
         return self._live
 
     def copy(self) -> Segment:
-        return Segment(self.id, self.rows, self.deleted.copy(), self.checksum, self.offset, self.base)
+        return Segment(self.id, self.rows, self.deleted.copy(), self.checksum, self.written, self.offset, self.base)
 
     def to_json(self) -> dict:
         return {"id": self.id, "rows": self.rows, "vectors": self.vectors, "index": self.index,
-                "checksum": self.checksum, "deleted": [int(x) for x in self.deleted]}
+                "checksum": self.checksum, "written": self.written, "deleted": [int(x) for x in self.deleted]}
 
     @classmethod
     def from_json(cls, d: dict) -> Segment:
         import numpy as np
 
         deleted = np.unique(np.asarray(d.get("deleted") or [], dtype=np.int64))
-        return cls(str(d["id"]), int(d["rows"]), deleted, str(d["checksum"]))
+        return cls(str(d["id"]), int(d["rows"]), deleted, str(d["checksum"]), str(d.get("written") or ""))
+
+
+def _fingerprint(folder: Path, seg: Segment) -> str:
+    """Inode, size, mtime and ctime of a segment's two files. Any write to a file changes its
+    mtime and ctime (and nobody can set a ctime back), so a segment whose fingerprint is the
+    one its commit recorded holds the bytes that were hashed; a copied or restored one
+    (new inode) is hashed again."""
+    parts = []
+    for name in (seg.vectors, seg.index):
+        st = os.stat(folder / name)
+        parts.append(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    return "/".join(parts)
 
 
 class _Checksum:
@@ -434,10 +449,14 @@ class VectorStore:
         return self._mx if self.rows else None
 
     # -- the checksums ----------------------------------------------------------
-    def verify(self, segments: Iterable[Segment] | None = None) -> None:
-        """Check each segment's rows and paths against its checksum (reads them all);
-        ``StoreError`` naming the first segment that differs."""
+    def verify(self, segments: Iterable[Segment] | None = None, *, full: bool = False) -> None:
+        """Check each segment's rows and paths against its checksum (reading them all);
+        ``StoreError`` naming the first segment that differs. A segment whose files are
+        still the very files its commit wrote (``_fingerprint``) is not read again unless
+        ``full``: an ``--ann`` search stays milliseconds."""
         for seg in self.segments if segments is None else segments:
+            if not full and seg.written and _fingerprint(self.path, seg) == seg.written:
+                continue
             check = _Checksum()
             total = seg.rows * self.meta.row_bytes
             with open(self.path / seg.vectors, "rb") as f:
@@ -627,6 +646,7 @@ def _write_segment(folder: Path, meta: StoreMeta, parts, entries=None, pending=N
         pq.write_table(table, idx, row_group_size=ROW_GROUP)
         with open(idx, "rb+") as f:
             os.fsync(f.fileno())
+        seg.written = _fingerprint(folder, seg)
     except BaseException:
         unlink(folder / seg.vectors)
         unlink(folder / seg.index)
@@ -669,7 +689,7 @@ class StoreUpdate:
             if strangers:
                 raise StoreError(f"{str(self.path)!r} is a folder that is not a blip2 vector store "
                                  f"(it holds {strangers[0]!r})",
-                                 hint="name a new folder (or an existing store) as the output", params=["output"])
+                                 hint="name a new folder (or an existing store) as the output")
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(self.path / PENDING, str(self.path))
         self._mutex = threading.Lock()

@@ -336,3 +336,35 @@ def test_stale_temporary_files_of_ours_are_removed_by_the_next_writer(tmp_path):
     with StoreUpdate(path, meta()) as up:
         up.commit()
     assert not stale.exists() and fresh.exists() and other.exists()
+
+
+def test_verify_rehashes_only_a_segment_that_is_not_the_file_its_commit_wrote(tmp_path, monkeypatch):
+    """A served store is checked against its checksums (issue 19 #12), but an unchanged
+    segment (same inode, size, mtime and ctime as its commit recorded) is not read again: an
+    --ann query stays milliseconds. Any write changes the ctime, which nobody can set back."""
+    import time
+
+    rng = np.random.default_rng(21)
+    files = make_files(tmp_path / "img", [f"{i}.jpg" for i in range(4)])
+    path = tmp_path / "v.npy"
+    write_store(path, files, unit(rng, 4, *DIMS))
+    store = VectorStore.open(path)
+    calls = []
+    real = st._Checksum.paths
+    monkeypatch.setattr(st._Checksum, "paths", lambda self, table: calls.append(1) or real(self, table))
+    store.verify()
+    assert calls == []  # the files are the ones written: trusted
+    store.verify(full=True)
+    assert calls == [1]
+    # rows swapped in place, the file's mtime set back: the ctime still tells
+    time.sleep(0.05)
+    (seg,) = store.segments
+    npy = path / seg.vectors
+    before = npy.stat()
+    arr = np.load(npy, mmap_mode="r+")
+    arr[[0, 1]] = arr[[1, 0]]
+    arr.flush()
+    del arr
+    os.utime(npy, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(st.StoreError, match=f"{seg.vectors} does not match its checksum"):
+        VectorStore.open(path).verify()

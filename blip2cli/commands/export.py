@@ -92,7 +92,7 @@ def export(
 
     src = VectorStore.open(store)  # StoreError (exit 2) if there is none
     try:
-        src.verify()  # rows or paths changed inside a segment: refused, never exported
+        src.verify(full=True)  # rows or paths changed inside a segment: refused, never exported
         if to != ExportLayout.clip_retrieval:
             if captions is not None or vectors != ExportVectors.mean or absolute_paths:
                 raise UsageError(f"--captions, --vectors and --absolute-paths apply to --to clip-retrieval, "
