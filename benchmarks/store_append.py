@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402 (benchmarks/common.py)
+import common
 
 
 def _meta(dims, dtype):
@@ -99,8 +99,9 @@ def stage_build(path: Path, rows: int, dims, dtype) -> dict:
 
 
 def stage_run(path: Path, start: int, count: int, dims, dtype) -> dict:
-    from blip2cli import store  # noqa: F401 - imports (numpy, pyarrow) before the clock
-    import pyarrow.parquet  # noqa: F401
+    import pyarrow.parquet
+
+    from blip2cli import store
 
     return _update(path, start, count, dims, dtype)
 

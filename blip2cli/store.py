@@ -61,6 +61,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 from .storefiles import (
@@ -153,12 +154,12 @@ class Segment:
 
     id: str
     rows: int  # physical rows in the files
-    deleted: object  # sorted int64 numpy array of deleted physical rows
+    deleted: Any  # sorted int64 numpy array of deleted physical rows
     checksum: str = ""  # sha256 of its rows' bytes, then its paths (see ``_Checksum``)
     written: str = ""  # the two files as the commit left them (``_fingerprint``): unchanged -> not re-hashed
     offset: int = 0  # where the rows start in the .npy
     base: int = 0  # its first live row's number in the store
-    _live: object = field(default=None, repr=False)
+    _live: Any = field(default=None, repr=False)
 
     @property
     def vectors(self) -> str:
@@ -287,7 +288,7 @@ class _Entries:
 
     def __init__(self, store: VectorStore):
         self._store = store
-        self._tables: dict[str, object] = {}
+        self._tables: dict[str, Any] = {}
         self._groups: dict[str, tuple] = {}  # segment id -> (ParquetFile, group starts, groups read)
 
     def __len__(self) -> int:
@@ -344,7 +345,7 @@ class _Matrix:
 
     def __init__(self, store: VectorStore):
         self._store = store
-        self.maps: dict[str, object] = {}
+        self.maps: dict[str, Any] = {}
 
     @property
     def shape(self) -> tuple:
@@ -414,7 +415,7 @@ class VectorStore:
         self._bases = np.asarray([s.base for s in segments], dtype=np.int64)
         self.entries = _Entries(self)
         self._mx = _Matrix(self)
-        self._files: dict[str, object] = {}
+        self._files: dict[str, Any] = {}
         self._by_abspath: dict[str, int] | None = None
 
     @classmethod
@@ -785,7 +786,7 @@ class StoreUpdate:
                 self.stats.new += 1
                 self._kinds[abspath] = "new"
             return False
-        entry = self._old.entries[row]
+        entry = self._old.entries[row]  # type: ignore[union-attr]  # row is not None: there is an old store
         try:
             st = os.stat(abspath)
         except OSError:  # gone or unreadable: the pipeline reports it
@@ -1102,7 +1103,7 @@ def top_k(store: VectorStore, query, k: int, *, mode: str, rows=None, chunk_rows
         if subset is None:
             idx = None
             n = stop - start
-            view = store.read_rows(start, stop, out=raw[:n])
+            view = store.read_rows(start, stop, out=raw[:n])  # type: ignore[index]  # allocated when subset is None
             block = _as_float32(view, None if f32 is None else f32[:n])
         else:  # only the pages of the wanted rows are read, through the memory map
             lo, hi = np.searchsorted(subset, [start, stop])

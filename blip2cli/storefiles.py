@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .choices import StoreDtype, names
 from .errors import Blip2Error
@@ -221,7 +222,8 @@ def entries_table(entries: Sequence[Entry]):
         try:
             columns[name] = pa.array(values, pa.string())
         except (UnicodeEncodeError, pa.ArrowInvalid, pa.ArrowTypeError):
-            shown, raw = [], []
+            shown: list[str] = []
+            raw: list[bytes | None] = []
             for v in values:
                 try:
                     v.encode("utf-8")
@@ -306,9 +308,10 @@ class FileLock:
     def __init__(self, path: Path, what: str):
         self.path = path
         self.what = what
-        self.fh = None
+        self.fh: Any = None
 
     def acquire(self) -> None:
+        fcntl: Any
         try:
             import fcntl
         except ImportError:  # Windows: no locking
@@ -344,6 +347,24 @@ class FileLock:
         self.fh = None
 
 
-__all__ = ["COPY_BYTES", "Entry", "FileLock", "NpyInfo", "STORE_DTYPES", "StoreError", "StoreMeta", "column_values",
-           "entries_from_table", "entries_table", "fsync_dir", "npy_header", "npy_trailer",
-           "pyarrow_modules", "read_npy_info", "remove_stale_temp", "sha256_file", "show", "unlink"]
+__all__ = [
+    "COPY_BYTES",
+    "STORE_DTYPES",
+    "Entry",
+    "FileLock",
+    "NpyInfo",
+    "StoreError",
+    "StoreMeta",
+    "column_values",
+    "entries_from_table",
+    "entries_table",
+    "fsync_dir",
+    "npy_header",
+    "npy_trailer",
+    "pyarrow_modules",
+    "read_npy_info",
+    "remove_stale_temp",
+    "sha256_file",
+    "show",
+    "unlink",
+]
