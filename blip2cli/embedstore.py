@@ -76,7 +76,7 @@ def store_settings(path, model, revision, features: str, pool: str | None):
     from .errors import UsageError
     from .store import VectorStore, exists
 
-    if path is None or not exists(path):
+    if path is None or not (exists(path) or os.path.isfile(path)):  # a file: refused below, before the model
         return model or DEFAULT_RETRIEVAL_MODEL, revision, features, pool or "none"
     store = VectorStore.open(path)
     meta = store.meta

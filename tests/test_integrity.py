@@ -410,6 +410,18 @@ def test_a_truncated_store_is_a_clear_error(tiny_itm, photos, tmp_path, name):
         assert "is truncated" in res.stderr and "mmap" not in res.stderr and "ValueError" not in res.stderr
 
 
+def test_a_pre_release_single_file_store_is_refused_before_the_model_loads(tiny_itm, photos, tmp_path, monkeypatch):
+    old = tmp_path / "vectors.safetensors"
+    old.write_bytes(b"a single-file store of a pre-release blip2")
+    (tmp_path / "vectors.safetensors.index.parquet").write_bytes(b"PAR1")
+    monkeypatch.setattr("blip2cli.loader.load", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    for args in (["embed", photos, "-o", old], ["search", "a cat", "--index", old]):
+        res = cli(*args, "-m", tiny_itm)
+        assert res.exit_code == 2, res.output
+        assert "is a file, not a blip2 vector store" in res.stderr and "delete" in res.stderr
+    assert old.read_bytes() == b"a single-file store of a pre-release blip2"
+
+
 def test_rows_that_do_not_match_say_what_to_do(tmp_path):
     rng = np.random.default_rng(14)
     files = make_files(tmp_path / "img", ["a.jpg", "b.jpg", "c.jpg"])
