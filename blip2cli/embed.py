@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .choices import Features, Pool, names
-from .errors import ModelError, OptionError, UsageError
+from .errors import ModelError, OptionError
 from .loader import RETRIEVAL
 from .writers import Schema
 

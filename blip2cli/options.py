@@ -14,7 +14,6 @@ from typing import Annotated, Optional
 import typer
 
 from .choices import Dtype, Format, Preprocess, Quantize  # declared once, in the core
-from .defaults import default_batch_size, default_workers
 from . import caption as _caption_defaults
 from .loader import DEFAULT_MODEL
 from .sidecar import Existing as ExistingOpt

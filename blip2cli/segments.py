@@ -79,8 +79,8 @@ def is_segmented(path) -> bool:
 
 def _need_pyarrow():
     try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow
+        import pyarrow.parquet
     except ImportError:
         raise StoreError("a segmented vector store needs pyarrow (its index is Parquet)",
                          hint="pip install pyarrow") from None
@@ -268,8 +268,6 @@ class _Matrix:
         return self._store.rows
 
     def __array__(self, dtype=None, copy=None):
-        import numpy as np
-
         out = self._store.read_rows(0, self._store.rows)
         return out if dtype is None else out.astype(dtype)
 

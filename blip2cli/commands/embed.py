@@ -6,7 +6,6 @@ the ``EmbedTask`` the pipeline runs, and embedding items into a store.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,11 +14,9 @@ import typer
 from .. import console
 from .. import options as o
 from ..choices import EmbedFormat, Features, Pool, StoreDtype, StoreLayout  # declared once, in the core
-from ..embed import DEFAULT_RETRIEVAL_MODEL
 from ..errors import sigterm_as_interrupt
-# The core of embed, search and score (re-exported: older imports keep working).
-from ..embed import EmbedTask, model_key  # noqa: F401
-from ..embedstore import StoreSink, embed_into_store, open_update, store_settings, store_summary  # noqa: F401
+from ..embed import EmbedTask, model_key
+from ..embedstore import embed_into_store, open_update, store_settings, store_summary
 from .common import check_output_path, finish, handles_errors, load_options, resolve_items
 
 FEATURES_PANEL = "Features"
