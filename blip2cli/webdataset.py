@@ -221,7 +221,7 @@ class SampleReader:
                         sample.problems[ext] = (f"the member {member.name!r} is too large "
                                                 f"({_megabytes(member.size)}; the limit is {_megabytes(limit)})")
                         continue
-                    data = tf.extractfile(member).read()
+                    data = tf.extractfile(member).read()  # type: ignore[union-attr]  # a regular file
                     if is_image and member.size > (1 << 20):
                         problem = _check_head(data)
                         if problem:
