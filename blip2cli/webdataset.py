@@ -37,7 +37,6 @@ import json
 import os
 import re
 import tarfile
-from dataclasses import replace
 from typing import Iterable, Iterator
 
 from .inputnames import SHARD_SUFFIXES
@@ -468,10 +467,6 @@ def _promote(part, final, fmt: str, schema) -> None:
         finally:
             sink.close()
     os.unlink(part)
-
-
-def with_fields(item: Item, **fields) -> Item:
-    return replace(item, fields={**(item.fields or {}), **fields})
 
 
 def configure(job, carry, ext) -> None:
