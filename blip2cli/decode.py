@@ -8,7 +8,7 @@ JPEG, "not an image file (looks like HTML)", image too large, permission denied)
   from the header, after a JPEG's draft) before any pixel is decoded, apply EXIF
   orientation, convert every mode (16-bit, palette, alpha on white) to RGB.
 
-Pillow is imported on first use (``pillow``), with its plugins registered once.
+Pillow is imported on first use (``_pil``), with its plugins registered once.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _init_lock = threading.Lock()
 _initialised = False
 
 
-def pillow():
+def _pil():
     """Import Pillow once: register all plugins (thread-safe) and silence the
     decompression-bomb *warning* (the error threshold, 2x MAX_IMAGE_PIXELS, stays)."""
     global _initialised
@@ -139,7 +139,7 @@ def _sniff(head: bytes) -> str:
     return "not an image file (unrecognised format)"
 
 
-def megabytes(n: int) -> str:
+def _megabytes(n: int) -> str:
     return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.1f} MB"
 
 
@@ -167,12 +167,12 @@ def _decode_bytes(im) -> int:
     else:
         extra = 4
     # (A PNG's getexif() decodes the image to look for EXIF after the pixels: not here.)
-    if not (im.format == "PNG" and "exif" not in im.info) and exif_orientation(im) != 1:
+    if not (im.format == "PNG" and "exif" not in im.info) and _orientation(im) != 1:
         extra += stored  # exif_transpose makes the turned copy before it drops the first
     return w * h * (stored + extra)
 
 
-def check_decode_budget(im) -> None:
+def _check_decode_budget(im) -> None:
     """Refuse an image whose decode would take more than ``MAX_DECODE_BYTES``, from its header."""
     limit = MAX_DECODE_BYTES
     if limit is None:
@@ -182,11 +182,11 @@ def check_decode_budget(im) -> None:
         w, h = im.size
         raise ImageError(
             f"image too large to decode: {w}x{h} pixels (mode {im.mode}) would take about "
-            f"{megabytes(need)} of memory; the limit is {megabytes(limit)} per image"
+            f"{_megabytes(need)} of memory; the limit is {_megabytes(limit)} per image"
         )
 
 
-def decode_error(exc: BaseException, fmt: str | None) -> ImageError:
+def _decode_error(exc: BaseException, fmt: str | None) -> ImageError:
     from PIL import Image
 
     if isinstance(exc, Image.DecompressionBombError):
@@ -208,7 +208,7 @@ def decode_error(exc: BaseException, fmt: str | None) -> ImageError:
     return ImageError(f"corrupt or unsupported {name} image ({detail})")
 
 
-def exif_orientation(im) -> int:
+def _orientation(im) -> int:
     try:
         value = im.getexif().get(_EXIF_ORIENTATION, 1)
         return int(value) if value in (1, 2, 3, 4, 5, 6, 7, 8) else 1
@@ -244,7 +244,7 @@ def _scale_to_uint8(arr, *, integer_16bit: bool):
 
 
 def _composite_on_white(im):
-    Image = pillow()
+    Image = _pil()
     rgba = im.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
@@ -259,7 +259,7 @@ def _to_rgb(im):
     if mode.startswith("I") or mode == "F":
         import numpy as np
 
-        Image = pillow()
+        Image = _pil()
         arr = np.asarray(im)
         grey = _scale_to_uint8(arr, integer_16bit=mode.startswith("I;16"))
         out = Image.fromarray(np.ascontiguousarray(grey), mode="L")
@@ -277,7 +277,7 @@ def _to_rgb(im):
 
 def _open_and_load(fp, draft_size):
     """Image.open + optional draft + load + EXIF transpose + RGB -> an RGB image."""
-    Image = pillow()
+    Image = _pil()
     from PIL import ImageOps
 
     fmt = None
@@ -293,14 +293,14 @@ def _open_and_load(fp, draft_size):
             head = b""
         raise ImageError(_sniff(head)) from None
     except Exception as e:
-        raise decode_error(e, None) from None
+        raise _decode_error(e, None) from None
 
     try:
         fmt = im.format
         draft_info = None
         if draft_size is not None and fmt in ("JPEG", "MPO"):
             dw, dh = int(draft_size[0]), int(draft_size[1])
-            if exif_orientation(im) in _SWAPPING_ORIENTATIONS:
+            if _orientation(im) in _SWAPPING_ORIENTATIONS:
                 dw, dh = dh, dw  # the draft applies to the stored (pre-rotation) pixels
             # Ask for DRAFT_MARGIN x the target: the final resize then still
             # downsamples by >= 1.5x, which keeps the result close to a full decode.
@@ -311,7 +311,7 @@ def _open_and_load(fp, draft_size):
                 im.draft("RGB", (rw, rh))
                 if im.size != original:
                     draft_info = {"original_size": original, "decoded_size": im.size}
-        check_decode_budget(im)  # from the header (after the draft): no pixel decoded yet
+        _check_decode_budget(im)  # from the header (after the draft): no pixel decoded yet
         im.load()
         try:
             ImageOps.exif_transpose(im, in_place=True)
@@ -321,7 +321,7 @@ def _open_and_load(fp, draft_size):
     except ImageError:
         raise
     except Exception as e:
-        raise decode_error(e, fmt) from None
+        raise _decode_error(e, fmt) from None
     if draft_info is not None:
         out.info["blip2_draft"] = draft_info
     return out
@@ -349,7 +349,7 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
     """
     import io
 
-    pillow()
+    _pil()
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
@@ -361,7 +361,7 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
         try:
             source.load()
             im = source
-            if exif_orientation(source) != 1:
+            if _orientation(source) != 1:
                 from PIL import ImageOps
 
                 im = ImageOps.exif_transpose(source)
@@ -369,9 +369,9 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
         except ImageError:
             raise
         except Exception as e:
-            raise decode_error(e, getattr(source, "format", None)) from None
+            raise _decode_error(e, getattr(source, "format", None)) from None
 
-    f, _ = open_regular(source)
+    f, _ = _open_regular(source)
     with f:
         try:
             return _open_and_load(f, draft_size)
@@ -405,7 +405,7 @@ def _not_regular(st: os.stat_result) -> ImageError | None:
     return ImageError("not a regular file")
 
 
-def open_regular(source):
+def _open_regular(source):
     """``(binary file, its fstat)`` of an image path, or :class:`ImageError`.
 
     Only regular files are opened: a named pipe, socket or device is refused from
@@ -483,9 +483,9 @@ def read_image_file(source, *, max_bytes: int | None = None) -> tuple[bytes, os.
     decompression-bomb limit or, for formats decoded at full size, over
     ``MAX_DECODE_BYTES``, and a file larger than ``max_bytes`` (default
     ``MAX_DECODE_BYTES``). The decode of the bytes checks the rest."""
-    Image = pillow()
+    Image = _pil()
     limit = MAX_DECODE_BYTES if max_bytes is None else max_bytes
-    f, st = open_regular(source)
+    f, st = _open_regular(source)
     with f:
         try:
             try:
@@ -498,13 +498,13 @@ def read_image_file(source, *, max_bytes: int | None = None) -> tuple[bytes, os.
             except ImageError:
                 raise
             except Exception as e:
-                raise decode_error(e, None) from None
+                raise _decode_error(e, None) from None
             if im.format not in _DRAFTABLE:  # a JPEG's decoded size is settled by the draft
-                check_decode_budget(im)
+                _check_decode_budget(im)
             if limit is not None and st.st_size > limit:
                 raise ImageError(
-                    f"file too large to read as one image ({megabytes(st.st_size)}; "
-                    f"the limit is {megabytes(limit)})"
+                    f"file too large to read as one image ({_megabytes(st.st_size)}; "
+                    f"the limit is {_megabytes(limit)})"
                 )
             f.seek(0)
             # read() allocates what it is asked for first: ask for the file's size (+1 to see growth)
@@ -514,5 +514,5 @@ def read_image_file(source, *, max_bytes: int | None = None) -> tuple[bytes, os.
     if not data:
         raise ImageError("empty file (0 bytes)")
     if limit is not None and len(data) > limit:  # grew while read
-        raise ImageError(f"file too large to read as one image (the limit is {megabytes(limit)})")
+        raise ImageError(f"file too large to read as one image (the limit is {_megabytes(limit)})")
     return data, st

@@ -16,7 +16,7 @@ A drop-in for ``images.ImageStage`` (same ``prepare(source, key=None)`` /
   .interpolate(antialias=True)`` (bicubic or bilinear: the filters whose antialiased
   torch kernels follow Pillow's, a=-0.5 for bicubic), rounds to uint8 like Pillow,
   then rescales and normalises with the same lookup table as the CPU path
-  (``pixels.apply_lut``).
+  (``images._apply_lut``).
 
 Not bit-identical to Pillow: nvJPEG's chroma upsampling and IDCT differ from
 libjpeg's, the resize runs in float32 (Pillow rounds to uint8 between its two
@@ -142,9 +142,9 @@ def pillow_decoder(datas: list, device) -> list:
 # -- header -------------------------------------------------------------------------
 def inspect_jpeg(data: bytes) -> tuple[JpegBytes | None, str | None]:
     """``(JpegBytes, None)`` for a JPEG the GPU path takes, else ``(None, reason)``."""
-    from . import decode, images
+    from . import images
 
-    Image = decode.pillow()
+    Image = images._pil()
     try:
         im = Image.open(io.BytesIO(data))
     except Exception:  # noqa: BLE001 - the CPU path says what is wrong with it
@@ -162,7 +162,7 @@ def inspect_jpeg(data: bytes) -> tuple[JpegBytes | None, str | None]:
         limit = getattr(images, "MAX_DECODE_BYTES", None)
         if limit is not None and w * h * 4 > limit:
             return None, "over the decode-size limit"
-        return JpegBytes(data, w, h, decode.exif_orientation(im)), None
+        return JpegBytes(data, w, h, images._orientation(im)), None
 
 
 def _read(source) -> bytes | None:
@@ -316,11 +316,11 @@ class GpuImageStage:
         return torch.stack(out)
 
     def pixels(self, prepared: list):
-        from .pixels import apply_lut, lut_for
+        from .images import _apply_lut, _lut
 
         batch = self.uint8_batch(prepared)  # (B, 3, H, W)
-        lut = lut_for(self.spec, self.device)
-        values = apply_lut(batch.permute(0, 2, 3, 1), lut)  # apply_lut takes (B, H, W, 3)
+        lut = _lut(self.spec, self.device)
+        values = _apply_lut(batch.permute(0, 2, 3, 1), lut)  # _apply_lut takes (B, H, W, 3)
         return values.to(self.loaded.dtype)
 
     def describe(self) -> str:

@@ -33,13 +33,17 @@ from . import decode as _decode_module
 from .decode import (  # noqa: F401 - re-exported
     DRAFT_MARGIN,
     ImageError,
-    decode_error,
+    _check_decode_budget,
+    _decode_error,
+    _megabytes,
+    _open_regular,
+    _orientation,
+    _pil,
     open_image,
-    pillow,
     read_image_file,
 )
 from .imagespec import BLIP_DEFAULT_SIZE, CLIP_MEAN, CLIP_STD, ImageSpec  # noqa: F401 - re-exported
-from .pixels import reference_pixel_values, to_pixel_values
+from .pixels import _apply_lut, _lut, reference_pixel_values, to_pixel_values  # noqa: F401 - re-exported
 
 __all__ = [
     "ImageError",
@@ -87,7 +91,7 @@ def make_thumbnail(im, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUAL
     ``im`` is not modified: the model's input is made from it as if no thumbnail were taken."""
     import io
 
-    Image = pillow()
+    Image = _pil()
     w, h = im.size
     scale = min(1.0, size / max(w, h, 1))
     tw, th = max(1, round(w * scale)), max(1, round(h * scale))
@@ -116,7 +120,7 @@ def prepare(source, spec: ImageSpec, *, fast: bool = True, thumbnail: int | None
         try:
             im = im.resize((spec.width, spec.height), resample=spec.resample)
         except Exception as e:
-            raise decode_error(e, None) from None
+            raise _decode_error(e, None) from None
     arr = np.asarray(im)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:  # pragma: no cover - defensive
         raise ImageError(f"unexpected decoded image layout {arr.shape} {arr.dtype}")

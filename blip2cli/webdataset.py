@@ -82,7 +82,7 @@ def _kind(member: tarfile.TarInfo) -> str | None:
 
 
 def _megabytes(n: int) -> str:
-    from .decode import megabytes as mb
+    from .images import _megabytes as mb
 
     return mb(n)
 
@@ -128,10 +128,10 @@ class SampleReader:
     # -- one shard -----------------------------------------------------------
     def samples(self, path: str) -> Iterator[Item]:
         """The samples of one tar, in order; errors as items that fail (see the module doc)."""
-        from .decode import ImageError, open_regular
+        from .images import ImageError, _open_regular
 
         try:
-            fh, _ = open_regular(path)
+            fh, _ = _open_regular(path)
         except ImageError as exc:
             yield self._shard_error(path, f"cannot read this shard: {exc}")
             return
@@ -224,13 +224,13 @@ def _carried(ext: str, data: bytes | None):
 
 def _check_head(data: bytes) -> str | None:
     """A large image member's header against the decode budget, before it is queued."""
-    from .decode import ImageError, check_decode_budget, pillow
+    from .images import ImageError, _check_decode_budget, _pil
 
-    Image = pillow()
+    Image = _pil()
     try:
         im = Image.open(io.BytesIO(data))
         if im.format != "JPEG":  # a JPEG's decoded size is settled by the draft
-            check_decode_budget(im)
+            _check_decode_budget(im)
     except ImageError as exc:
         return str(exc)
     except Exception:  # noqa: BLE001 - the decode says what is wrong with it

@@ -24,10 +24,11 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2cli.pixels import apply_lut, lut_for
 from blip2cli.images import (
     ImageError,
     ImageSpec,
+    _apply_lut,
+    _lut,
     open_image,
     prepare,
     reference_pixel_values,
@@ -217,7 +218,7 @@ def test_to_pixel_values_device_path_and_dtype(spec):
     arrays = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
     cpu = to_pixel_values(arrays, spec)
     # the accelerator path (uint8 moved first, table lookup on the device), run on the CPU
-    dev_path = apply_lut(torch.from_numpy(np.stack(arrays)), lut_for(spec, torch.device("cpu")))
+    dev_path = _apply_lut(torch.from_numpy(np.stack(arrays)), _lut(spec, torch.device("cpu")))
     assert torch.equal(cpu, dev_path)
     assert dev_path.is_contiguous()
     half = to_pixel_values(arrays, spec, dtype=torch.bfloat16)
