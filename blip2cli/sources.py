@@ -14,7 +14,7 @@ One resolver for every command. An argument is
   (``**`` crosses directories), matches in the same order as a walk,
   filtered by extension;
 * otherwise, a name with a brace group (``shards/{00000..00099}.tar``,
-  ``{a,b}.jpg``): expanded by the tool (``inputnames.expand_braces``: zero-padded
+  ``{a,b}.jpg``): expanded by the tool (``webdataset.expand_braces``: zero-padded
   numeric ranges and comma lists), each name then taken as above;
 * otherwise, a path that does not exist: it becomes an item that fails with a
   clear error, so the rest of the run goes on.
@@ -95,19 +95,19 @@ def _has_magic(arg: str) -> bool:
 
 
 def _is_shard(path: str) -> bool:
-    from .inputnames import is_shard_path
+    from .webdataset import is_shard_path
 
     return is_shard_path(path)
 
 
 def _has_braces(arg: str) -> bool:
-    from .inputnames import has_braces
+    from .webdataset import has_braces
 
     return has_braces(arg)
 
 
 def _expand_braces(arg: str) -> list[str]:
-    from .inputnames import expand_braces
+    from .webdataset import expand_braces
 
     return expand_braces(arg)
 

@@ -2,7 +2,7 @@
 
 A *shard* is a ``.tar`` (or ``.tar.gz`` / ``.tgz``) file named as an input, matched
 by a glob or a brace range (``shards/{00000..00999}.tar``, expanded by
-:func:`inputnames.expand_braces`), or found in a folder. It is read front to back with
+:func:`expand_braces`), or found in a folder. It is read front to back with
 ``tarfile`` in stream mode (``"r|*"``): no seek, no temporary files, nothing
 written to disk. Member names are only ever strings in records: never a path
 that is opened or created.
@@ -39,11 +39,15 @@ import re
 import tarfile
 from typing import Iterable, Iterator
 
-from .inputnames import SHARD_SUFFIXES
 from .sources import DEFAULT_EXTENSIONS, Item
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_CARRY_BYTES = 16 * 1024 * 1024  # one carried member (txt, json) at most
 SHARD_STATE = ".shards"  # DIR/.shards: the manifest and the part file of each unfinished shard
+
+
+def is_shard_path(path: str) -> bool:
+    return path.lower().endswith(SHARD_SUFFIXES)
 
 
 def shard_stem(path: str) -> str:
@@ -55,6 +59,46 @@ def shard_stem(path: str) -> str:
     return base
 
 
+# -- brace ranges ---------------------------------------------------------------
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def has_braces(text: str) -> bool:
+    m = _BRACE.search(text)
+    return m is not None and (".." in m.group(1) or "," in m.group(1))
+
+
+def expand_braces(text: str) -> list[str]:
+    """``a{00..02}.tar`` -> ``a00.tar a01.tar a02.tar``; ``{x,y}`` -> ``x y``; several groups
+    multiply, left to right. A numeric range keeps the zero padding of its bounds (the
+    wider of the two); a group that is neither (``{}``, ``{a..b}``) is kept as it is."""
+    for m in _BRACE.finditer(text):
+        body = m.group(1)
+        head, tail = text[: m.start()], text[m.end():]
+        r = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+        if r:
+            a, b = r.group(1), r.group(2)
+            lo, hi = int(a), int(b)
+            width = max(len(a), len(b)) if (a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0")) else 0
+            step = 1 if hi >= lo else -1
+            if abs(hi - lo) > 10_000_000:
+                from .errors import UsageError
+
+                raise UsageError(f"the brace range {{{body}}} is too large (more than 10,000,000 names)")
+            values = [str(n).zfill(width) for n in range(lo, hi + step, step)]
+        elif "," in body:
+            values = body.split(",")
+        else:
+            continue
+        out: list[str] = []
+        rests = expand_braces(tail)
+        for v in values:  # as bash: the first group varies slowest
+            out.extend(head + v + rest for rest in rests)
+        return out
+    return [text]
+
+
+# -- samples ------------------------------------------------------------------
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset: key = up to the first dot of the base name
 
 

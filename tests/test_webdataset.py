@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 
 from blip2cli.cli import app
 from blip2cli.sources import InputResolver
-from blip2cli.inputnames import expand_braces
-from blip2cli.webdataset import SampleReader, split_name
+from blip2cli.webdataset import SampleReader, expand_braces, split_name
 
 runner = CliRunner()
 FAST = ["--max-new-tokens", "3", "--num-beams", "1"]
