@@ -37,6 +37,7 @@ import json
 import os
 import re
 import tarfile
+from dataclasses import replace
 from typing import Iterable, Iterator
 
 from .sources import DEFAULT_EXTENSIONS, Item
@@ -220,7 +221,7 @@ class SampleReader:
                         sample.problems[ext] = (f"the member {member.name!r} is too large "
                                                 f"({_megabytes(member.size)}; the limit is {_megabytes(limit)})")
                         continue
-                    data = tf.extractfile(member).read()  # type: ignore[union-attr]  # a regular file
+                    data = tf.extractfile(member).read()
                     if is_image and member.size > (1 << 20):
                         problem = _check_head(data)
                         if problem:
@@ -511,6 +512,10 @@ def _promote(part, final, fmt: str, schema) -> None:
         finally:
             sink.close()
     os.unlink(part)
+
+
+def with_fields(item: Item, **fields) -> Item:
+    return replace(item, fields={**(item.fields or {}), **fields})
 
 
 def configure(job, carry, ext) -> None:
