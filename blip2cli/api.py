@@ -225,7 +225,7 @@ def _check_template(template: str | None) -> str | None:
 
 def _questions(questions: str | Sequence[str]) -> tuple[bool, list[str]]:
     single = isinstance(questions, str)
-    listed = [questions] if single else list(questions)  # type: ignore[list-item]
+    listed: list = [questions] if single else list(questions)
     if not listed:
         raise OptionError("questions is empty: ask at least one question", params=["questions"])
     for q in listed:
@@ -357,7 +357,7 @@ class Model:
         captions: list[list[str]] = []
         for prepared in self._batches(task.stage, listed, size):
             captions += task.run_batch(prepared)
-        out = [c if num_captions > 1 else c[0] for c in captions]
+        out: list = [c if num_captions > 1 else c[0] for c in captions]
         return out[0] if single else out
 
     # -- ask ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def synthetic_images(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
 
     here = Path(__file__).resolve().parent.parent / "examples" / "images" / "rocket.jpg"
     if here.exists():
-        base = Image.open(here).convert("RGB").resize(size, Image.BICUBIC)
+        base = Image.open(here).convert("RGB").resize(size, Image.Resampling.BICUBIC)
     else:  # installed without the examples: a gradient
         x = np.linspace(0, 255, size[0], dtype=np.float32)
         y = np.linspace(0, 255, size[1], dtype=np.float32)[:, None]
@@ -201,7 +201,7 @@ def from_config(name: str, device: str, dtype: str):
         from transformers import T5Config
 
         d_model, d_ff, heads = {"flan-t5-xl": (2048, 5120, 32), "flan-t5-xxl": (4096, 10240, 64)}[name]
-        text = T5Config(vocab_size=32128, d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=24,
+        text = T5Config(vocab_size=32128,  # type: ignore[call-arg, assignment]  # T5Config takes **kwargs d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=24,
                         num_decoder_layers=24, num_heads=heads, feed_forward_proj="gated-gelu",
                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
                         bos_token_id=1)

@@ -43,7 +43,8 @@ class Command(TyperCommand):
         return pieces
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        arguments, panels = [], {}
+        arguments: list = []
+        panels: dict = {}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
             if record is None:

@@ -7,7 +7,7 @@ is off; a pipeline's stdout only ever holds data.
 from __future__ import annotations
 
 import sys
-from typing import IO
+from typing import IO, Any
 
 
 def _stderr() -> IO[str]:
@@ -29,7 +29,7 @@ class Reporter:
         self.quiet = quiet
         self.failed = 0
         self._progress = None
-        self._task = None
+        self._task: Any = None
         stream = _stderr()
         if not quiet and hasattr(stream, "isatty") and stream.isatty():
             from rich.console import Console

@@ -366,7 +366,7 @@ class RunGuard:
 
 
 def _ids(paths: Iterable[str]) -> dict[FileId, str]:
-    out = {}
+    out: dict[FileId, str] = {}
     for p in paths:
         ident = file_id(p)
         if ident is not None:

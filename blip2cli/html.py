@@ -398,7 +398,7 @@ def render_records(
     """Write ``records`` through the html ``writer``, each image's thumbnail decoded in a
     thread pool kept a few images ahead (with ``links``, only checked to exist).
     Returns the number of records written."""
-    from .pipeline import DecodePool
+    from .workers import DecodePool
 
     lookahead = max(8, workers * 4)
     pending: deque = deque()

@@ -177,7 +177,7 @@ def resolve_checkpoint(opts: LoadOptions) -> Checkpoint:
     return ckpt
 
 
-def _download_hint(repo_id: str, revision: str | None) -> str:
+def hub_download_hint(repo_id: str, revision: str | None) -> str:
     rev = f" --revision {revision}" if revision else ""  # in the shell commands quoted
     return (
         f"download it once where the hub can be reached: `blip2 models download {repo_id}{rev}` "
@@ -220,7 +220,7 @@ def _hub_config(repo_id: str, revision: str | None, offline: bool) -> tuple[Path
     )
 
     quiet_libraries(hub_only=True)
-    download_hint = _download_hint(repo_id, revision)
+    download_hint = hub_download_hint(repo_id, revision)
     unreachable = False
     if not offline:
         try:

@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import tempfile
+from typing import Any
 
 from . import console
 from .choices import EmbedFormat, names
@@ -63,7 +64,7 @@ class MetadataWriter:
             raise OutputError(f"cannot write {self.target}: {exc.strerror or exc}") from exc
         self._fh = os.fdopen(fd, "w", encoding="utf-8", newline="")
         atexit.register(self._discard)
-        self._csv = None
+        self._csv: Any = None
         if fmt == "csv":
             self._csv = csv.writer(self._fh, lineterminator="\r\n")
             self._csv.writerow(["file_name", "caption", *(["captions"] if several else [])])

@@ -39,7 +39,6 @@ CATALOGUE: tuple[Entry, ...] = (
     Entry("itm", "Salesforce/blip2-itm-vit-g", "embed, search, score (image-text retrieval)", 1.17),
 )
 BY_NAME = {e.name: e for e in CATALOGUE}
-NAMES = tuple(BY_NAME)
 
 # What `blip2 models download` fetches: the weights in safetensors and the small
 # files transformers reads (config, processor, tokenizer). Pickle weights are not

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from .choices import Dtype, Format, Preprocess, Quantize  # declared once, in the core
-from .defaults import default_batch_size, default_workers
+from .defaults import default_batch_size, default_workers  # noqa: F401 - the commands read o.default_batch_size
 from . import caption as _caption_defaults
 from .loader import DEFAULT_MODEL
 from .sidecar import Existing as ExistingOpt
@@ -147,7 +147,7 @@ FormatOpt = Annotated[
         "(.txt, .jsonl, .csv, .html, .parquet), else text.",
     ),
 ]
-class OutputPath(type(Path())):
+class OutputPath(type(Path())):  # type: ignore[misc]  # the concrete class, PosixPath or WindowsPath
     """A Path that remembers a trailing slash (``-o out/`` means a directory)."""
 
     wants_directory = False
@@ -308,7 +308,7 @@ def infer_format(fmt: Optional[Format], output: Optional[Path], *, formats: tupl
 
     name = fmt.value if fmt is not None else None
     to_file = output is not None and str(output) not in ("-", "")
-    if name is None and to_file and not getattr(output, "wants_directory", False) and not output.is_dir():
+    if name is None and output is not None and to_file and not getattr(output, "wants_directory", False) and not output.is_dir():
         suffix = output.suffix.lower()
         if suffix and suffix not in EXTENSIONS:
             from .guard import refuse_image_output
@@ -344,6 +344,9 @@ class Bundle:
     def __init__(self, **options):
         # name -> (Annotated type, default)
         self.options = options
+
+    if TYPE_CHECKING:  # a command reads its options as attributes of the namespace pack() makes
+        def __getattr__(self, name: str) -> Any: ...
 
     def without(self, *names: str) -> "Bundle":
         """The same options less ``names`` (a command that takes them its own way)."""

@@ -26,6 +26,7 @@ import io
 import json
 import struct
 import time
+from typing import Any
 
 from .errors import OutputError, UsageError
 
@@ -124,7 +125,8 @@ class _Reader:
             k, v = kinds >> 4, kinds & 0x0F
             return (k, v, [(self.value(k), self.value(v)) for _ in range(size)])
         if typ == _STRUCT:
-            fields, last = [], 0
+            fields: list = []
+            last = 0
             while True:
                 head = self.byte()
                 if head == 0:
@@ -236,10 +238,10 @@ class ParquetWriter:
         self.columns = list(getattr(schema, "columns", None) or [])  # for a file without records
         self._buffer: list[dict] = []
         self._since = time.monotonic()
-        self._schema = None
+        self._schema: Any = None
         self._convert: dict = {}
         self._metas: list = []
-        self._first = None  # the first group's footer bytes: the base of every footer
+        self._first: bytes | None = None  # the first group's footer bytes: the base of every footer
         self._data_end = len(MAGIC)
         self._footer = b""
         self.records = 0
@@ -276,11 +278,11 @@ class ParquetWriter:
                     names.append(key)
         if "path" in names and "path_bytes" not in names:
             names.insert(names.index("path") + 1, "path_bytes")
-        fields = []
+        fields: list = []
         for name in names:
             values = [r.get(name) for r in rows if r.get(name) is not None]
             if name == "vector":
-                size = len(values[0]) if values else 0
+                size = len(values[0]) if values else 0  # type: ignore[arg-type]  # None filtered out above
                 typ = pa.list_(pa.float32(), size) if size else pa.list_(pa.float32())
                 self._convert[name] = _vector(size)
             elif name in known:

@@ -301,7 +301,7 @@ class PartsDir:
                        "file INTEGER, off INTEGER, len INTEGER, raw INTEGER)")
             db.execute("CREATE TABLE inp(pos INTEGER PRIMARY KEY, name BLOB)")
             file_ids: dict[Path, int] = {}
-            batch = []
+            batch: list = []
             for seq, (path, number, record, off, length, line) in enumerate(self._located_records()):
                 if not isinstance(settings, dict):  # an old manifest: the first record sets the standard
                     settings = settings_of(record)
@@ -333,9 +333,9 @@ class PartsDir:
             db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
             with open(self.parts / "inputs.jsonl", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
                 batch, pos = [], 0
-                for line in f:
-                    if line.rstrip("\n"):
-                        batch.append((pos, _blob(json.loads(line))))
+                for text in f:
+                    if text.rstrip("\n"):
+                        batch.append((pos, _blob(json.loads(text))))
                         pos += 1
                         if len(batch) >= 10_000:
                             db.executemany("INSERT INTO inp VALUES (?, ?)", batch)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
 from .sources import Item
+from .workers import DecodePool
 
 
 class Task(Protocol):
@@ -111,52 +112,6 @@ class _SourceThread:
 @dataclass
 class _Raise:
     exc: BaseException
-
-
-class DecodePool:
-    """``workers`` daemon threads running ``submit``ted calls, each answered through a Future.
-
-    Not a ThreadPoolExecutor: its threads are joined when the interpreter exits, so
-    one blocked in a read would hold an interrupted run alive for ever. These are
-    daemon threads: ``shutdown`` lets idle ones end, and a stuck one is simply
-    left behind when the process exits."""
-
-    _STOP = None
-
-    def __init__(self, workers: int, name: str = "blip2-decode"):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        self._jobs.put((future, fn, args))
-        return future
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is self._STOP:
-                return
-            future, fn, args = job
-            del job
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args)
-                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
-                    del result
-            del future, fn, args  # hold nothing (a decoded image) while idle
-
-    def shutdown(self) -> None:
-        """Pending calls not started are cancelled by the caller; idle threads end."""
-        for _ in self._threads:
-            self._jobs.put(self._STOP)
 
 
 def _prepare(task: Task, item: Item, stats: Stats) -> Any:

@@ -27,7 +27,7 @@ class Task:
     record_keys: tuple[str, ...]  # the result fields of one record, as its record function makes it
     settings: tuple[str, ...]  # the task's own settings its records carry (beside LOADER_SETTINGS)
     sample: Callable[[], dict]  # one record made by the task's record function (for checks)
-    schema: Callable[..., object] | None  # writers.Schema factory (CSV/text columns)
+    schema: Callable[..., object] | None  # schema.Schema factory (CSV/text columns)
     key_of: Callable[[dict], object] | None = None  # what identifies one record (resume, merge)
     final_name: str | None = None  # the merged file of an -o DIR run (None: no part files)
     sidecar_text: Callable[[dict], list] | None = None  # the texts a sidecar file gets

@@ -18,20 +18,11 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import IO, Callable, Sequence
+from typing import Any, Sequence
 
 from .parquet import ParquetWriter  # its own module (pyarrow imported when used)
+from .schema import Schema
 from .utf8 import safe_record
-
-
-@dataclass(frozen=True)
-class Schema:
-    """How a task's records flatten into columns."""
-
-    columns: Sequence[str]  # CSV header
-    row: Callable[[dict], list]  # record -> CSV row (same length as columns)
-    text: Callable[[dict], list]  # record -> fields of a text line (tab-joined)
 
 
 _TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -206,7 +197,8 @@ class HtmlWriter(Writer):
         super().close()
 
 
-WRITERS: dict[str, type[Writer]] = {w.format: w for w in (TextWriter, JsonlWriter, CsvWriter, HtmlWriter, ParquetWriter)}
+WRITERS: dict[str, type[Writer]] = {w.format: w for w in (  # type: ignore[misc]
+    TextWriter, JsonlWriter, CsvWriter, HtmlWriter, ParquetWriter)}
 FORMATS = tuple(WRITERS)
 
 
@@ -230,7 +222,7 @@ class Sink:
         self.append = append
         self.hint = hint or self.DEFAULT_HINT
         self.hint_params = tuple(hint_params)  # parameters the hint names (a front end respells them)
-        self._fh: IO[bytes] | None = None
+        self._fh: Any = None  # IO[bytes] once opened
         self.records = 0
         self._good = 0  # byte offset after the last whole record
         self.failed = False  # a write failed: close() stays quiet

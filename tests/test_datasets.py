@@ -8,7 +8,6 @@ Everything runs through the CLI on the tiny checkpoints."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shutil

@@ -360,7 +360,8 @@ def test_csv_neutralises_formulas_in_paths_and_questions(tiny_opt, tmp_path, exa
 
 
 def test_csv_cells_neutralised_numbers_kept():
-    from blip2cli.writers import CsvWriter, Schema, neutralise_cell
+    from blip2cli.schema import Schema
+    from blip2cli.writers import CsvWriter, neutralise_cell
 
     for bad in ("=1+1", "+1+1", "-1+1", "@SUM(A1)", "\t=1", "\r=1", "-", "=HYPERLINK(\"x\")"):
         assert neutralise_cell(bad) == "'" + bad

@@ -188,3 +188,172 @@ def test_features_checks_name_parameters_in_the_core_and_flags_in_the_cli(tiny_i
     assert res.exit_code == 2
     assert "--features itc needs a retrieval checkpoint" in res.stderr
     assert "--features vision or --features qformer" in res.stderr and "=" not in res.stderr
+
+
+# -- no import cycles, no private names across modules --------------------------------------
+#
+# Counted from the source (ast), not from sys.modules: an import inside a function counts as
+# much as one at the top. ``python -m pytest tests/test_layering.py -k "cycle or private"``
+# lists what is left.
+
+MAX_PRIVATE_IMPORTS = 3  # issue 18: at most 3 (27 on main before it)
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = ROOT, package: str = "blip2cli"):
+    """(edges, private): edges maps each module of ``package`` to {imported module: [lines]};
+    private lists (module, line, other module, name) for each ``_name`` one module takes from
+    another, by ``from m import _name`` or as ``m._name`` after ``from . import m``.
+
+    Relative (``from .x import y``, ``from .. import x``, ``from . import x``) and absolute
+    (``import blip2cli.x``, ``from blip2cli.x import y``) imports are resolved; ``from p import x``
+    is an edge to the module ``p.x`` where there is one, else to ``p``. The package itself
+    (``from . import __version__``) is no edge: Python has imported it before any of its modules."""
+    modules = {_module_name(p, root): p for p in sorted((root / package).rglob("*.py"))}
+    edges: dict[str, dict[str, list[int]]] = {}
+    private: list[tuple[str, int, str, str]] = []
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        out: dict[str, list[int]] = {}
+        aliases: dict[str, str] = {}  # a local name bound to one of our modules
+
+        def edge(target: str, line: int) -> None:
+            if target != name and target != package:
+                out.setdefault(target, []).append(line)
+
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == package:
+                        edge(alias.name, node.lineno)
+                        if alias.asname:
+                            aliases[alias.asname] = alias.name
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = here
+                    for _ in range(node.level - 1):
+                        base = base.rpartition(".")[0]
+                    target = f"{base}.{node.module}" if node.module else base
+                else:
+                    target = node.module or ""
+                if target.split(".")[0] != package:
+                    continue
+                for alias in node.names:
+                    if f"{target}.{alias.name}" in modules:  # from . import x: the module x
+                        edge(f"{target}.{alias.name}", node.lineno)
+                        aliases[alias.asname or alias.name] = f"{target}.{alias.name}"
+                        continue
+                    edge(target, node.lineno)
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and target != name:
+                        private.append((name, node.lineno, target, alias.name))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and aliases[node.value.id] != name):
+                private.append((name, node.lineno, aliases[node.value.id], node.attr))
+        edges[name] = {t: lines for t, lines in out.items() if t in modules}
+    return edges, private
+
+
+def import_cycles(edges: dict[str, dict[str, list[int]]]) -> list[list[str]]:
+    """Each group of modules that reach one another (Tarjan's strongly connected components
+    of two or more), as one cycle through them, e.g. ``[a, b, c, a]``, with its import lines."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    cycles = []
+    for group in groups:
+        # the shortest way from the group's first module back to itself, within the group
+        start, members = group[0], set(group)
+        came_from: dict[str, str] = {}
+        frontier = [start]
+        while frontier and start not in came_from:
+            nxt = []
+            for v in frontier:
+                for w in sorted(edges[v]):
+                    if w in members and w not in came_from:
+                        came_from[w] = v
+                        nxt.append(w)
+            frontier = nxt
+        path = [start]
+        while path[-1] != start or len(path) == 1:
+            path.append(came_from[path[-1]])
+        path.reverse()
+        cycles.append([f"{len(group)} modules: {', '.join(m.split('.', 1)[-1] for m in group)}"]
+                      + [f"{a} -> {b} (line {edges[a][b][0]})" for a, b in zip(path, path[1:])]
+                      + ["all imports within them: " + ", ".join(
+                          f"{a.split('.', 1)[-1]}->{b.split('.', 1)[-1]}" for a in group for b in sorted(edges[a])
+                          if b in members)])
+    return cycles
+
+
+def test_the_import_graph_sees_every_kind_of_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("__version__ = '1'\n")
+    (pkg / "a.py").write_text("from . import __version__\nfrom .b import thing\n")
+    (pkg / "b.py").write_text("def f():\n    from . import c\n    return c._hidden\n")
+    (pkg / "c.py").write_text("import pkg.sub.d\n_hidden = 1\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "d.py").write_text("def g():\n    from ..a import _private\n    from .. import a as alias\n")
+    edges, private = import_graph(tmp_path, "pkg")
+    assert edges["pkg.a"] == {"pkg.b": [2]}  # the package itself is no edge
+    assert edges["pkg.b"] == {"pkg.c": [2]}  # inside a function; from . import c
+    assert edges["pkg.c"] == {"pkg.sub.d": [1]}  # absolute
+    assert edges["pkg.sub.d"] == {"pkg.a": [2, 3]}  # two levels up
+    assert sorted(private) == [("pkg.b", 3, "pkg.c", "_hidden"), ("pkg.sub.d", 2, "pkg.a", "_private")]
+    (cycle,) = import_cycles(edges)
+    assert cycle[0] == "4 modules: a, b, c, sub.d"
+    assert cycle[1:-1] == ["pkg.a -> pkg.b (line 2)", "pkg.b -> pkg.c (line 2)",
+                           "pkg.c -> pkg.sub.d (line 1)", "pkg.sub.d -> pkg.a (line 2)"]
+    assert cycle[-1] == "all imports within them: a->b, b->c, c->sub.d, sub.d->a"
+    (pkg / "c.py").write_text("_hidden = 1\n")
+    assert import_cycles(import_graph(tmp_path, "pkg")[0]) == []
+
+
+def test_no_import_cycle_between_blip2cli_modules():
+    """STYLE 17: if two modules import each other, even inside functions, one of them owns a
+    piece that belongs to a third, lower module: move it there."""
+    edges, _ = import_graph()
+    assert "blip2cli.caption" in edges["blip2cli.api"]  # the graph sees imports inside functions
+    cycles = import_cycles(edges)
+    assert not cycles, "\n\n".join("\n".join(c) for c in cycles)
+
+
+def test_private_names_stay_in_their_module():
+    """A name another module needs is public; at most a few private names cross modules."""
+    _, private = import_graph()
+    listed = [f"{m}:{line} takes {other}.{name}" for m, line, other, name in private]
+    assert len(private) <= MAX_PRIVATE_IMPORTS, f"{len(private)} private names imported:\n" + "\n".join(listed)

@@ -203,7 +203,7 @@ def test_caption_files_yields_the_clis_records(tiny_opt, model, photos):
 
 
 def test_caption_files_can_stop_early(model, photos):
-    for record in blip2cli.caption_files(str(photos), model=model, num_beams=1, max_new_tokens=3, batch_size=1):
+    for record in blip2cli.caption_files(str(photos), model=model, num_beams=1, max_new_tokens=3, batch_size=1):  # noqa: B007 - read after the loop
         break
     assert record["path"].endswith(".png")
     # the pipeline thread has ended: the model is free for the next call
@@ -338,5 +338,5 @@ def test_readme_python_examples_run(request, monkeypatch):
         for hub_id, fixture in HUB_IDS.items():
             block = block.replace(f'"{hub_id}"', repr(str(request.getfixturevalue(fixture))))
         assert "Salesforce/" not in block, "a hub id the test does not map to a tiny checkpoint"
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+        exec(compile(block, "README.md", "exec"), namespace)
     assert isinstance(namespace["model"], blip2cli.Model)

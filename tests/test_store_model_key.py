@@ -1,7 +1,7 @@
 """A vector store records the model it was made with as the hub id, whatever spelling the
 user typed: a short name and its hub id must not look like two models."""
 
-from blip2cli.commands.embed import model_key
+from blip2cli.embed import model_key
 
 
 def test_short_name_is_recorded_as_its_hub_id(tmp_path, monkeypatch):

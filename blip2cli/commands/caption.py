@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import options as o
-from ..caption import CaptionTask  # noqa: F401 (re-exported)
+from ..caption import CaptionTask
 from .common import check_output_path, finish, handles_errors, html_output, load_options, resolve_items, sidecar_policy
 
 EXAMPLES = """

@@ -178,7 +178,7 @@ def terminal_reader() -> tuple[Callable[[], Optional[str]], Callable[[], None]]:
     try:
         import readline
     except ImportError:  # e.g. Windows without pyreadline: plain input()
-        readline = None
+        readline = None  # type: ignore[assignment]
     path = history_path()
     if readline is not None:
         try:

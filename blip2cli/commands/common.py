@@ -138,8 +138,8 @@ def resolve_items(inputs, files_from, *, recursive: bool, ext, null: bool, comma
     items = resolver.resolve(inputs, files_from)
     if InputResolver.reads_stdin(inputs, files_from):
         return items, None
-    items = list(items)
-    return items, len(items)
+    listed = list(items)
+    return listed, len(listed)
 
 
 def html_output(fmt: str, links: bool, output: Path | None, *, per_card: int | None = None):

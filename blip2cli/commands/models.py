@@ -66,7 +66,7 @@ def download(
 
     Interrupted downloads continue where they stopped when run again."""
     from ..errors import ModelError
-    from ..loader import _download_hint, hub_reachable, offline_requested, quiet_libraries
+    from ..loader import hub_download_hint, hub_reachable, offline_requested, quiet_libraries
     from ..models import DOWNLOAD_PATTERNS, entry_for
     from .. import console
 
@@ -102,6 +102,6 @@ def download(
     except (OSError, ValueError) as exc:  # network errors, disk full
         raise ModelError(
             f"downloading {repo_id!r} failed: {' '.join(str(exc).split())[:300]}",
-            hint="run the same command again to continue; " + _download_hint(repo_id, revision),
+            hint="run the same command again to continue; " + hub_download_hint(repo_id, revision),
         ) from exc
     typer.echo(path)

@@ -236,7 +236,7 @@ def search(
             hits = store_top_k(store, qvec, rerank or top_k, mode=mode, rows=rows)
         itm: dict[int, float | None] = {}
         if rerank is not None:
-            itm = _rerank(hits, store, query, task, embedder, batch)
+            itm = _rerank(hits, store, query, task, embedder, batch)  # type: ignore[arg-type]  # --rerank needs a query
             hits.sort(key=lambda h: (itm.get(h.row) is None, -(itm.get(h.row) or 0.0), -h.score, h.row))
         records = []
         for rank, hit in enumerate(hits[:top_k], 1):

@@ -87,7 +87,7 @@ def sheet(
     if str(output or "-") != "-":
         try:
             check_output_path(output)
-            lock = _guard_output(source, fh, output)
+            lock = _guard_output(source, fh, output)  # type: ignore[arg-type]  # a file here
         except BaseException:
             fh.close()
             raise
@@ -105,7 +105,7 @@ def sheet(
         failed = True
         try:
             writer = make_writer(
-                "html", sink, None,
+                "html", sink, None,  # type: ignore[arg-type]  # a page needs no schema
                 settings=settings_of(first) if first is not None else {},
                 title=title or ("standard input" if source == "-" else os.path.basename(source)),
                 subtitle=f"{kind}, blip2 sheet",
@@ -122,7 +122,7 @@ def sheet(
             failed = False
         finally:
             sink.close(quiet=failed)  # never hides the error on its way out
-    page = writer.sheet
+    page = writer.sheet  # type: ignore[attr-defined]  # an HtmlWriter
     if bad:
         console.message(f"skipped {len(bad)} lines that are not JSON records (first: line {bad[0]})")
     if not quiet:
@@ -146,7 +146,7 @@ def _guard_output(source: str, fh, output: Path):
         st = os.fstat(fh.fileno())  # the file read, also when it is stdin (< big.jsonl)
         ident = (st.st_dev, st.st_ino)
     except (AttributeError, OSError, ValueError):
-        ident = file_id(source) if source != "-" else None
+        ident = file_id(source) if source != "-" else None  # type: ignore[assignment]
     if ident is not None and ident == file_id(output):
         raise UsageError(f"the input {source!r} is also the output {str(output)!r}: writing would destroy it",
                          hint="name another page: -o sheet.html")
