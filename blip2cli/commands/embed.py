@@ -6,6 +6,7 @@ the ``EmbedTask`` the pipeline runs, and embedding items into a store.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +15,6 @@ import typer
 from .. import console
 from .. import options as o
 from ..choices import EmbedFormat, Features, Pool, StoreDtype  # declared once, in the core
-
 from ..errors import sigterm_as_interrupt
 from ..embed import EmbedTask, model_key
 from ..embedstore import embed_into_store, store_settings, store_summary
@@ -35,6 +35,7 @@ Examples:
   blip2 embed photos/ -m Salesforce/blip2-opt-2.7b --features vision -o vision.npy
 """
 
+
 FeaturesOpt = Annotated[
     Features,
     typer.Option(
@@ -53,8 +54,10 @@ PoolOpt = Annotated[
     ),
 ]
 
+
 def _wants_directory(output) -> bool:
     return output is not None and (output.is_dir() or getattr(output, "wants_directory", False))
+
 
 def check_for_features(model: str, revision, device, dtype, quantize, offline, allow_pickle, *,
                        features: str, need_text: bool = False, need_itm: bool = False):
@@ -64,6 +67,7 @@ def check_for_features(model: str, revision, device, dtype, quantize, offline, a
     opts = load_options(model, revision, device, dtype, quantize, offline, allow_pickle)
     return check(opts, features=features, need_text=need_text, need_itm=need_itm)
 
+
 def load_for_features(model: str, revision, device, dtype, quantize, offline, allow_pickle, *,
                       features: str, task: str, need_text: bool = False, need_itm: bool = False):
     """Check the checkpoint against what the command needs (before any weights), then load."""
@@ -71,6 +75,7 @@ def load_for_features(model: str, revision, device, dtype, quantize, offline, al
 
     opts = load_options(model, revision, device, dtype, quantize, offline, allow_pickle)
     return load(opts, features=features, task=task, need_text=need_text, need_itm=need_itm)
+
 
 def finish_store(stats) -> None:
     """Exit 1 if some images failed (their messages are above), else 0."""
@@ -80,6 +85,7 @@ def finish_store(stats) -> None:
         console.message(f"{stats.failed} of {stats.total} images failed (see the messages above)")
         raise typer.Exit(EXIT_ITEMS_FAILED)
     raise typer.Exit(EXIT_OK)
+
 
 def _read_texts(texts, texts_file) -> list[str]:
     import sys
@@ -97,6 +103,7 @@ def _read_texts(texts, texts_file) -> list[str]:
             raise InputError(f"cannot read --texts-file {str(texts_file)!r}: {exc}") from exc
         out.extend(line.rstrip("\r") for line in data.split("\n") if line.strip())
     return out
+
 
 @handles_errors
 @o.expands
@@ -299,5 +306,6 @@ def embed(
     if not have_images:
         raise typer.Exit(0)
     finish(stats, output=output, quiet=quiet, fmt=fmt_name, command="embed")
+
 
 embed.__doc__ = (embed.__doc__ or "") + EXAMPLES
