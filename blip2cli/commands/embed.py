@@ -6,7 +6,6 @@ the ``EmbedTask`` the pipeline runs, and embedding items into a store.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
