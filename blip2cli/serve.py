@@ -182,6 +182,7 @@ class Metrics:
         self.batch_sizes = Histogram(BATCH_BUCKETS)
         self.images = 0
         self.oom_halvings = 0
+        self.in_flight = 0  # HTTP requests being answered
 
     def request(self, method: str, path: str, status: int, seconds: float) -> None:
         with self.lock:
@@ -213,7 +214,9 @@ class Metrics:
                       f"blip2_images_total {self.images}",
                       "# HELP blip2_oom_halvings_total Batches halved after a CUDA out-of-memory error.",
                       "# TYPE blip2_oom_halvings_total counter", f"blip2_oom_halvings_total {self.oom_halvings}",
-                      "# HELP blip2_queue_depth Images waiting for the model.", "# TYPE blip2_queue_depth gauge",
+                      "# HELP blip2_requests_in_flight Other requests being answered.",
+                      "# TYPE blip2_requests_in_flight gauge", f"blip2_requests_in_flight {max(0, self.in_flight - 1)}",
+                      "# HELP blip2_queue_depth Images queued for or in the model.", "# TYPE blip2_queue_depth gauge",
                       f"blip2_queue_depth {queue_depth}",
                       "# HELP blip2_ready 1 once the model is loaded.", "# TYPE blip2_ready gauge",
                       f"blip2_ready {int(ready)}"]
@@ -1180,6 +1183,8 @@ def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
             await send(message)
 
         path = scope.get("path", "")
+        with server.metrics.lock:
+            server.metrics.in_flight += 1
         try:
             if key is not None and path != "/health" and not _authorized(scope, key, hmac):
                 response = error_response(ApiError(
@@ -1189,6 +1194,8 @@ def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
             else:
                 await app(scope, receive, send_status)
         finally:
+            with server.metrics.lock:
+                server.metrics.in_flight -= 1
             took = time.perf_counter() - started
             known = path if any(path == r.path for r in routes) else "other"
             server.metrics.request(scope.get("method", ""), known, status[0], took)
