@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Iterator
 
 from .errors import EXIT_ITEMS_FAILED, Blip2Error
 
@@ -58,7 +57,7 @@ class Client:
         for attempt in range(BUSY_RETRIES + 1):
             req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as response:  # noqa: S310 - the user's server
+                with urllib.request.urlopen(req, timeout=self.timeout) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
                 retry = exc.headers.get("Retry-After") if exc.headers else None
@@ -71,7 +70,8 @@ class Client:
             except (urllib.error.URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise ServerError(f"cannot reach the server at {self.url} ({reason})",
-                                  hint="start one with `blip2 serve`, or check --server / BLIP2_SERVER") from None
+                                  hint="start one with `blip2 serve`, or check the server's URL (BLIP2_SERVER)",
+                                  params=["server"]) from None
             except ValueError:
                 raise ServerError(f"the server at {self.url} did not answer JSON: is it blip2 serve?") from None
         raise ServerError(f"the server at {self.url} stayed busy")  # pragma: no cover
@@ -133,7 +133,10 @@ def _chunks(items: Iterable, size: int, budget: int) -> Iterator[list[dict]]:
 
 
 def _entry(item, budget: int) -> dict:
-    from .decode import ImageError, read_image_file  # decode.py: standard library at import
+    from .decode import (  # decode.py: standard library at import
+        ImageError,
+        read_image_file,
+    )
 
     if item.error is not None:
         return {"name": item.name, "error": item.error}
@@ -149,7 +152,7 @@ def _entry(item, budget: int) -> dict:
     encoded = base64.b64encode(data).decode("ascii")
     if len(encoded) > budget:
         return {"name": item.name, "error": f"the file ({len(data)} bytes) is larger than the server accepts "
-                f"in one request (its --max-body-mb)"}
+                f"in one request (its max_body_mb)"}
     return {"name": item.name, "data": encoded}
 
 
@@ -177,9 +180,4 @@ def _hint(code: int) -> str | None:
     return None
 
 
-def server_url(value: str | None) -> str | None:
-    """``--server`` / ``BLIP2_SERVER``: None or empty is no server."""
-    return value or os.environ.get("BLIP2_SERVER") or None
-
-
-__all__ = ["Client", "DEFAULT_CHUNK", "DEFAULT_CONCURRENCY", "ServerError"]
+__all__ = ["DEFAULT_CHUNK", "DEFAULT_CONCURRENCY", "Client", "ServerError"]

@@ -42,9 +42,10 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import Blip2Error, OptionError
 
@@ -243,7 +244,7 @@ class Work:
 class CaptionWork(Work):
     """units: decoded images; results: (token rows, texts) per image."""
 
-    def __init__(self, engine: "Engine", gen, preprocess: str):
+    def __init__(self, engine: Engine, gen, preprocess: str):
         self.engine, self.gen, self.preprocess = engine, gen, preprocess
         self.key = ("caption", preprocess, _freeze(gen.describe()))
         self.alone, self.seed = gen.sample, gen.seed
@@ -261,7 +262,7 @@ class CaptionWork(Work):
 class AskWork(Work):
     """units: (decoded image, [prompt, ...]); results: per prompt (token rows, texts)."""
 
-    def __init__(self, engine: "Engine", gen, preprocess: str, template: str | None):
+    def __init__(self, engine: Engine, gen, preprocess: str, template: str | None):
         self.engine, self.gen, self.preprocess, self.template = engine, gen, preprocess, template
         self.key = ("ask", preprocess, template, _freeze(gen.describe()))
         self.alone, self.seed = gen.sample, gen.seed
@@ -286,7 +287,7 @@ class AskWork(Work):
 class EmbedWork(Work):
     """units: decoded images; results: float32 vectors."""
 
-    def __init__(self, engine: "Engine", features: str, pool: str, preprocess: str):
+    def __init__(self, engine: Engine, features: str, pool: str, preprocess: str):
         self.engine, self.features, self.pool, self.preprocess = engine, features, pool, preprocess
         self.key = ("embed", features, pool, preprocess)
 
@@ -301,7 +302,7 @@ class EmbedWork(Work):
 class ScoreWork(Work):
     """units: (decoded image, texts); results: (itm, itc) lists."""
 
-    def __init__(self, engine: "Engine", preprocess: str):
+    def __init__(self, engine: Engine, preprocess: str):
         self.engine, self.preprocess = engine, preprocess
         self.key = ("score", preprocess)
 
@@ -492,7 +493,7 @@ class Engine:
             out = work.run(chunk)
             self.metrics.batch(len(chunk))
             return out
-        except Exception as exc:  # noqa: BLE001 - only OOM is handled here
+        except Exception as exc:
             if not is_out_of_memory(exc) or len(chunk) == 1:
                 raise
         free_cuda_cache()
@@ -555,7 +556,11 @@ def _choice(body: dict, name: str, default: str, choices: Sequence[str]) -> str:
 def generation_options(body: dict, *, task: str, prefix: str = ""):
     """GenerationOptions from a native request's ``options`` (the CLI's names and defaults)."""
     from .ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS
-    from .caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, GenerationOptions
+    from .caption import (
+        DEFAULT_MAX_NEW_TOKENS,
+        DEFAULT_MIN_NEW_TOKENS,
+        GenerationOptions,
+    )
 
     count = "num_answers" if task == "ask" else "num_captions"
     max_default, min_default = ((ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS) if task == "ask"
@@ -634,7 +639,7 @@ class ImageSource:
             self.path = self._allowed_path(url)
 
     @classmethod
-    def of_bytes(cls, config: ServeConfig, data: bytes, param: str) -> "ImageSource":
+    def of_bytes(cls, config: ServeConfig, data: bytes, param: str) -> ImageSource:
         source = cls.__new__(cls)
         source.config, source.param, source.data, source.url, source.path = config, param, data, None, None
         return source
@@ -668,7 +673,7 @@ class ImageSource:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(self.url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - operator-allowed
+            with urllib.request.urlopen(self.url, timeout=URL_TIMEOUT_S) as response:
                 data = response.read(limit + 1)
         except OSError as exc:
             raise ImageError(f"cannot fetch the image URL: {exc}") from None
@@ -741,7 +746,11 @@ def chat_generation(body: dict, *, task: str):
     ``num_beams``, ``min_tokens``, ``repetition_penalty`` and ``prompt`` (caption) may be
     sent as extra fields."""
     from .ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS
-    from .caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, GenerationOptions
+    from .caption import (
+        DEFAULT_MAX_NEW_TOKENS,
+        DEFAULT_MIN_NEW_TOKENS,
+        GenerationOptions,
+    )
 
     max_default, min_default = ((ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS) if task == "ask"
                                 else (DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS))
@@ -1082,13 +1091,13 @@ def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
                 raise bad_request("the Content-Length header is not a number") from None
             if declared > limit:
                 raise ApiError(413, f"the request body is larger than the server's limit ({limit} bytes, "
-                               "--max-body-mb)", code="body_too_large")
+                               "its max_body_mb)", code="body_too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise ApiError(413, f"the request body is larger than the server's limit ({limit} bytes, "
-                               "--max-body-mb)", code="body_too_large")
+                               "its max_body_mb)", code="body_too_large")
             chunks.append(chunk)
         raw = b"".join(chunks)
         if not raw:
@@ -1283,7 +1292,7 @@ def serve(config: ServeConfig, load: Callable[[], Any], *, on_ready: Callable[[]
         from .errors import UsageError
 
         raise UsageError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this machine)",
-                         hint="choose another port with --port", params=["port"])
+                         hint="choose another port", params=["port"])
 
 
 __all__ = ["ApiError", "Engine", "Metrics", "ServeConfig", "Server", "is_loopback", "make_app", "serve"]

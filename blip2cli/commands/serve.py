@@ -12,7 +12,13 @@ import typer
 
 from .. import console
 from .. import options as o
-from .common import check_output_path, finish, handles_errors, load_options, resolve_items
+from .common import (
+    check_output_path,
+    finish,
+    handles_errors,
+    load_options,
+    resolve_items,
+)
 
 SERVER = "Server"
 
@@ -133,7 +139,9 @@ def remote(command: str, server: str, params: dict) -> None:
             used.append(flag)
     _refuse(used, command)
     fmt, output, quiet = ns.get("fmt"), ns.get("output"), bool(ns.get("quiet"))
-    formats = ("jsonl", "csv", "parquet") if command == "embed" else ()
+    from ..choices import EmbedFormat, names
+
+    formats = tuple(names(EmbedFormat)) if command == "embed" else ()
     fmt_name = o.infer_format(fmt, output, formats=formats)
     if fmt_name == "html":
         _refuse(["--format html"], command)
