@@ -1194,8 +1194,12 @@ def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
         path = scope.get("path", "")
         with server.metrics.lock:
             server.metrics.in_flight += 1
+            crowded = server.metrics.in_flight > config.max_queue and path not in ("/health", "/metrics")
         try:
-            if key is not None and path != "/health" and not _authorized(scope, key, hmac):
+            if crowded:  # each request in flight may hold a body and decoded images: a bound on memory
+                await error_response(busy("the server is busy (too many requests in flight); try again shortly"))(
+                    scope, receive, send_status)
+            elif key is not None and path != "/health" and not _authorized(scope, key, hmac):
                 response = error_response(ApiError(
                     401, "a valid API key is needed: send Authorization: Bearer KEY",
                     type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))

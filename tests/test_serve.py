@@ -34,8 +34,8 @@ def free_port() -> int:
 
 
 class Served:
-    def __init__(self, proc, url: str, log: Path, allowed: Path):
-        self.proc, self.url, self.log, self.allowed = proc, url, log, allowed
+    def __init__(self, proc, url: str, log: Path, allowed: Path, model: Path):
+        self.proc, self.url, self.log, self.allowed, self.model = proc, url, log, allowed, model
 
     def headers(self, key: str | None = KEY) -> dict:
         return {"Authorization": f"Bearer {key}"} if key else {}
@@ -95,7 +95,7 @@ def served(tiny_opt, tmp_path_factory, example_images):
             proc.kill()
             pytest.fail("blip2 serve did not become ready: " + log.read_text()[-2000:])
         time.sleep(0.2)
-    yield Served(proc, url, log, allowed)
+    yield Served(proc, url, log, allowed, tiny_opt)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -199,6 +199,13 @@ def test_concurrent_requests_are_batched_and_each_equals_its_image_alone(served,
     for image, reply in results:
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["message"]["content"] == local_captions[str(image)]
+    # ... and to transformers' documented usage, image by image (tests/helpers.py)
+    from helpers import reference_model, reference_tokens
+
+    tokenizer = reference_model(served.model)[0].tokenizer
+    for image in example_images:
+        (ids,) = reference_tokens(served.model, image, None, max_new_tokens=12, num_beams=1, do_sample=False)
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == local_captions[str(image)]
     batches = served.metric("blip2_batch_size_count") - batches_before
     images = served.metric("blip2_images_total") - images_before
     assert images == 16
@@ -254,6 +261,21 @@ def test_caption_and_ask_with_server_write_the_local_records(served, tiny_opt, e
     mine = local("ask", "-m", tiny_opt, "--device", "cpu", *example_images, "-q", "what is it?", "-q", "is it red?",
                  "--max-new-tokens", "6", "-f", "jsonl")
     assert jsonl(out.read_text()) == mine
+    # Parquet and --failed-list as locally
+    remote_files = (tmp_path / "r.parquet", tmp_path / "r.failed")
+    local_files = (tmp_path / "l.parquet", tmp_path / "l.failed")
+    for files, server_args in ((remote_files, ["--server", served.url]), (local_files, ["-m", tiny_opt, "--device", "cpu"])):
+        result = cli("caption", *server_args, *inputs, *opts, "-o", files[0], "--failed-list", files[1])
+        assert result.exit_code == 1, result.output
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(remote_files[0]).to_pylist() == pq.read_table(local_files[0]).to_pylist()
+    assert remote_files[1].read_bytes() == local_files[1].read_bytes() == (str(bad) + "\n").encode()
+    # embed: the vectors (Q-Former features of the captioning checkpoint), exactly
+    embed_opts = ["--features", "qformer", "--pool", "mean", "-f", "jsonl"]
+    result = cli("embed", "--server", served.url, "-m", tiny_opt, *example_images, *embed_opts)
+    assert result.exit_code == 0, result.output
+    assert jsonl(result.stdout) == local("embed", "-m", tiny_opt, "--device", "cpu", *example_images, *embed_opts)
     # options the client cannot honour are refused, not ignored
     refused = cli("caption", "--server", served.url, *example_images, "--sidecar")
     assert refused.exit_code == 2 and "--server" in refused.output
