@@ -461,3 +461,66 @@ def test_metrics_text_format():
     assert 'blip2_request_errors_total{path="/v1/chat/completions",status="400"} 1' in text
     assert 'blip2_batch_size_bucket{le="4"} 1' in text and 'blip2_batch_size_bucket{le="2"} 0' in text
     assert "blip2_queue_depth 2" in text and "blip2_images_total 3" in text
+
+
+class FakeWork:
+    """A Work without a model: records the batches it was given."""
+
+    def __init__(self, key, calls, *, alone=False, fail_over=None):
+        self.key, self.calls, self.alone, self.seed, self.fail_over = key, calls, alone, None, fail_over
+
+    def run(self, units):
+        if self.fail_over is not None and len(units) > self.fail_over:
+            import torch
+
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        self.calls.append((self.key, list(units)))
+        return [f"{self.key}:{u}" for u in units]
+
+
+def _engine(**kw):
+    import threading
+
+    from blip2cli.serve import Engine, ServeConfig
+
+    engine = Engine(ServeConfig(**kw))
+    engine.ready.set()
+    engine._thread = threading.Thread(target=engine._work, daemon=True)
+    return engine
+
+
+def test_engine_batches_what_arrives_together_by_key():
+    calls: list = []
+    engine = _engine(max_batch_size=8, batch_wait_ms=200)
+    futures = [engine.submit(FakeWork("a" if i % 2 else "b", calls), [i]) for i in range(6)]
+    futures.append(engine.submit(FakeWork("s", calls, alone=True), [10, 11]))
+    futures.append(engine.submit(FakeWork("s", calls, alone=True), [12]))
+    engine._thread.start()
+    results = [f.result(timeout=10) for f in futures]
+    assert results[:6] == [[f"{'a' if i % 2 else 'b'}:{i}"] for i in range(6)]
+    assert results[6:] == [["s:10", "s:11"], ["s:12"]]
+    assert sorted(calls) == sorted([("b", [0, 2, 4]), ("a", [1, 3, 5]), ("s", [10, 11]), ("s", [12])])
+    assert engine.depth == 0
+    engine.stop()
+
+
+def test_engine_queue_is_bounded():
+    from blip2cli.serve import ApiError
+
+    engine = _engine(max_queue=3)  # the model thread never starts: nothing leaves the queue
+    engine.submit(FakeWork("a", []), [1, 2])
+    engine.submit(FakeWork("a", []), [3])
+    with pytest.raises(ApiError) as exc:
+        engine.submit(FakeWork("a", []), [4])
+    assert exc.value.status == 503 and exc.value.headers["Retry-After"]
+
+
+def test_engine_halves_the_batch_on_cuda_out_of_memory():
+    calls: list = []
+    engine = _engine(max_batch_size=8, batch_wait_ms=0)
+    future = engine.submit(FakeWork("a", calls, fail_over=2), list(range(7)))
+    engine._thread.start()
+    assert future.result(timeout=10) == [f"a:{i}" for i in range(7)]
+    assert all(len(units) <= 2 for _, units in calls) and [u for _, us in calls for u in us] == list(range(7))
+    assert engine.batch_size == 2 and engine.metrics.oom_halvings >= 2
+    engine.stop()
