@@ -70,7 +70,7 @@ class Client:
             except (urllib.error.URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise ServerError(f"cannot reach the server at {self.url} ({reason})",
-                                  hint="start one with `blip2 serve`, or check the server's URL (BLIP2_SERVER)",
+                                  hint="start one with `blip2 serve`, or check server (BLIP2_SERVER)",
                                   params=["server"]) from None
             except ValueError:
                 raise ServerError(f"the server at {self.url} did not answer JSON: is it blip2 serve?") from None

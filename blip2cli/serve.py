@@ -1234,9 +1234,19 @@ def _printable(path: str) -> str:
 
 
 # -- running it ---------------------------------------------------------------------------
-def serve(config: ServeConfig, load: Callable[[], Any], *, on_ready: Callable[[], None] | None = None) -> None:
-    """Bind, load the model in the background, serve until SIGTERM/SIGINT, finish every
-    accepted request, then return. Raises the load's error if the model could not be loaded."""
+def bound_address(server) -> tuple[str, int] | None:
+    """(host, port) a started uvicorn server listens on (the port chosen for ``port=0``)."""
+    for listener in getattr(server, "servers", None) or []:
+        for sock in getattr(listener, "sockets", None) or []:
+            name = sock.getsockname()
+            return name[0], name[1]
+    return None
+
+
+def serve(config: ServeConfig, load: Callable[[], Any], *,
+          on_ready: Callable[[tuple[str, int]], None] | None = None, sock=None) -> None:
+    """Bind (or listen on ``sock``, from :func:`bind`), load the model in the background,
+    serve until SIGTERM/SIGINT, finish every accepted request, then return. Raises the load's error if the model could not be loaded."""
     import contextlib
     import signal
 
@@ -1256,12 +1266,12 @@ def serve(config: ServeConfig, load: Callable[[], Any], *, on_ready: Callable[[]
         engine.start(load_model)
 
         def watch_load() -> None:
-            while not engine.ready.wait(0.1):
+            while not (engine.ready.wait(0.1) and runner[0].started):
                 if engine.failed is not None:
                     runner[0].should_exit = True
                     return
             if on_ready is not None:
-                on_ready()
+                on_ready(bound_address(runner[0]) or (config.host, config.port))
 
         threading.Thread(target=watch_load, name="blip2-serve-watch", daemon=True).start()
 
@@ -1289,14 +1299,38 @@ def serve(config: ServeConfig, load: Callable[[], Any], *, on_ready: Callable[[]
                                lifespan="on", timeout_keep_alive=5, server_header=False)
     uv = Uvicorn(uv_config)
     runner.append(uv)
-    uv.run()
+    sock = sock or bind(config.host, config.port)  # before the model loads: a port in use is said at once
+    try:
+        uv.run(sockets=[sock])
+    finally:
+        sock.close()
     if engine.failed is not None:
         raise engine.failed
-    if not uv.started:
-        from .errors import UsageError
 
-        raise UsageError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this machine)",
-                         hint="choose another port", params=["port"])
+
+def bind(host: str, port: int):
+    """A listening socket on (host, port), or a UsageError naming ``port`` / ``host``."""
+    import socket
+
+    from .errors import UsageError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise UsageError(f"host {host!r} is not an address of this machine ({exc.strerror or exc})",
+                         params=["host"]) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                         hint="choose another port (or stop what holds it)", params=["port"]) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 __all__ = ["ApiError", "Engine", "Metrics", "ServeConfig", "Server", "is_loopback", "make_app", "serve"]

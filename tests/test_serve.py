@@ -524,3 +524,12 @@ def test_engine_halves_the_batch_on_cuda_out_of_memory():
     assert all(len(units) <= 2 for _, units in calls) and [u for _, us in calls for u in us] == list(range(7))
     assert engine.batch_size == 2 and engine.metrics.oom_halvings >= 2
     engine.stop()
+
+
+def test_serve_warns_without_a_key_off_loopback_and_checks_the_model_before_binding(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = cli("serve", "--host", "0.0.0.0", "-m", missing, "--port", "0")
+    assert result.exit_code == 2
+    assert "without --api-key" in result.output and "no-such-model" in result.output
+    quiet = cli("serve", "--host", "0.0.0.0", "--api-key", "k", "-m", missing, "--port", "0")
+    assert quiet.exit_code == 2 and "without --api-key" not in quiet.output

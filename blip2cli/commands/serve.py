@@ -75,8 +75,6 @@ def serve(
         from ..errors import UsageError
 
         raise UsageError(f"blip2 serve needs {exc.name}", hint="pip install 'blip2[serve]'") from None
-    options = load_options(**vars(loading))
-    load_plan = plan(options, architectures=ALL_ARCHITECTURES, task="serve")  # errors before binding the port
     config = core.ServeConfig(
         host=host, port=port, api_key=api_key or None, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
         max_queue=max_queue, max_body_mb=max_body_mb, allow_urls=allow_urls,
@@ -87,15 +85,22 @@ def serve(
     if not core.is_loopback(host) and not config.api_key:
         console.message(f"warning: listening on {host} without --api-key: anyone who can reach this port "
                         "can use the model (set --api-key or BLIP2_API_KEY)")
+    sock = core.bind(host, port)  # a port in use is said before anything heavy is imported
+    try:
+        options = load_options(**vars(loading))
+        load_plan = plan(options, architectures=ALL_ARCHITECTURES, task="serve")  # no weights read yet
+    except BaseException:
+        sock.close()
+        raise
 
     def load_model():
         return Model(load(options, load_plan=load_plan), load_plan)
 
-    def ready():
-        console.message(f"{loading.model} ready on http://{_url_host(host)}:{port}")
+    def ready(address):
+        console.message(f"{loading.model} ready on http://{_url_host(address[0])}:{address[1]}")
 
     console.message(f"loading {loading.model} ...")
-    core.serve(config, load_model, on_ready=ready)
+    core.serve(config, load_model, on_ready=ready, sock=sock)
     raise typer.Exit(0)
 
 
