@@ -90,7 +90,7 @@ class Client:
         chunk = max(1, min(chunk, int(info.get("max_batch_size") or chunk), int(info.get("max_queue") or chunk)))
         budget = int(limit * 0.7)  # base64 and JSON around the bytes
         per_item = len(questions) if command == "ask" else 1
-        body_base = {"options": options}
+        body_base: dict = {"options": options}
         if command == "ask":
             body_base["questions"] = list(questions)
 

@@ -345,8 +345,8 @@ class Engine:
     def __init__(self, config: ServeConfig, metrics: Metrics | None = None):
         self.config = config
         self.metrics = metrics or Metrics()
-        self.model = None  # api.Model, once loaded
-        self.loaded = None
+        self.model: Any = None  # api.Model, once loaded
+        self.loaded: Any = None
         self.ready = threading.Event()
         self.failed: BaseException | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -355,7 +355,7 @@ class Engine:
         self._cache: dict = {}
         self._stages: dict = {}
         self._thread: threading.Thread | None = None
-        self.decode_pool = None
+        self.decode_pool: Any = None  # pipeline.DecodePool, once started
         self.batch_size = config.max_batch_size  # lowered after a CUDA out-of-memory error
 
     # -- life ------------------------------------------------------------------------
@@ -672,6 +672,7 @@ class ImageSource:
             return data
         import urllib.request
 
+        assert self.url is not None
         try:
             with urllib.request.urlopen(self.url, timeout=URL_TIMEOUT_S) as response:
                 data = response.read(limit + 1)
@@ -869,7 +870,8 @@ def native_images(server: Server, body: dict) -> tuple[list[str], list]:
         raise bad_request("images must be a non-empty list of {name, data} objects", "images")
     if len(images) > server.config.max_queue:
         raise bad_request(f"at most {server.config.max_queue} images per request", "images")
-    names, sources = [], []
+    names: list[str] = []
+    sources: list[Any] = []
     for i, entry in enumerate(images):
         param = f"images[{i}]"
         if not isinstance(entry, dict):
@@ -878,6 +880,7 @@ def native_images(server: Server, body: dict) -> tuple[list[str], list]:
         if not isinstance(name, str):
             raise bad_request(f"{param}.name must be a string", f"{param}.name")
         names.append(name)
+        src: Any
         try:
             if isinstance(entry.get("error"), str):  # a client could not read it: its record says why
                 src = ApiError(400, entry["error"][:2000])
@@ -1052,7 +1055,7 @@ async def chat_endpoint(server: Server, body: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - the image's error
         raise bad_request(f"the image cannot be read ({type(exc).__name__})", source.param, "invalid_image") from None
     loaded = server.engine.loaded
-    if task == "ask":
+    if question is not None:
         prompt = render_prompt(question, DEFAULT_TEMPLATE)
         (result,) = await server.run(AskWork(server.engine, gen, "fast", DEFAULT_TEMPLATE), [(image, [prompt])])
         rows, texts = result[0]
@@ -1175,8 +1178,8 @@ def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
         Route("/v1/blip2/embed", endpoint(embed_endpoint), methods=["POST"]),
         Route("/v1/blip2/score", endpoint(score_endpoint), methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    handlers: dict[Any, Any] = {HTTPException: http_error, Exception: server_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     key = config.api_key.encode() if config.api_key else None
 
     async def guarded(scope, receive, send):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -157,6 +157,7 @@ def remote(command: str, server: str, params: dict) -> None:
             _refuse(["a vector store or -o DIR"], command)
     check_output_path(output)
     src = ns["src"]
+    inputs: Any
     if command == "ask":
         from .ask import gather_questions
 
@@ -213,7 +214,7 @@ def remote(command: str, server: str, params: dict) -> None:
     finish(stats, output=output, quiet=quiet, fmt=fmt_name, command=command)
 
 
-def _options(command: str, ns: dict, questions) -> tuple[dict, object]:
+def _options(command: str, ns: dict, questions) -> tuple[dict, Any]:
     """The options the server gets (the CLI's names), checked here first, and the writers' schema."""
     from ..caption import GenerationOptions
 
