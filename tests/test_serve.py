@@ -354,6 +354,16 @@ def test_hostile_requests_get_4xx_and_the_server_stays_correct(served, example_i
         assert 400 <= got.status_code < 500, (what, got.status_code, got.text[:300])
         error = got.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"], what
+    # A chunked body (no Content-Length) over the limit is cut off while it is read.
+    def chunks():
+        for _ in range(MAX_BODY_MB * 4 + 4):
+            yield b" " * (256 * 1024)
+
+    import httpx
+
+    got = httpx.post(served.url + "/v1/chat/completions", content=chunks(), timeout=60,
+                     headers={"Content-Type": "application/json", **served.headers()})
+    assert got.status_code == 413 and got.json()["error"]["code"] == "body_too_large"
     assert served.proc.poll() is None
     assert served.get("/health", key=None).status_code == 200
     again = served.post("/v1/chat/completions", chat_body(example_images[2], temperature=0, max_tokens=12))
