@@ -1041,8 +1041,10 @@ async def chat_endpoint(server: Server, body: dict) -> dict:
     from .images import ImageError
     from .loader import GENERATIVE
 
-    if body.get("stream"):
-        raise bad_request("stream is not supported: the answer comes whole", "stream", "unsupported")
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)):
+        raise bad_request("stream_options needs stream: true and an object", "stream_options")
     server.require_ready()
     server.require(GENERATIVE, "chat completions")
     source, question = parse_chat(body, server.config)
@@ -1064,7 +1066,35 @@ async def chat_endpoint(server: Server, body: dict) -> dict:
         (result,) = await server.run(CaptionWork(server.engine, gen, "fast"), [image])
         rows, texts = result
     prompt_tokens = len(prompt_ids(loaded, prompt))
-    return completion_body(server.config.model_name, prompt_tokens, rows, texts, gen.max_new_tokens, eos_ids(loaded))
+    completion = completion_body(server.config.model_name, prompt_tokens, rows, texts, gen.max_new_tokens,
+                                 eos_ids(loaded))
+    if stream:
+        return Streamed(stream_events(completion, include_usage=bool((options or {}).get("include_usage"))))
+    return completion
+
+
+class Streamed:
+    """A completion to send as server-sent events (``stream: true``): each choice whole
+    in one chunk (the model's answer is ready at once), as OpenAI's chunks are shaped."""
+
+    def __init__(self, events: list[str]):
+        self.events = events
+
+
+def stream_events(completion: dict, *, include_usage: bool) -> list[str]:
+    base = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
+            "model": completion["model"]}
+    events = []
+    for choice in completion["choices"]:
+        events.append({**base, "choices": [{"index": choice["index"], "logprobs": None, "finish_reason": None,
+                                            "delta": {"role": "assistant", "content": ""}}]})
+        events.append({**base, "choices": [{"index": choice["index"], "logprobs": None, "finish_reason": None,
+                                            "delta": {"content": choice["message"]["content"]}}]})
+        events.append({**base, "choices": [{"index": choice["index"], "logprobs": None, "delta": {},
+                                            "finish_reason": choice["finish_reason"]}]})
+    if include_usage:
+        events.append({**base, "choices": [], "usage": completion["usage"]})
+    return [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
 
 
 def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
@@ -1076,7 +1106,7 @@ def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     config = server.config
@@ -1117,7 +1147,11 @@ def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
         async def call(request: Request) -> Response:
             try:
                 body = await read_json(request)
-                return JSONResponse(await handler(server, body))
+                answer = await handler(server, body)
+                if isinstance(answer, Streamed):
+                    return StreamingResponse(iter(answer.events), media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache"})
+                return JSONResponse(answer)
             except ApiError as exc:
                 return error_response(exc)
             except Blip2Error as exc:
