@@ -684,9 +684,23 @@ class ImageSource:
 
 
 # -- the OpenAI chat completion -----------------------------------------------------------
-def parse_chat(body: dict, config: ServeConfig) -> tuple[ImageSource, str | None]:
-    """(the image, the question or None) from ``messages``: the last user message's text;
-    the last image of the user messages."""
+def _message_text(content, param: str) -> str:
+    """The text of an assistant message (a string or text parts)."""
+    if isinstance(content, str):
+        return content.strip()
+    if isinstance(content, list):
+        texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        return " ".join(t.strip() for t in texts if isinstance(t, str) and t.strip())
+    if content is None:
+        return ""
+    raise bad_request(f"{param} must be a string or a list of parts", param)
+
+
+def parse_chat(body: dict, config: ServeConfig) -> tuple[ImageSource, str | None, list[tuple[str, str]]]:
+    """(the image, the question or None, the earlier turns) from ``messages``: the last
+    user message's text is the question; each earlier user text answered by an assistant
+    message is a turn (``[(question, answer), ...]``, as ``blip2 chat`` carries them); the
+    image is the last one of the user messages. System messages are not used."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
@@ -703,8 +717,17 @@ def parse_chat(body: dict, config: ServeConfig) -> tuple[ImageSource, str | None
             last_user = i
     if last_user is None:
         raise bad_request("messages holds no user message", "messages")
+    history: list[tuple[str, str]] = []
+    pending: str | None = None  # a user text waiting for its answer
     for i, message in enumerate(messages):
-        if message.get("role") != "user":
+        role = message.get("role")
+        if role == "assistant":
+            answer = _message_text(message.get("content"), f"messages[{i}].content")
+            if pending and i < last_user:
+                history.append((pending, answer))
+            pending = None
+            continue
+        if role != "user":
             continue
         content = message.get("content")
         texts = []
@@ -729,13 +752,28 @@ def parse_chat(body: dict, config: ServeConfig) -> tuple[ImageSource, str | None
                                       f"{param}.type")
         else:
             raise bad_request(f"messages[{i}].content must be a string or a list of parts", f"messages[{i}].content")
+        text = " ".join(t.strip() for t in texts if t.strip())
+        pending = text or None
         if i == last_user:
-            text = " ".join(t.strip() for t in texts if t.strip())
             question = text or None
     if image is None:
         raise bad_request("no image: add an image_url part (a data: URL) to the user message", "messages",
                           "missing_image")
-    return image, question
+    return image, question, history
+
+
+def fit_chat_prompt(loaded, history: list[tuple[str, str]], question: str, max_new_tokens: int) -> str:
+    """``blip2 chat``'s prompt for ``question`` after ``history``, the oldest turns dropped
+    until it fits the model's context (``ask.ChatSession.fit``); 400 if the question alone does not."""
+    from .ask import chat_prompt, context_limit
+
+    limit = context_limit(loaded, max_new_tokens)
+    for dropped in range(len(history) + 1):
+        prompt = chat_prompt(history[dropped:], question)
+        if len(loaded.tokenizer(prompt)["input_ids"]) <= limit:
+            return prompt
+    raise bad_request(f"the question is too long for the model's context (at most {max(limit, 0)} tokens "
+                      "with max_tokens)", "messages", "context_length_exceeded")
 
 
 def chat_generation(body: dict, *, task: str):
@@ -1047,7 +1085,7 @@ async def chat_endpoint(server: Server, body: dict) -> dict:
         raise bad_request("stream_options needs stream: true and an object", "stream_options")
     server.require_ready()
     server.require(GENERATIVE, "chat completions")
-    source, question = parse_chat(body, server.config)
+    source, question, history = parse_chat(body, server.config)
     task = "ask" if question is not None else "caption"
     gen = chat_generation(body, task=task)
     try:
@@ -1058,7 +1096,8 @@ async def chat_endpoint(server: Server, body: dict) -> dict:
         raise bad_request(f"the image cannot be read ({type(exc).__name__})", source.param, "invalid_image") from None
     loaded = server.engine.loaded
     if question is not None:
-        prompt = render_prompt(question, DEFAULT_TEMPLATE)
+        prompt = (fit_chat_prompt(loaded, history, question, gen.max_new_tokens) if history
+                  else render_prompt(question, DEFAULT_TEMPLATE))
         (result,) = await server.run(AskWork(server.engine, gen, "fast", DEFAULT_TEMPLATE), [(image, [prompt])])
         rows, texts = result[0]
     else:

@@ -171,6 +171,30 @@ def test_openai_client_caption_and_answer_equal_the_cli(served, example_images, 
     assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
 
 
+def test_a_conversation_carries_its_turns_as_blip2_chat_does(served, tiny_opt, example_images):
+    import blip2cli
+
+    image = example_images[3]
+    chat = blip2cli.load(tiny_opt, device="cpu").chat(image, num_beams=1, max_new_tokens=8)
+    questions = ["what is it?", "what color is it?", "where is it?"]
+    messages: list = []
+    for i, question in enumerate(questions):
+        want = chat.ask(question)
+        content = [{"type": "text", "text": question}]
+        if i == 0:
+            content.append({"type": "image_url", "image_url": {"url": data_url(image)}})
+        messages.append({"role": "user", "content": content})
+        got = served.post("/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 8})
+        assert got.status_code == 200, got.text
+        answer = got.json()["choices"][0]["message"]["content"]
+        assert answer == want, (i, answer, want)
+        messages.append({"role": "assistant", "content": answer})
+    assert len(chat.history) >= 2  # later turns did carry earlier ones
+    alone = [served.post("/v1/chat/completions", chat_body(image, q, temperature=0, max_tokens=8)).json()
+             ["choices"][0]["message"]["content"] for q in questions[1:]]
+    assert alone != [m["content"] for m in messages[3::2]], "the turns made no difference: the test proves nothing"
+
+
 def test_n_and_beams_map_onto_the_cli_options(served, tiny_opt, example_images):
     image = example_images[1]
     got = served.post("/v1/chat/completions", chat_body(image, n=2, num_beams=3, max_tokens=8))
