@@ -140,6 +140,7 @@ def local_answers(tiny_opt, example_images) -> dict:
 
 
 # -- OpenAI compatibility -------------------------------------------------------------------
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_openai_client_caption_and_answer_equal_the_cli(served, example_images, local_captions, local_answers):
     import openai
 
@@ -171,6 +172,7 @@ def test_openai_client_caption_and_answer_equal_the_cli(served, example_images, 
     assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
 
 
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_a_conversation_carries_its_turns_as_blip2_chat_does(served, tiny_opt, example_images):
     import blip2cli
 
@@ -195,6 +197,7 @@ def test_a_conversation_carries_its_turns_as_blip2_chat_does(served, tiny_opt, e
     assert alone != [m["content"] for m in messages[3::2]], "the turns made no difference: the test proves nothing"
 
 
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_n_and_beams_map_onto_the_cli_options(served, tiny_opt, example_images):
     image = example_images[1]
     got = served.post("/v1/chat/completions", chat_body(image, n=2, num_beams=3, max_tokens=8))
@@ -214,6 +217,7 @@ def test_n_and_beams_map_onto_the_cli_options(served, tiny_opt, example_images):
 
 
 # -- batching ------------------------------------------------------------------------------------
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_concurrent_requests_are_batched_and_each_equals_its_image_alone(served, example_images, local_captions):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -243,6 +247,7 @@ def test_concurrent_requests_are_batched_and_each_equals_its_image_alone(served,
 
 
 # -- the native endpoints and blip2 caption --server -----------------------------------------------
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_caption_and_ask_with_server_write_the_local_records(served, tiny_opt, example_images, tmp_path, monkeypatch):
     """The client's records (and CSV) equal a local run's, settings included; it imports no torch."""
     monkeypatch.setenv("BLIP2_API_KEY", KEY)
@@ -311,6 +316,7 @@ def test_caption_and_ask_with_server_write_the_local_records(served, tiny_opt, e
     assert refused.exit_code == 2 and "--server" in refused.output
 
 
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_files_only_under_the_allowed_folder(served):
     ok = served.post("/v1/chat/completions", chat_body(str(served.allowed / "cat.png"), temperature=0, max_tokens=4))
     assert ok.status_code == 200, ok.text
@@ -371,6 +377,7 @@ def _hostile(served, image: Path) -> list:
     ]
 
 
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_hostile_requests_get_4xx_and_the_server_stays_correct(served, example_images, local_captions):
     import httpx
 
@@ -407,6 +414,7 @@ def test_hostile_requests_get_4xx_and_the_server_stays_correct(served, example_i
     assert records[1]["caption"] is None and records[1]["error"]
 
 
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_the_key_is_needed_everywhere_but_health(served):
     for path in ("/v1/models", "/metrics", "/v1/blip2/info"):
         assert served.get(path, key=None).status_code == 401
@@ -417,6 +425,7 @@ def test_the_key_is_needed_everywhere_but_health(served):
     assert "401" in served.log.read_text()  # one line per request on stderr
 
 
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_metrics_in_prometheus_format(served):
     text = served.get("/metrics").text
     for name in ("blip2_requests_total{", "blip2_request_errors_total{", "blip2_queue_depth ", "blip2_batch_size_bucket",
@@ -426,6 +435,7 @@ def test_metrics_in_prometheus_format(served):
 
 
 # -- shutdown: last, it ends the module's server ---------------------------------------------------
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(served, example_images):
     results: list = [None] * 8
 
