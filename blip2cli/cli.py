@@ -21,6 +21,7 @@ from .commands import export as export_cmd
 from .commands import embed as embed_cmd
 from .commands import score as score_cmd
 from .commands import search as search_cmd
+from .commands import serve as serve_cmd
 from .commands import sheet as sheet_cmd
 from .commands import chat as chat_cmd
 from .commands import tiny as tiny_cmd
@@ -115,6 +116,7 @@ SUMMARIES = {
     "export": "A vector store in the layout faiss tools read.",
     "sheet": "An HTML contact sheet of earlier results.",
     "tiny-checkpoint": "Write a tiny random checkpoint for tests.",
+    "serve": "Keep a model loaded and answer HTTP requests.",
 }
 
 
@@ -133,6 +135,7 @@ _command("merge", merge_cmd.merge)
 _command("export", export_cmd.export)
 _command("sheet", sheet_cmd.sheet)
 _command("tiny-checkpoint", tiny_cmd.tiny_checkpoint)
+_command("serve", serve_cmd.serve)
 
 from .commands import models as models_cmd  # noqa: E402  (a group: `models`, `models download`)
 

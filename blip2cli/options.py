@@ -180,6 +180,15 @@ HtmlLinks = Annotated[
     ),
 ]
 
+ServerOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--server", metavar="URL", envvar="BLIP2_SERVER", show_envvar=True, rich_help_panel=LOADER, show_default=False,
+        help="Send the images to a running `blip2 serve` at URL (its model) and write its records here "
+        "(the key from BLIP2_API_KEY).",
+    ),
+]
+
 # -- performance ---------------------------------------------------------------
 BatchSize = Annotated[
     Optional[int],

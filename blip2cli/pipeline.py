@@ -256,3 +256,8 @@ def run(
         pool.shutdown()  # never waits: a decode stuck in a read is left to its daemon thread
         stats.seconds = time.perf_counter() - started
     return stats
+
+
+# The out-of-memory rule, public for the other batchers (blip2 serve's model thread).
+is_out_of_memory = _is_out_of_memory
+free_cuda_cache = _free_cuda_cache

@@ -45,7 +45,8 @@ def heavy_modules_imported(*args: str, env: dict | None = None) -> tuple[str, st
 @pytest.mark.parametrize(
     "args",
     [["--help"], ["caption", "--help"], ["--version"], ["embed", "--help"], ["search", "--help"], ["score", "--help"],
-     ["ask", "--help"], ["chat", "--help"], ["bench", "--help"], ["merge", "--help"], ["sheet", "--help"]],
+     ["ask", "--help"], ["chat", "--help"], ["bench", "--help"], ["merge", "--help"], ["sheet", "--help"],
+     ["serve", "--help"]],
 )
 def test_help_does_not_import_torch_or_transformers(args):
     out, heavy = heavy_modules_imported(*args)

@@ -76,8 +76,13 @@ def ask(
     perf: o.Bundle = o.COMPUTE,
     sidecars: o.Bundle = o.SIDECAR_FILES,
     running: o.Bundle = o.RUNNING,
+    server: o.ServerOpt = None,
 ) -> None:
     """Ask questions about images: one record per image and question, streamed in input order."""
+    if server:  # blip2 serve runs the model: commands/serve.remote reads these parameters
+        from .serve import remote
+
+        return remote("ask", server, locals())
     from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema, check_template, generation_settings
     from ..caption import GenerationOptions
     from ..errors import UsageError

@@ -52,8 +52,13 @@ def caption(
     running: o.Bundle = o.RUNNING,
     metadata: o.Metadata = False,
     metadata_format: o.MetadataFormat = "jsonl",
+    server: o.ServerOpt = None,
 ) -> None:
     """Caption images: one record per image, streamed in input order."""
+    if server:  # blip2 serve runs the model: commands/serve.remote reads these parameters
+        from .serve import remote
+
+        return remote("caption", server, locals())
     from ..caption import Captioner, GenerationOptions, caption_schema
     from ..job import Job
 

@@ -158,8 +158,13 @@ def embed(
     fail_fast: o.FailFast = False,
     shard: o.ShardOpt = None,
     failed_list: o.FailedListOpt = None,
+    server: o.ServerOpt = None,
 ) -> None:
     """Embed images (and texts) with BLIP-2: one vector record per image, or a vector store."""
+    if server:  # blip2 serve runs the model: commands/serve.remote reads these parameters
+        from .serve import remote
+
+        return remote("embed", server, locals())
     from ..embed import Embedder, embed_schema, text_record
     from ..errors import UsageError
     from ..store import StoreMeta, is_store_path
