@@ -84,9 +84,7 @@ class Job:
                     f"an output directory holds JSON Lines part files, not {self.fmt}",
                     hint="drop format (or use format='jsonl')", params=["format"],
                 )
-            if self.resume:
-                raise UsageError("an output directory always resumes: drop resume", params=["resume"])
-            return
+            return  # resume: an output directory always resumes, so it is the no-op it says
         if self.tar_inputs and self.sidecar is not None:
             raise UsageError("sidecar does not work with tar shards as inputs (their images are no files)",
                              hint="write records instead: -o captions.jsonl (each record names its shard and key)",
@@ -114,19 +112,38 @@ class Job:
         finally:
             guard.release()
 
-    def _outputs(self, shard) -> list:
-        """Every file this run writes besides sidecars: none of them may be an input."""
-        if shard is None:
-            return [self.output] if self.output is not None else []
-        from .parts import PartsDir
+    def output_plan(self, shard, names=()):
+        """Every file this run writes besides sidecars (checked as they are planned):
+        none may be an input or another of them, each is refused if it is an image."""
+        from .guard import OutputPlan
 
-        parts = PartsDir(self.output, self.command)
-        return [parts.part(shard), parts.parts / "manifest.json", parts.parts / "inputs.jsonl", parts.final]
+        plan = OutputPlan()
+        if self.tar_inputs and self.parts_mode():  # one output per shard, and its part file
+            from .parts import PartsDir
+
+            state = PartsDir(self.output, self.command)
+            state.parts = self.output / SHARD_STATE
+            plan.add(state.parts / "manifest.json", "the manifest")
+            plan.add(state.parts / "inputs.jsonl", "the list of inputs")
+            for name in names:
+                plan.add(self.output / shard_output(name, self.fmt), "the records of a shard")
+                plan.add(shard_part(state, name), "the part file of a shard")
+        elif shard is None:
+            plan.add(self.output, "the output file", "output", lock=True)
+        else:
+            from .parts import PartsDir
+
+            parts = PartsDir(self.output, self.command)
+            plan.add(parts.part(shard), "the part file", "output", lock=True)
+            plan.add(parts.parts / "manifest.json", "the manifest")
+            plan.add(parts.parts / "inputs.jsonl", "the list of inputs")
+            plan.add(parts.final, "the merged file")
+        for wrap in self.wrappers:  # --metadata, --failed-list
+            for planned in getattr(wrap, "planned", ()):
+                plan.append(planned)
+        return plan
 
     def _run(self, items: Iterable, total: int | None, guard) -> JobResult:
-        from .guard import refuse_image_output
-        from .loader import load, plan
-        from .pipeline import run
         from .writers import Sink, make_writer
 
         if total is not None:
@@ -135,9 +152,7 @@ class Job:
         self.check()
         result = JobResult(dry_run=self.dry_run)
         if self.tar_inputs and self.parts_mode():  # -o DIR: one output file per shard
-            from .webdataset import run_per_shard
-
-            return run_per_shard(self, items, guard, result)
+            return self._run_per_shard(items, guard, result)
         shard = None
         if self.parts_mode():
             from .parts import Shard, launched_shard, local_device, parse_shard
@@ -151,31 +166,26 @@ class Job:
             if shard is None:  # one process into a directory: itself is the whole job
                 shard = Shard(0, 1, launched=True)
             self.load_options.device = local_device(shard, self.load_options.device)
-        # Before anything is read or written: no output is an input (a known list is
-        # refused here; stdin items are screened as they come), and no one else writes it.
-        items = guard.screen(items, self._outputs(shard))
+        # Before anything is read or written: every file of the plan is no input (a known
+        # list is refused here; stdin items are screened as they come) and no other
+        # output, and no one else writes it.
+        guard.plan(self.output_plan(shard))
+        items = guard.screen(items)
         if self.tar_inputs is not False:  # shards become their samples as they are read
             from .webdataset import SampleReader
 
             if self.tar_inputs:
                 total = None
             items = (self.samples or SampleReader()).expand(items)
-        if shard is None:
-            refuse_image_output(self.output)
-            if not self.dry_run or self.resume:  # --resume rewrites the file, even in a dry run
-                guard.lock_output(self.output)
-        elif not self.dry_run:
-            from .parts import PartsDir
-
-            part = PartsDir(self.output, self.command).part(shard)
+        if shard is not None and not self.dry_run:
             try:
-                part.parent.mkdir(parents=True, exist_ok=True)  # DIR/.parts: the lock lives there
+                from .parts import PartsDir
+
+                PartsDir(self.output, self.command).parts.mkdir(parents=True, exist_ok=True)  # the lock lives there
             except OSError:
                 pass  # writing the manifest says why
-            guard.lock_output(part, what="the part file")
-        kwargs = {"architectures": self.architectures} if self.architectures else {}
-        load_plan = plan(self.load_options, task=self.command, **kwargs)
-        settings = {**load_plan.settings(), **self.extra_settings}
+        guard.hold()
+        load_plan, settings = self._settings()
 
         appending = False
         sink_path = self.output
@@ -252,20 +262,10 @@ class Job:
                 self._after_parts(shard, parts, result)
                 return result  # nothing left: the weights are never read
 
-        loaded = load(self.load_options, load_plan=load_plan)
-        if self.seed is not None:
-            import torch
-
-            torch.manual_seed(self.seed)
-        task = _Recorded(self.make_task(loaded), settings, self.sidecar)
+        loaded, task = self._start(load_plan, settings)
         sink = Sink(str(sink_path) if sink_path is not None else None, append=appending,
                     hint=self._full_hint(shard), hint_params=("resume",)).open()
-        from .console import Reporter
-
-        reporter = Reporter(quiet=self.quiet, total=total, description=self.description)
-        from .errors import sigterm_as_interrupt
-        from .defaults import default_batch_size, default_workers
-
+        reporter = self._reporter(total)
         failed = True
         try:
             # The contact sheet's header shows the settings before the first record.
@@ -279,17 +279,8 @@ class Job:
                 writer = SidecarWriter(self.sidecar, writer, text_of=self.sidecar_text, guard=guard)
             for wrap in self.wrappers:  # they see each record as written (a sidecar error too)
                 writer = wrap(writer)
-            with sigterm_as_interrupt():
-                result.stats = run(
-                    items,
-                    task,
-                    writer,
-                    batch_size=self.batch_size or default_batch_size(loaded.device.type),
-                    workers=self.workers or default_workers(),
-                    reporter=reporter,
-                    fail_fast=self.fail_fast,
-                    **({"queue_size": QUEUE_SAMPLES} if self.tar_inputs is not False else {}),
-                )
+            guard.hold()  # the files just created: their inodes too
+            result.stats = self._pipe(items, task, writer, reporter, loaded)
             writer.close()  # html: the last card and the closing tags (a cut page shows without them)
             failed = False
         finally:
@@ -297,6 +288,162 @@ class Job:
             sink.close(quiet=failed)  # an error while closing never hides the one on its way out
         self._report_skips(result)
         self._after_parts(shard, parts, result)
+        return result
+
+    # -- what every way of running shares: once each --------------------------
+    def _start(self, load_plan, settings: dict):
+        """Read the weights, seed, and the task that adds the settings to each record."""
+        from .loader import load
+
+        loaded = load(self.load_options, load_plan=load_plan)
+        if self.seed is not None:
+            import torch
+
+            torch.manual_seed(self.seed)
+        return loaded, _Recorded(self.make_task(loaded), settings, self.sidecar)
+
+    def _reporter(self, total):
+        from .console import Reporter
+
+        return Reporter(quiet=self.quiet, total=total, description=self.description)
+
+    def _pipe(self, items, task, writer, reporter, loaded):
+        """The pipeline, with SIGTERM as an interruption (finished records stay written)."""
+        from .defaults import default_batch_size, default_workers
+        from .errors import sigterm_as_interrupt
+        from .pipeline import run
+
+        with sigterm_as_interrupt():
+            return run(items, task, writer, reporter=reporter, fail_fast=self.fail_fast,
+                       batch_size=self.batch_size or default_batch_size(loaded.device.type),
+                       workers=self.workers or default_workers(),
+                       **({"queue_size": QUEUE_SAMPLES} if self.tar_inputs is not False else {}))
+
+    def _settings(self):
+        """The load plan (no weights read) and the settings every record carries."""
+        from .loader import plan
+
+        kwargs = {"architectures": self.architectures} if self.architectures else {}
+        load_plan = plan(self.load_options, task=self.command, **kwargs)
+        return load_plan, {**load_plan.settings(), **self.extra_settings}
+
+    # -- -o DIR with shard inputs --------------------------------------------------
+    def _check_per_shard(self, items: list) -> None:
+        plain = [i.name for i in items if not getattr(i, "tar", False)]
+        if plain:
+            raise UsageError(
+                f"-o {self.output} with tar shards writes one file per shard; {plain[0]!r} is not a shard",
+                hint="caption the shards and the other images in separate runs",
+            )
+        if self.sidecar is not None:
+            raise UsageError("sidecar does not work with tar shards as inputs (their images are no files)",
+                             params=["sidecar"])
+        if self.fmt not in ("jsonl", "parquet"):
+            raise UsageError(f"per-shard outputs are JSON Lines or Parquet, not {self.fmt}",
+                             hint="drop format, or use format='parquet'", params=["format"])
+        if self.fmt == "parquet":
+            from .parquet import require_pyarrow
+
+            require_pyarrow()
+        stems: dict[str, str] = {}
+        for name in (i.name for i in items):
+            out = shard_output(name, self.fmt)
+            if out in stems and stems[out] != name:
+                raise UsageError(f"{stems[out]!r} and {name!r} would both write {out}",
+                                 hint="give each shard a different file name, or run them into separate directories")
+            stems[out] = name
+
+    def _run_per_shard(self, items: list, guard, result: JobResult) -> JobResult:
+        """``-o DIR`` with shard inputs: each shard's records into ``DIR/<name>.<ext>``.
+
+        The run always resumes, as ``-o DIR`` does: a shard whose output exists is done
+        (delete the file to redo it); a shard with a part file in ``DIR/.shards`` goes on
+        after its last whole record (its failed samples retried); the settings are
+        compared with those the directory was started with (and with each part's
+        records). ``--shard I/N`` and launcher ranks take whole shards (contiguous slices
+        of the sorted shard list)."""
+        from .parts import PartsDir, Shard, launched_shard, local_device, parse_shard
+        from .pipeline import Stats
+        from .resume import load_resume
+        from .webdataset import SampleReader
+        from .writers import Sink, make_writer
+
+        self._check_per_shard(items)
+        names = [i.name for i in items]
+        guard.plan(self.output_plan(None, names))
+        guard.screen(items)
+        guard.hold()
+        shard = parse_shard(self.shard) if self.shard is not None else launched_shard()
+        if shard is None:
+            shard = Shard(0, 1, launched=True)
+        self.load_options.device = local_device(shard, self.load_options.device)
+        load_plan, settings = self._settings()
+        root = Path(self.output)
+        state = PartsDir(root, self.command)
+        state.parts = root / SHARD_STATE
+        if not self.dry_run:
+            state.write_manifest(names, settings)  # refuses another command, other inputs
+        state.check_settings(settings)
+        start, end = shard.bounds(len(names))
+        todo = []  # (shard path, final, part, done keys)
+        for name in names[start:end]:
+            final, part = root / shard_output(name, self.fmt), shard_part(state, name)
+            if final.exists():
+                result.resumed += 1
+                if self.dry_run:
+                    self._dry_line("skip", str(final), name)
+                continue
+            done: set = set()
+            if part.exists():
+                guard.lock_output(part, what="the part file")  # before its records are read
+                done = load_resume(str(part), settings, self.key_of_record).done
+            todo.append((name, final, part, done))
+            if self.dry_run:
+                self._dry_line(self.command, name, str(final))
+        if result.resumed:
+            console.message(f"{result.resumed} of {end - start} shards already done in {root}")
+        if self.dry_run:
+            console.message(f"dry run: {len(todo)} shards to {self.command}, {result.resumed} done")
+            return result
+        if not todo:
+            _meet(shard)
+            return result
+
+        loaded, task = self._start(load_plan, settings)
+        reader = self.samples or SampleReader()
+        reporter = self._reporter(None)
+        switch = _Switch()
+        outer = switch
+        for wrap in self.wrappers:
+            outer = wrap(outer)
+        guard.hold()
+        total = Stats()
+        try:
+            for name, final, part, done in todo:
+                part.parent.mkdir(parents=True, exist_ok=True)
+                guard.lock_output(part, what="the part file")
+                sink = Sink(str(part), append=part.exists(), hint=self._full_hint(True)).open()
+                failed = True
+                try:
+                    writer = make_writer("jsonl", sink, self.schema)
+                    switch.inner = _SkipDone(writer, done, self.key_of_record) if done else writer
+                    pending = (s for s in reader.samples(name)
+                               if not all(k in done for k in self.keys_of_item(s)))
+                    stats = self._pipe(pending, task, outer, reporter, loaded)
+                    failed = False
+                finally:
+                    sink.close(quiet=failed)
+                _add(total, stats)
+                _promote(part, final, self.fmt, self.schema)
+                if self.fail_fast and stats.failed:
+                    break
+            outer.close()
+        finally:
+            reporter.close()
+            result.stats = total
+        if not self.quiet:
+            console.message(f"{len(todo)} shard outputs written in {root}")
+        _meet(shard)
         return result
 
     def _full_hint(self, shard) -> str:
@@ -394,3 +541,79 @@ class _Recorded:
                 record["sidecar"] = self.sidecar.path_for(item)
             record.update(self.settings)
         return made
+
+
+# -- -o DIR with shard inputs: one output per shard ---------------------------------
+SHARD_STATE = ".shards"  # DIR/.shards: the manifest and the part file of each unfinished shard
+
+
+def shard_output(name: str, fmt: str) -> str:
+    """The file name of a shard's output in ``-o DIR``: its stem, then the format's extension."""
+    from .webdataset import shard_stem
+
+    return shard_stem(name) + (".parquet" if fmt == "parquet" else ".jsonl")
+
+
+def shard_part(state, name: str) -> Path:
+    """Where a shard's records go while it runs (not beside manifest.json, inputs.jsonl)."""
+    from .webdataset import shard_stem
+
+    return state.parts / "parts" / f"{shard_stem(name)}.jsonl"
+
+
+class _Switch:
+    """The writer the pipeline writes to: the current shard's writer (swapped per shard)."""
+
+    def __init__(self):
+        self.inner = None
+
+    def write(self, record: dict) -> None:
+        self.inner.write(record)
+
+    def close(self) -> None:
+        pass
+
+
+def _meet(shard) -> None:
+    if shard.launched and shard.count > 1:
+        from .parts import wait_for_everyone
+
+        wait_for_everyone()
+
+
+def _add(total, stats) -> None:
+    total.done += stats.done
+    total.failed += stats.failed
+    total.seconds += stats.seconds
+    for k, v in stats.stage_seconds.items():
+        total.stage_seconds[k] = total.stage_seconds.get(k, 0.0) + v
+    total.batch_seconds += stats.batch_seconds
+    total.batch_size_reduced_to = stats.batch_size_reduced_to or total.batch_size_reduced_to
+
+
+def _promote(part, final, fmt: str, schema) -> None:
+    """A finished shard's part file into place, atomically (JSON Lines: renamed; Parquet:
+    written beside the final name from the part's records, then renamed)."""
+    if fmt == "jsonl":
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(part, final)
+        return
+    import json
+
+    from .fsutil import replacing
+    from .parquet import ParquetWriter
+    from .writers import Sink
+
+    with replacing(final) as tmp:
+        sink = Sink(tmp).open()
+        try:
+            writer = ParquetWriter(sink, schema)
+            with open(part, "rb") as f:
+                for raw in f:
+                    if raw.strip():
+                        writer.write(json.loads(raw.decode("utf-8", "surrogateescape")))
+            writer.close()
+        finally:
+            sink.close()
+    os.unlink(part)

@@ -133,6 +133,16 @@ class MetadataWriter:
 
 
 def wrapper(root, *, fmt: str = "jsonl", several: bool = False):
+    """For ``Job.wrappers``; its ``planned`` file (``DIR/metadata.*``) is in the run's output
+    plan, checked against every input and output before anything is opened."""
     if root is None:
         return None
-    return lambda inner: MetadataWriter(inner, root, fmt=fmt, several=several)
+    if fmt not in FORMATS:
+        raise UsageError(f"metadata_format={fmt!r}: one of {', '.join(FORMATS)}", params=["metadata_format"])
+    from .guard import Planned
+
+    def wrap(inner):
+        return MetadataWriter(inner, root, fmt=fmt, several=several)
+
+    wrap.planned = (Planned(os.path.join(root, "metadata." + fmt), "the metadata file", "metadata"),)  # type: ignore[attr-defined]
+    return wrap
