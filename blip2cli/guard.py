@@ -118,7 +118,7 @@ def refuse_image_output(path: str | os.PathLike | None, *, what: str = "the outp
     if looks_like_image(path):
         raise UsageError(
             f"{what} {str(path)!r} is an image: writing there would destroy it",
-            hint="name another output file (-o results.jsonl)",
+            hint=f"name another file for {what}",
         )
 
 

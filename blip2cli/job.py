@@ -61,6 +61,13 @@ class Job:
     samples: Any = None  # webdataset.SampleReader for tar shard inputs (--carry, --ext); None: the defaults
     tar_inputs: bool | None = None  # are tar shards among the inputs (None: not resolved yet)
 
+    @property
+    def task(self):
+        """The command's entry in the task registry (``tasks.TASKS``)."""
+        from .tasks import TASKS
+
+        return TASKS[self.command]
+
     def parts_mode(self) -> bool:
         """-o DIR, --shard or a launcher: records go to part files under the directory."""
         if self.shard is not None or _launched():
@@ -93,7 +100,8 @@ class Job:
             if self.output is None:
                 raise UsageError(
                     "resume needs an output file to carry on from",
-                    hint=f"`blip2 {self.command} ... -o results.jsonl --resume`", params=["resume"],
+                    hint=f"`blip2 {self.command} ... -o {self.task.final_name or 'records.jsonl'} --resume`",
+                    params=["resume"],
                 )
             if self.fmt != "jsonl":
                 raise UsageError(

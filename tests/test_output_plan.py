@@ -191,3 +191,54 @@ def test_a_hard_link_made_after_the_output_was_created_is_refused_too(tiny_opt, 
     assert res.exit_code == 0, res.output
     assert seen["second"].exit_code == 2, seen["second"].output
     assert len(jsonl(a.read_text())) == 4
+
+
+# -- frictions found beside the rule (issue 19, cosmetic) ---------------------------------------
+def test_csv_disk_full_message_does_not_count_the_header_as_a_record(tmp_path):
+    import errno
+
+    from blip2cli.caption import caption_schema
+    from blip2cli.errors import OutputError
+
+    sink = writers.Sink(str(tmp_path / "x.csv")).open()
+    writer = writers.make_writer("csv", sink, caption_schema(1))
+    writer.write({"path": "a.png", "captions": ["a cat"], "error": None})
+    real = sink._fh
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    sink._fh = Full()
+    with pytest.raises(OutputError, match="holds the 1 whole records"):
+        writer.write({"path": "b.png", "captions": ["a dog"], "error": None})
+    sink._fh = real
+    sink.close()
+
+
+def test_dry_run_says_fail_for_a_sidecar_whose_name_is_too_long(tiny_opt, tmp_path, example_images, no_model):
+    folder = tmp_path / "long"
+    folder.mkdir()
+    image = folder / ("a" * 250 + ".png")  # its sidecar a...a.caption: 258 bytes, over 255
+    shutil.copy(example_images[0], image)
+    res = cli("caption", image, "--model", tiny_opt, "--sidecar", "--sidecar-ext", ".caption", "--dry-run", *FAST)
+    assert res.exit_code == 0, res.output
+    action = res.stdout.split("\t")[0]
+    assert action == "fail" and "too long" in res.stdout
+
+
+@pytest.mark.parametrize("command", ["sheet", "embed"])
+def test_an_image_as_output_hint_does_not_suggest_a_jsonl_file_where_it_is_wrong(command, tmp_path, example_images,
+                                                                                no_model):
+    victim = tmp_path / "victim.png"
+    shutil.copy(example_images[0], victim)
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"path": "a.png", "caption": "a cat", "captions": ["a cat"], "error": null}\n')
+    args = [records] if command == "sheet" else [example_images[1]]
+    res = cli(command, *args, "-o", victim)
+    assert res.exit_code == 2, res.output
+    assert "is an image" in res.stderr and "results.jsonl" not in res.stderr
+    assert victim.read_bytes() == example_images[0].read_bytes()
