@@ -60,6 +60,8 @@ class Job:
     wrappers: list = field(default_factory=list)  # writer -> writer, outermost: --metadata, --failed-list
     samples: Any = None  # webdataset.SampleReader for tar shard inputs (--carry, --ext); None: the defaults
     tar_inputs: bool | None = None  # are tar shards among the inputs (None: not resolved yet)
+    store: Any = None  # embedstore.StoreOutput: the records go into a vector store instead
+    lead: Callable[[Any], Iterable[dict]] | None = None  # task -> records written before the items' (embed's texts)
 
     @property
     def task(self):
@@ -70,6 +72,8 @@ class Job:
 
     def parts_mode(self) -> bool:
         """-o DIR, --shard or a launcher: records go to part files under the directory."""
+        if self.store is not None:
+            return False  # a store folder is the store
         if self.shard is not None or _launched():
             return True
         out = self.output
@@ -126,7 +130,9 @@ class Job:
         from .guard import OutputPlan
 
         plan = OutputPlan()
-        if self.tar_inputs and self.parts_mode():  # one output per shard, and its part file
+        if self.store is not None:
+            plan.extend(self.store.planned())
+        elif self.tar_inputs and self.parts_mode():  # one output per shard, and its part file
             from .parts import PartsDir
 
             state = PartsDir(self.output, self.command)
@@ -152,8 +158,6 @@ class Job:
         return plan
 
     def _run(self, items: Iterable, total: int | None, guard) -> JobResult:
-        from .writers import Sink, make_writer
-
         if total is not None:
             items = list(items)
             self.tar_inputs = any(getattr(i, "tar", False) for i in items)
@@ -161,19 +165,7 @@ class Job:
         result = JobResult(dry_run=self.dry_run)
         if self.tar_inputs and self.parts_mode():  # -o DIR: one output file per shard
             return self._run_per_shard(items, guard, result)
-        shard = None
-        if self.parts_mode():
-            from .parts import Shard, launched_shard, local_device, parse_shard
-
-            if total is None:
-                raise UsageError(
-                    "an output directory needs a list of inputs to divide: stdin cannot be split",
-                    hint="write the list to a file and pass it as files_from", params=["files_from"],
-                )
-            shard = parse_shard(self.shard) if self.shard is not None else launched_shard()
-            if shard is None:  # one process into a directory: itself is the whole job
-                shard = Shard(0, 1, launched=True)
-            self.load_options.device = local_device(shard, self.load_options.device)
+        shard = self._shard(total)
         # Before anything is read or written: every file of the plan is no input (a known
         # list is refused here; stdin items are screened as they come) and no other
         # output, and no one else writes it.
@@ -194,46 +186,19 @@ class Job:
                 pass  # writing the manifest says why
         guard.hold()
         load_plan, settings = self._settings()
+        if self.store is not None:  # a vector store: it selects what it lacks, then commits
+            loaded, task = self._start(load_plan, settings)
+            result.stats = self.store.fill(items, task, total, lambda selected, n, writer, on_interrupt=None:
+                                           self._pipe(selected, task, writer, self._reporter(n), loaded,
+                                                      on_interrupt=on_interrupt))
+            return result
 
-        appending = False
-        sink_path = self.output
-        parts = None
-        done: set = set()
+        parts, done, appending = None, set(), False
         if shard is not None:
-            from .parts import PartsDir
-            from .resume import load_resume
-
-            items = list(items)
-            parts = PartsDir(self.output, self.command)
-            if not (shard.launched and shard.index != 0) and not self.dry_run:
-                parts.write_manifest([i.name for i in items], settings)
-            start, end = shard.bounds(len(items))
-            done = parts.done_keys(settings, self.key_of_record)
-            mine = [i for i in items[start:end] if not all(k in done for k in self.keys_of_item(i))]
-            result.resumed = (end - start) - len(mine)
-            sink_path = parts.part(shard)
-            if not self.dry_run:
-                load_resume(str(sink_path), settings, self.key_of_record)  # own file: cut a torn tail
-            appending = True
-            if result.resumed:
-                console.message(f"part {shard.index}/{shard.count}: {result.resumed} inputs already done")
-            items, total = mine, len(mine)
+            parts, items, done = self._shard_items(shard, items, settings, result)
+            total, appending = len(items), True
         elif self.resume:
-            from .resume import load_resume
-
-            state = load_resume(str(self.output), settings, self.key_of_record)
-            done = state.done
-            result.resumed = state.kept
-            appending = os.path.exists(self.output) and os.path.getsize(self.output) > 0
-            if state.kept or state.retried or state.torn:
-                notes = [f"{state.kept} already done"]
-                if state.retried:
-                    notes.append(f"{state.retried} failed before and will be retried")
-                if state.torn:
-                    notes.append("a torn last record was removed")
-                console.message(f"resuming {self.output}: " + ", ".join(notes))
-            items = state.pending(items, self.keys_of_item)
-
+            items, done, appending = self._resumed_items(items, settings, result)
         if self.sidecar is not None:
             from .sidecar import plan as plan_sidecars
 
@@ -243,42 +208,105 @@ class Job:
                     self._dry_line("skip", path, item.name)
 
             items = plan_sidecars(items, self.sidecar, on_skip, guard=guard)
-
         if self.dry_run:
-            n = 0
-            for item in items:
-                n += 1
-                if item.error is not None:
-                    self._dry_line("fail", item.error, item.name)
-                elif self.sidecar is not None:
-                    path = self.sidecar.path_for(item)
-                    self._dry_line(self.sidecar.action(path), path, item.name)
-                else:
-                    self._dry_line(self.command, item.name)
-            console.message(
-                f"dry run: {n} to {self.command}"
-                + (f", {result.skipped_existing} skipped (sidecar exists)" if self.sidecar is not None else "")
-                + (f", {result.resumed} already done" if self.resume else "")
-            )
+            self._dry_run(items, result)
             return result
-
         if total is not None:
             items = list(items)
             total = len(items)
-            if total == 0:
-                self._report_skips(result)
-                self._after_parts(shard, parts, result)
-                return result  # nothing left: the weights are never read
+        if total == 0 and self.lead is None:  # nothing left: the weights are never read
+            self._report_skips(result)
+            self._after_parts(shard, parts, result)
+            return result
+        sink_path = parts.part(shard) if parts is not None else self.output
+        result.stats = self._write(items, total, guard, load_plan, settings, sink_path, appending, done, shard)
+        self._report_skips(result)
+        self._after_parts(shard, parts, result)
+        return result
+
+    def _shard(self, total):
+        """The slice of the inputs this process takes in an output directory (None: no directory)."""
+        if not self.parts_mode():
+            return None
+        from .parts import Shard, launched_shard, local_device, parse_shard
+
+        if total is None:
+            raise UsageError(
+                "an output directory needs a list of inputs to divide: stdin cannot be split",
+                hint="write the list to a file and pass it as files_from", params=["files_from"],
+            )
+        shard = parse_shard(self.shard) if self.shard is not None else launched_shard()
+        if shard is None:  # one process into a directory: itself is the whole job
+            shard = Shard(0, 1, launched=True)
+        self.load_options.device = local_device(shard, self.load_options.device)
+        return shard
+
+    def _shard_items(self, shard, items, settings: dict, result: JobResult):
+        """(the parts directory, this shard's items not done yet, the done keys)."""
+        from .parts import PartsDir
+        from .resume import load_resume
+
+        items = list(items)
+        parts = PartsDir(self.output, self.command)
+        if not (shard.launched and shard.index != 0) and not self.dry_run:
+            parts.write_manifest([i.name for i in items], settings)
+        start, end = shard.bounds(len(items))
+        done = parts.done_keys(settings, self.key_of_record)
+        mine = [i for i in items[start:end] if not all(k in done for k in self.keys_of_item(i))]
+        result.resumed = (end - start) - len(mine)
+        if not self.dry_run:
+            load_resume(str(parts.part(shard)), settings, self.key_of_record)  # own file: cut a torn tail
+        if result.resumed:
+            console.message(f"part {shard.index}/{shard.count}: {result.resumed} inputs already done")
+        return parts, mine, done
+
+    def _resumed_items(self, items, settings: dict, result: JobResult):
+        """--resume: (the items not done yet, the done keys, whether the file has records)."""
+        from .resume import load_resume
+
+        state = load_resume(str(self.output), settings, self.key_of_record)
+        result.resumed = state.kept
+        appending = os.path.exists(self.output) and os.path.getsize(self.output) > 0
+        if state.kept or state.retried or state.torn:
+            notes = [f"{state.kept} already done"]
+            if state.retried:
+                notes.append(f"{state.retried} failed before and will be retried")
+            if state.torn:
+                notes.append("a torn last record was removed")
+            console.message(f"resuming {self.output}: " + ", ".join(notes))
+        return state.pending(items, self.keys_of_item), state.done, appending
+
+    def _dry_run(self, items, result: JobResult) -> None:
+        n = 0
+        for item in items:
+            n += 1
+            if item.error is not None:
+                self._dry_line("fail", item.error, item.name)
+            elif self.sidecar is not None:
+                path = self.sidecar.path_for(item)
+                self._dry_line(self.sidecar.action(path), path, item.name)
+            else:
+                self._dry_line(self.command, item.name)
+        console.message(
+            f"dry run: {n} to {self.command}"
+            + (f", {result.skipped_existing} skipped (sidecar exists)" if self.sidecar is not None else "")
+            + (f", {result.resumed} already done" if self.resume else "")
+        )
+
+    def _write(self, items, total, guard, load_plan, settings: dict, sink_path, appending: bool, done: set, shard):
+        """Load, then the pipeline into the writers (records, sidecars, --metadata, --failed-list)."""
+        from .writers import Sink, make_writer
 
         loaded, task = self._start(load_plan, settings)
         sink = Sink(str(sink_path) if sink_path is not None else None, append=appending,
                     hint=self._full_hint(shard), hint_params=("resume",)).open()
-        reporter = self._reporter(total)
         failed = True
         try:
             # The contact sheet's header shows the settings before the first record.
             options = {"settings": settings, "command": self.command, **self.html} if self.fmt == "html" else {}
             writer = make_writer(self.fmt, sink, self.schema, header=not appending, **options)
+            for record in self.lead(task.task) if self.lead is not None else ():  # embed's texts
+                writer.write(record)
             if done:
                 writer = _SkipDone(writer, done, self.key_of_record)
             if self.sidecar is not None:
@@ -288,15 +316,12 @@ class Job:
             for wrap in self.wrappers:  # they see each record as written (a sidecar error too)
                 writer = wrap(writer)
             guard.hold()  # the files just created: their inodes too
-            result.stats = self._pipe(items, task, writer, reporter, loaded)
+            stats = self._pipe(items, task, writer, self._reporter(total), loaded)
             writer.close()  # html: the last card and the closing tags (a cut page shows without them)
             failed = False
         finally:
-            reporter.close()
             sink.close(quiet=failed)  # an error while closing never hides the one on its way out
-        self._report_skips(result)
-        self._after_parts(shard, parts, result)
-        return result
+        return stats
 
     # -- what every way of running shares: once each --------------------------
     def _start(self, load_plan, settings: dict):
@@ -315,17 +340,15 @@ class Job:
 
         return Reporter(quiet=self.quiet, total=total, description=self.description)
 
-    def _pipe(self, items, task, writer, reporter, loaded):
-        """The pipeline, with SIGTERM as an interruption (finished records stay written)."""
+    def _pipe(self, items, task, writer, reporter, loaded, *, on_interrupt=None, close: bool = True):
+        """The pipeline, with the reporter and SIGTERM as an interruption (finished records stay
+        written; ``on_interrupt`` runs first, e.g. a vector store commits what it has)."""
         from .defaults import default_batch_size, default_workers
-        from .errors import sigterm_as_interrupt
-        from .pipeline import run
 
-        with sigterm_as_interrupt():
-            return run(items, task, writer, reporter=reporter, fail_fast=self.fail_fast,
-                       batch_size=self.batch_size or default_batch_size(loaded.device.type),
-                       workers=self.workers or default_workers(),
-                       **({"queue_size": QUEUE_SAMPLES} if self.tar_inputs is not False else {}))
+        return run_pipeline(items, task, writer, reporter=reporter, fail_fast=self.fail_fast,
+                            batch_size=self.batch_size or default_batch_size(loaded.device.type),
+                            workers=self.workers or default_workers(), on_interrupt=on_interrupt,
+                            close=close, queue_size=QUEUE_SAMPLES if self.tar_inputs is not False else None)
 
     def _settings(self):
         """The load plan (no weights read) and the settings every record carries."""
@@ -437,7 +460,7 @@ class Job:
                     switch.inner = _SkipDone(writer, done, self.key_of_record) if done else writer
                     pending = (s for s in reader.samples(name)
                                if not all(k in done for k in self.keys_of_item(s)))
-                    stats = self._pipe(pending, task, outer, reporter, loaded)
+                    stats = self._pipe(pending, task, outer, reporter, loaded, close=False)
                     failed = False
                 finally:
                     sink.close(quiet=failed)
@@ -499,6 +522,31 @@ class Job:
 
 # Tar shard samples read ahead of the decode at most (each holds its image's bytes).
 QUEUE_SAMPLES = 256
+
+
+def run_pipeline(items, task, writer, *, reporter, batch_size: int, workers: int, fail_fast: bool = False,
+                 queue_size: int | None = None, on_interrupt: Callable[[], None] | None = None,
+                 close: bool = True):
+    """``pipeline.run`` as every run of the program makes it: SIGTERM becomes an
+    interruption like Ctrl-C, ``on_interrupt`` runs before it goes on (the progress line
+    closed first), and the reporter is closed at the end (``close=False``: the caller
+    closes it, one reporter over several runs)."""
+    from .errors import Interrupted, sigterm_as_interrupt
+    from .pipeline import run
+
+    try:
+        with sigterm_as_interrupt():
+            try:
+                return run(items, task, writer, batch_size=batch_size, workers=workers, reporter=reporter,
+                           fail_fast=fail_fast, **({"queue_size": queue_size} if queue_size else {}))
+            except (KeyboardInterrupt, Interrupted):
+                if on_interrupt is not None:
+                    reporter.close()
+                    on_interrupt()
+                raise
+    finally:
+        if close:
+            reporter.close()
 
 
 def _launched() -> bool:
