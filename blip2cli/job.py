@@ -37,7 +37,7 @@ class JobResult:
 class Job:
     command: str
     load_options: Any  # loader.LoadOptions
-    make_task: Callable[[Any], Any]  # LoadedModel -> pipeline Task
+    make_task: Callable[[Any], Any]  # LoadedModel -> pipeline.Stage
     schema: Any  # writers.Schema
     fmt: str
     output: Path | None = None
@@ -47,12 +47,12 @@ class Job:
     batch_size: int | None = None
     workers: int | None = None
     sidecar: Any = None  # sidecar.SidecarPolicy or None
-    sidecar_text: Callable[[dict], list] = lambda r: r.get("captions") or []
+    sidecar_text: Callable[[dict], list] | None = None  # None: the task's own (tasks.TASKS)
     resume: bool = False
     dry_run: bool = False
     fail_fast: bool = False
     keys_of_item: Callable = lambda item: [item.name]
-    key_of_record: Callable = lambda record: record["path"]
+    key_of_record: Callable | None = None  # None: the task's own (tasks.TASKS)
     description: str = "processing"
     seed: int | None = None
     shard: str | None = None  # "--shard I/N"
@@ -62,6 +62,13 @@ class Job:
     tar_inputs: bool | None = None  # are tar shards among the inputs (None: not resolved yet)
     store: Any = None  # embedstore.StoreOutput: the records go into a vector store instead
     lead: Callable[[Any], Iterable[dict]] | None = None  # task -> records written before the items' (embed's texts)
+
+    def __post_init__(self):
+        # What identifies a record and what its sidecar says: the task registry's, once.
+        if self.key_of_record is None:
+            self.key_of_record = self.task.key_of or _path_of
+        if self.sidecar_text is None:
+            self.sidecar_text = self.task.sidecar_text or _no_texts
 
     @property
     def task(self):
@@ -547,6 +554,14 @@ def run_pipeline(items, task, writer, *, reporter, batch_size: int, workers: int
     finally:
         if close:
             reporter.close()
+
+
+def _path_of(record: dict):
+    return record["path"]
+
+
+def _no_texts(record: dict) -> list:
+    return []
 
 
 def _launched() -> bool:

@@ -42,7 +42,10 @@ from typing import Any, Iterable, Iterator, Protocol
 from .sources import Item
 
 
-class Task(Protocol):
+class Stage(Protocol):
+    """What the pipeline runs per item and per batch (``CaptionTask``, ``AskTask``,
+    ``EmbedTask``): not to be confused with ``tasks.Task``, a task's registry entry."""
+
     def prepare(self, item: Item) -> Any: ...
 
     def run_batch(self, prepared: list[Any]) -> list[Any]: ...
@@ -159,7 +162,7 @@ class DecodePool:
             self._jobs.put(self._STOP)
 
 
-def _prepare(task: Task, item: Item, stats: Stats) -> Any:
+def _prepare(task: Stage, item: Item, stats: Stats) -> Any:
     if item.error is not None:
         from .images import ImageError
 
@@ -188,7 +191,7 @@ def _free_cuda_cache() -> None:
 
 def run(
     items: Iterable[Item],
-    task: Task,
+    task: Stage,
     writer,
     *,
     batch_size: int,
