@@ -400,32 +400,41 @@ class Job:
         compared with those the directory was started with (and with each part's
         records). ``--shard I/N`` and launcher ranks take whole shards (contiguous slices
         of the sorted shard list)."""
-        from .parts import PartsDir, Shard, launched_shard, local_device, parse_shard
-        from .pipeline import Stats
-        from .resume import load_resume
-        from .webdataset import SampleReader
-        from .writers import Sink, make_writer
+        from .parts import PartsDir
 
         self._check_per_shard(items)
         names = [i.name for i in items]
         guard.plan(self.output_plan(None, names))
         guard.screen(items)
         guard.hold()
-        shard = parse_shard(self.shard) if self.shard is not None else launched_shard()
-        if shard is None:
-            shard = Shard(0, 1, launched=True)
-        self.load_options.device = local_device(shard, self.load_options.device)
+        shard = self._shard(len(names))
         load_plan, settings = self._settings()
-        root = Path(self.output)
-        state = PartsDir(root, self.command)
-        state.parts = root / SHARD_STATE
+        state = PartsDir(self.output, self.command)
+        state.parts = Path(self.output) / SHARD_STATE
         if not self.dry_run:
             state.write_manifest(names, settings)  # refuses another command, other inputs
         state.check_settings(settings)
         start, end = shard.bounds(len(names))
-        todo = []  # (shard path, final, part, done keys)
-        for name in names[start:end]:
-            final, part = root / shard_output(name, self.fmt), shard_part(state, name)
+        todo = self._shards_todo(names[start:end], state, settings, guard, result)
+        if result.resumed:
+            console.message(f"{result.resumed} of {end - start} shards already done in {self.output}")
+        if self.dry_run:
+            console.message(f"dry run: {len(todo)} shards to {self.command}, {result.resumed} done")
+            return result
+        if todo:
+            result.stats = self._write_shards(todo, guard, load_plan, settings)
+            if not self.quiet:
+                console.message(f"{len(todo)} shard outputs written in {self.output}")
+        _meet(shard)
+        return result
+
+    def _shards_todo(self, names: list, state, settings: dict, guard, result: JobResult) -> list:
+        """[(shard, its output, its part file, the keys done in it)] for the shards not finished."""
+        from .resume import load_resume
+
+        todo = []
+        for name in names:
+            final, part = Path(self.output) / shard_output(name, self.fmt), shard_part(state, name)
             if final.exists():
                 result.resumed += 1
                 if self.dry_run:
@@ -438,20 +447,19 @@ class Job:
             todo.append((name, final, part, done))
             if self.dry_run:
                 self._dry_line(self.command, name, str(final))
-        if result.resumed:
-            console.message(f"{result.resumed} of {end - start} shards already done in {root}")
-        if self.dry_run:
-            console.message(f"dry run: {len(todo)} shards to {self.command}, {result.resumed} done")
-            return result
-        if not todo:
-            _meet(shard)
-            return result
+        return todo
+
+    def _write_shards(self, todo: list, guard, load_plan, settings: dict):
+        """Load once, then each shard through the pipeline into its part file, promoted
+        (atomically) when the shard is finished. Returns the summed Stats."""
+        from .pipeline import Stats
+        from .webdataset import SampleReader
+        from .writers import Sink, make_writer
 
         loaded, task = self._start(load_plan, settings)
         reader = self.samples or SampleReader()
         reporter = self._reporter(None)
-        switch = _Switch()
-        outer = switch
+        switch = outer = _Switch()
         for wrap in self.wrappers:
             outer = wrap(outer)
         guard.hold()
@@ -478,11 +486,7 @@ class Job:
             outer.close()
         finally:
             reporter.close()
-            result.stats = total
-        if not self.quiet:
-            console.message(f"{len(todo)} shard outputs written in {root}")
-        _meet(shard)
-        return result
+        return total
 
     def _full_hint(self, shard) -> str:
         """What to do after a write error (disk full): where the run will carry on."""
