@@ -242,3 +242,31 @@ def test_an_image_as_output_hint_does_not_suggest_a_jsonl_file_where_it_is_wrong
     assert res.exit_code == 2, res.output
     assert "is an image" in res.stderr and "results.jsonl" not in res.stderr
     assert victim.read_bytes() == example_images[0].read_bytes()
+
+
+# -- the plan itself (no model) ------------------------------------------------------------------
+def test_output_plan_compares_files_not_there_yet_by_real_path_and_leaves_devices_alone(tmp_path):
+    from blip2cli.errors import UsageError
+    from blip2cli.guard import OutputPlan
+
+    (tmp_path / "sub").mkdir()
+    plan = OutputPlan()
+    plan.add(tmp_path / "a.jsonl", "the output file", "output")
+    plan.add(tmp_path / "sub" / ".." / "a.jsonl", "the failed list", "failed_list")
+    with pytest.raises(UsageError) as exc:
+        plan.check()
+    assert list(exc.value.params) == ["output", "failed_list"] and not (tmp_path / "a.jsonl").exists()
+    devices = OutputPlan()
+    devices.add(os.devnull, "the output file", "output")
+    devices.add(os.devnull, "the failed list", "failed_list")
+    devices.add("-", "the output file", "output")  # stdout is no file
+    devices.check()
+    assert [p.path for p in devices] == [os.devnull, os.devnull]
+
+
+def test_failed_list_that_is_the_manifest_of_an_output_directory_is_refused(tiny_opt, photos, tmp_path, no_model):
+    out = tmp_path / "out"
+    res = cli("caption", photos, "--model", tiny_opt, "-o", f"{out}/", "--failed-list", out / ".parts" / "manifest.json",
+              *FAST)
+    assert res.exit_code == 2, res.output
+    assert "--failed-list" in res.stderr and "manifest" in res.stderr
