@@ -195,9 +195,17 @@ class Job:
         load_plan, settings = self._settings()
         if self.store is not None:  # a vector store: it selects what it lacks, then commits
             loaded, task = self._start(load_plan, settings)
-            result.stats = self.store.fill(items, task, total, lambda selected, n, writer, on_interrupt=None:
-                                           self._pipe(selected, task, writer, self._reporter(n), loaded,
-                                                      on_interrupt=on_interrupt))
+
+            def into_store(selected, n, sink, on_interrupt=None):
+                writer = sink
+                for wrap in self.wrappers:  # --failed-list
+                    writer = wrap(writer)
+                guard.hold()
+                stats = self._pipe(selected, task, writer, self._reporter(n), loaded, on_interrupt=on_interrupt)
+                writer.close()
+                return stats
+
+            result.stats = self.store.fill(items, task, total, into_store)
             return result
 
         parts, done, appending = None, set(), False

@@ -270,3 +270,16 @@ def test_failed_list_that_is_the_manifest_of_an_output_directory_is_refused(tiny
               *FAST)
     assert res.exit_code == 2, res.output
     assert "--failed-list" in res.stderr and "manifest" in res.stderr
+
+
+# -- a vector store is one kind of output plan -----------------------------------------------------
+def test_embed_into_a_store_lists_its_failures_and_guards_the_failed_list(tiny_itm, photos, tmp_path):
+    bad = photos / "bad.png"
+    bad.write_bytes(b"<html>not an image</html>")
+    store = tmp_path / "v.safetensors"
+    res = cli("embed", photos, "-m", tiny_itm, "-o", store, "--failed-list", store)
+    assert res.exit_code == 2 and "--failed-list" in res.stderr and not store.exists()
+    failed = tmp_path / "failed.txt"
+    res = cli("embed", photos, "-m", tiny_itm, "-o", store, "--failed-list", failed)
+    assert res.exit_code == 1, res.output
+    assert failed.read_text() == f"{bad}\n" and store.exists()

@@ -182,7 +182,8 @@ def embed(
     )
     items, total = resolve_items(inputs, command="embed", **vars(src)) if have_images else ([], 0)
     if to_store or texts:
-        _refuse_for_store_or_texts(items if total is not None else [], failed_list, resume, shard, fail_fast)
+        _refuse_for_store_or_texts(items if total is not None else [], failed_list if texts else None, resume,
+                                   shard, fail_fast)
     opts = check_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline,
                               loading.allow_pickle, features=features_name, need_text=bool(texts))
     job = Job(
@@ -257,8 +258,8 @@ def _refuse_for_store_or_texts(items, failed_list, resume, shard, fail_fast) -> 
     refuse_with_shards(items, "a vector store or --text",
                        hint="write image records from the shards: -o vectors.jsonl (or .parquet, or -o DIR/)")
     if failed_list is not None:
-        raise UsageError("--failed-list applies to image records (JSON Lines, CSV or Parquet), not yet to a "
-                         "vector store or a run with --text", hint="the store's summary names the failures")
+        raise UsageError("--failed-list lists images that failed, not texts",
+                         hint="embed the images and the texts in separate runs")
     if resume or shard is not None or fail_fast:
         raise UsageError(
             "--resume, --shard and --fail-fast apply to image records (JSON Lines or CSV); "
