@@ -182,8 +182,13 @@ class FileLock:
     def hold_file(self) -> None:
         """Lock the output's file object too, when it exists: another name for it (a hard
         link) has another lock file but the same inode. Call again once the run created it."""
-        if fcntl is None or self._file_fd is not None:
+        if fcntl is None:
             return
+        if self._file_fd is not None:
+            if (os.fstat(self._file_fd).st_dev, os.fstat(self._file_fd).st_ino) == file_id(self.output):
+                return
+            os.close(self._file_fd)  # replaced since (a resumed file is rewritten): lock the new one
+            self._file_fd = None
         try:
             fd = os.open(self.output, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         except OSError:
