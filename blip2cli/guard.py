@@ -343,13 +343,13 @@ class OutputPlan(list):
 
     def owner(self, path: str) -> Planned | None:
         """The planned file that ``path`` is (by identity or real path), else None."""
+        if not self:
+            return None
         ident = file_id(path)
         real = _real(path)
         for p in self:
-            if _special(p.path):
-                continue
             if (ident is not None and file_id(p.path) == ident) or _real(p.path) == real:
-                return p
+                return None if _special(p.path) else p
         return None
 
 

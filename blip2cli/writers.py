@@ -68,7 +68,7 @@ class Writer:
 
     def _emit(self, text: str, *, record: bool = True) -> None:
         if hasattr(self.stream, "write_record"):
-            self.stream.write_record(text, record=record)
+            self.stream.write_record(text) if record else self.stream.write_record(text, record=False)
         else:
             self.stream.write(text)
             self.stream.flush()
