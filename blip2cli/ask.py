@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 from .caption import GenerationOptions, eos_ids, prompt_ids, trim_at_eos
 from .errors import OptionError
 from .images import ImageStage
-from .writers import Schema
+from .schema import Schema
 
 PLACEHOLDER = "{question}"
 # The template BLIP-2 was trained and evaluated with for VQA (LAVIS; the

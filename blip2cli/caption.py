@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from .errors import OptionError
-from .writers import Schema
+from .schema import Schema
 
 # Defaults follow LAVIS' Blip2OPT/Blip2T5.generate: beam search with 5 beams,
 # at most 30 tokens, at least 1, no repetition penalty, nucleus p=0.9 when sampling.

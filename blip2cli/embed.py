@@ -41,7 +41,7 @@ from typing import Sequence
 from .choices import Features, Pool, names
 from .errors import ModelError, OptionError, UsageError
 from .loader import RETRIEVAL
-from .writers import Schema
+from .schema import Schema
 
 DEFAULT_RETRIEVAL_MODEL = "Salesforce/blip2-itm-vit-g"
 FEATURES = names(Features)  # ("auto", "itc", "vision", "qformer")

@@ -18,20 +18,12 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import IO, Callable, Sequence
+from typing import IO, Sequence
 
 from .parquet import ParquetWriter  # its own module (pyarrow imported when used)
+from .schema import Schema
 from .utf8 import safe_record
 
-
-@dataclass(frozen=True)
-class Schema:
-    """How a task's records flatten into columns."""
-
-    columns: Sequence[str]  # CSV header
-    row: Callable[[dict], list]  # record -> CSV row (same length as columns)
-    text: Callable[[dict], list]  # record -> fields of a text line (tab-joined)
 
 
 _TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
