@@ -1,11 +1,14 @@
-"""A job: one command's run from resolved inputs to written records.
+"""The one runner: a command's run from resolved inputs to written records.
 
-Joins what every model command does around the pipeline, in this order:
-plan the model load (cheap, no weights) → settle ``--resume`` against the
-existing output → drop items whose sidecar exists (``--existing skip``) →
-``--dry-run`` stops here → load the weights (skipped when nothing is left) →
-run the pipeline into the writer (JSON Lines / CSV / text / an HTML
-contact sheet, plus sidecars).
+A command parses its flags and hands one :class:`Job` over; the job does what every
+model run does around the pipeline, once, in this order: plan the model load (cheap,
+no weights) → the output plan (every file the run writes, checked against every input
+and every other output, then locked: ``guard``) → settle ``--resume`` / the part files
+of ``-o DIR`` / the per-shard outputs → drop items whose sidecar exists (``--existing
+skip``) → ``--dry-run`` stops here → load the weights (skipped when nothing is left) and
+seed → :func:`run_pipeline` (the reporter, SIGTERM as an interruption) into the writer
+(JSON Lines / CSV / text / Parquet / an HTML contact sheet, plus sidecars, ``--metadata``,
+``--failed-list``) or into a vector store (``embedstore.StoreOutput``).
 
 Every record carries the settings that made it (model, revision, dtype,
 quantization, preprocessing, generation options), which is also what
@@ -38,7 +41,7 @@ class Job:
     command: str
     load_options: Any  # loader.LoadOptions
     make_task: Callable[[Any], Any]  # LoadedModel -> pipeline.Stage
-    schema: Any  # writers.Schema
+    schema: Any  # schema.Schema
     fmt: str
     output: Path | None = None
     extra_settings: dict = field(default_factory=dict)

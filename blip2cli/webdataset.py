@@ -25,7 +25,7 @@ truncated or corrupt tar are error records; the rest of the run goes on (a
 truncated tar: the samples read before the break, then one error record naming
 the shard and the byte offset).
 
-With ``-o DIR`` (the runner's ``job.run_per_shard``) each input shard gets its own output,
+With ``-o DIR`` (the runner's ``Job._run_per_shard`` in ``job.py``) each input shard gets its own output,
 ``DIR/<shard name>.jsonl`` (or ``.parquet``), written to ``DIR/.shards/parts/<name>.jsonl``
 as records come and moved into place (atomically) when the shard is finished.
 """
