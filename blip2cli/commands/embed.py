@@ -277,7 +277,7 @@ def _text_records(embedder, texts: list[str]):
 
 def _store_output(output, model, revision, pool_name, store_dtype, prune, layout, compact):
     """The vector store as the run's output: its settings are the embedder's, known once loaded."""
-    from ..segments import is_segmented  # clip-retrieval: a store whose DIR holds img_emb/
+    from ..segments import is_segmented
     from ..store import StoreMeta
 
     def meta(task):
@@ -286,6 +286,7 @@ def _store_output(output, model, revision, pool_name, store_dtype, prune, layout
                          dims=e.dims, normalized=e.normalized,
                          dtype=store_dtype.value if store_dtype is not None else "float32")
 
+    # clip-retrieval: asked for, or a store whose DIR holds img_emb/
     clip = layout == StoreLayout.clip_retrieval or (is_segmented(output) and (output / "img_emb").is_dir())
     return StoreOutput(output, meta, prune=prune, dtype_given=store_dtype is not None,
                        layout=None if layout is None else "segments", compact=compact, clip=clip)
