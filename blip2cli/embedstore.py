@@ -8,10 +8,12 @@ benchmarks); the store itself (file format, updater, search) is ``store.py``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 from . import console
 from .embed import DEFAULT_RETRIEVAL_MODEL, model_key
-from .errors import sigterm_as_interrupt
 
 
 class StoreSink:
@@ -37,33 +39,63 @@ class StoreSink:
         pass
 
 
+def save_on_interrupt(update) -> None:
+    """Ctrl-C or SIGTERM: the rows finished so far are committed (atomically) before the
+    interruption goes on, so a long run is never lost."""
+    if update.pending_rows:
+        console.message("interrupted: saving the vectors embedded so far")
+    update.commit()
+
+
 def embed_into_store(items, update, task, *, total, batch_size: int, workers: int, quiet: bool,
                      description: str = "embedding"):
-    """Embed what the store lacks, then commit; returns the pipeline's Stats.
-
-    Ctrl-C or SIGTERM: the rows finished so far are committed (atomically) before
-    the interruption goes on, so a long run is never lost.
-    """
+    """Embed what the store lacks, then commit; returns the pipeline's Stats (for
+    ``blip2 search`` and the benchmarks; ``blip2 embed -o STORE`` runs a :class:`StoreOutput`
+    through the runner). An interruption commits the rows finished so far."""
     from .console import Reporter
-    from .errors import Interrupted
-    from .pipeline import run
+    from .job import run_pipeline
 
-    reporter = Reporter(quiet=quiet, total=total, description=description)
-    try:
-        with sigterm_as_interrupt():
-            try:
-                stats = run(items, task, StoreSink(update), batch_size=batch_size, workers=workers,
-                            reporter=reporter)
-            except (KeyboardInterrupt, Interrupted):
-                reporter.close()
-                if update.pending_rows:
-                    console.message("interrupted: saving the vectors embedded so far")
-                update.commit()
-                raise
-    finally:
-        reporter.close()
+    stats = run_pipeline(items, task, StoreSink(update), batch_size=batch_size, workers=workers,
+                         reporter=Reporter(quiet=quiet, total=total, description=description),
+                         on_interrupt=lambda: save_on_interrupt(update))
     update.commit()
     return stats
+
+
+@dataclass
+class StoreOutput:
+    """A vector store as a run's output plan (``blip2 embed -o vectors.safetensors``): the
+    store and its index are planned outputs (never an input; the store holds its own lock);
+    the store selects the items it lacks, the runner embeds them, the store commits (also
+    on an interruption)."""
+
+    path: Path
+    meta: Callable[[Any], Any]  # the pipeline task (its embedder) -> store.StoreMeta
+    prune: bool = False
+    dtype_given: bool = False
+    compact: bool = False
+
+    def planned(self) -> list:
+        from .guard import Planned
+        from .store import store_files
+
+        return [Planned(os.fspath(p), "the vector store", "output") for p in store_files(self.path)]
+
+    def fill(self, items, task, total, run) -> Any:
+        """``run(selected, total, writer, on_interrupt=...)``: the runner's pipeline."""
+        inner = getattr(task, "task", task)  # the runner's recording wrapper, or the task itself
+        from .store import StoreUpdate
+
+        with StoreUpdate(self.path, self.meta(inner), prune=self.prune, dtype_given=self.dtype_given,
+                         compact=self.compact) as update:
+            selected = update.select(items)
+            if total is not None:
+                selected = list(selected)
+                total = len(selected)
+            stats = run(selected, total, StoreSink(update), on_interrupt=lambda: save_on_interrupt(update))
+            update.commit()
+            console.message(store_summary(self.path, update.stats, stats))
+        return stats
 
 
 def store_settings(path, model, revision, features: str, pool: str | None):
@@ -108,4 +140,5 @@ def store_summary(path, ustats, stats) -> str:
     return f"{path}: {ustats.rows} rows ({', '.join(parts)}{retried})"
 
 
-__all__ = ["StoreSink", "embed_into_store", "store_settings", "store_summary"]
+__all__ = ["StoreOutput", "StoreSink", "embed_into_store", "save_on_interrupt", "store_settings",
+           "store_summary"]

@@ -48,7 +48,15 @@ class FailedList:
 
 
 def wrapper(path, *, null: bool = False):
-    """For ``Job.wrappers``; None without ``--failed-list``."""
+    """For ``Job.wrappers``; None without ``--failed-list``. Its ``planned`` file is in the
+    run's output plan: checked against every input and output, and locked, before the
+    file is opened (the runner opens it, after the checks)."""
     if path is None:
         return None
-    return lambda inner: FailedList(inner, str(path), null=null)
+    from .guard import Planned
+
+    def wrap(inner):
+        return FailedList(inner, str(path), null=null)
+
+    wrap.planned = (Planned(str(path), "the failed list", "failed_list", lock=True),)  # type: ignore[attr-defined]
+    return wrap

@@ -11,10 +11,17 @@ Two promises every command keeps before it writes a byte:
   they stream: one that is an output becomes an error record and is never read or written.
   An existing output that is an image (by its magic number) is never overwritten either,
   which also covers inputs that stdin has not named yet.
+* **No output is another output.** Before the first write a run knows every file it will
+  write (its :class:`OutputPlan`: the ``-o`` file, the part files and manifest of ``-o DIR``,
+  one file per shard, the ``--metadata`` file, the ``--failed-list`` file, a vector store and
+  its index; sidecars are checked as they are planned, one by one) and checks each against
+  every input and every other planned file, by identity or, for files not there yet, by
+  real path. A clash refuses the run (exit 2, naming both flags) before the model loads.
 * **One writer at a time.** A run holds an advisory kernel lock (``flock``, exclusive,
   non-blocking) on what it writes for as long as it writes: a lock file beside an ``-o``
-  file or part file (removed again at the end), the folder itself for sidecars (nothing
-  is left in photo folders). A second run is refused (exit 2, as for the vector store's
+  file or part file (removed again at the end) and the file object itself (so a hard
+  link, another name for the same file, is refused too), the folder itself for sidecars
+  (nothing is left in photo folders). A second run is refused (exit 2, as for the vector store's
   own lock) while the first goes on unharmed. The kernel drops the lock when the process
   ends, however it ends (``kill -9`` too): there are no stale locks to clean up.
 
@@ -27,7 +34,7 @@ import errno
 import hashlib
 import os
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from .errors import UsageError
@@ -111,7 +118,7 @@ def refuse_image_output(path: str | os.PathLike | None, *, what: str = "the outp
     if looks_like_image(path):
         raise UsageError(
             f"{what} {str(path)!r} is an image: writing there would destroy it",
-            hint="name another output file (-o results.jsonl)",
+            hint=f"name another file for {what}",
         )
 
 
@@ -140,6 +147,7 @@ class FileLock:
         self.path = os.path.join(folder, f".blip2-{digest}.lock")
         self.what = what
         self._fd: int | None = None
+        self._file_fd: int | None = None  # the output's own inode, locked too
 
     def acquire(self) -> "FileLock":
         if fcntl is None or self._fd is not None:
@@ -150,7 +158,7 @@ class FileLock:
             except OSError:
                 # No lock file possible here (read-only folder, no folder): opening the
                 # output itself will fail with the reason, or there is nothing to guard.
-                return self
+                break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -158,14 +166,52 @@ class FileLock:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise Busy(f"another blip2 run is writing {self.what} {self.output!r}",
                                hint=BUSY_HINT) from None
-                return self  # a file system without flock: nothing to guard with
+                break  # a file system without flock: nothing to guard with
             # The previous holder may have removed the file between our open and our lock.
             if os.fstat(fd).st_ino == (file_id(self.path, follow=False) or (None, None))[1]:
                 self._fd = fd
-                return self
+                break
             os.close(fd)
+        try:
+            self.hold_file()
+        except Busy:
+            self.release()
+            raise
+        return self
+
+    def hold_file(self) -> None:
+        """Lock the output's file object too, when it exists: another name for it (a hard
+        link) has another lock file but the same inode. Call again once the run created it."""
+        if fcntl is None:
+            return
+        if self._file_fd is not None:
+            if (os.fstat(self._file_fd).st_dev, os.fstat(self._file_fd).st_ino) == file_id(self.output):
+                return
+            os.close(self._file_fd)  # replaced since (a resumed file is rewritten): lock the new one
+            self._file_fd = None
+        try:
+            fd = os.open(self.output, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return  # not there (yet), or unreadable: the lock file alone guards it
+        try:
+            import stat
+
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                return
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise Busy(f"another blip2 run is writing {self.what} {self.output!r} (under another name)",
+                           hint=BUSY_HINT) from None
+            return
+        self._file_fd = fd
 
     def release(self) -> None:
+        if self._file_fd is not None:
+            os.close(self._file_fd)
+            self._file_fd = None
         if self._fd is None:
             return
         try:
@@ -253,6 +299,65 @@ def _raise_fd_limit() -> bool:
 # --------------------------------------------------------------------------- #
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One file of a run's output plan: where, what the user calls it, the parameter
+    (the core's name; the CLI says the flag) that named it."""
+
+    path: str
+    what: str = "the output"
+    param: str = "output"
+    lock: bool = False  # held against a second writer for the whole run
+
+
+class OutputPlan(list):
+    """Every file a run will write, known before the first write (sidecars excepted:
+    they are checked one by one as they are planned, against this plan too)."""
+
+    def add(self, path, what: str = "the output", param: str = "output", *, lock: bool = False) -> None:
+        if path is not None and str(path) != "-":
+            self.append(Planned(os.fspath(path), what, param, lock))
+
+    def check(self) -> None:
+        """Each file against every other one, and never onto an existing image:
+        refuses (exit 2, naming both parameters) before anything is written."""
+        seen_ids: dict[FileId, Planned] = {}
+        seen_real: dict[str, Planned] = {}
+        for p in self:
+            if looks_like_image(p.path):
+                raise UsageError(f"{p.what} {p.path!r} ({p.param}) is an image: writing there would destroy it",
+                                 hint=f"name another file for {p.what}", params=[p.param])
+            if _special(p.path):
+                continue  # /dev/null, a FIFO, a terminal: no file to tear
+            ident = file_id(p.path)
+            other = (seen_ids.get(ident) if ident is not None else None) or seen_real.get(_real(p.path))
+            if other is not None and other != p:
+                params = list(dict.fromkeys([other.param, p.param]))
+                raise UsageError(
+                    f"{p.what} {p.path!r} ({p.param}) is also {other.what} {other.path!r} ({other.param}): "
+                    "one would overwrite the other",
+                    hint="give each file the run writes its own name", params=params)
+            if ident is not None:
+                seen_ids.setdefault(ident, p)
+            seen_real.setdefault(_real(p.path), p)
+
+    def owner(self, path: str) -> Planned | None:
+        """The planned file that ``path`` is (by identity or real path), else None."""
+        if not self:
+            return None
+        ident = file_id(path)
+        real = _real(path)
+        for p in self:
+            if (ident is not None and file_id(p.path) == ident) or _real(p.path) == real:
+                return None if _special(p.path) else p
+        return None
+
+
+def _special(path: str) -> bool:
+    """An existing thing that is not a regular file (a device, a FIFO, a folder)."""
+    return os.path.exists(path) and not os.path.isfile(path)
+
+
 class RunGuard:
     """What one run reads and holds: its inputs' identities and its locks.
 
@@ -266,18 +371,43 @@ class RunGuard:
         self.streaming = streaming
         self.locking = locking
         self.input_ids: set[FileId] = set()
+        self.outputs = OutputPlan()
         self._locks: list = []
         self._folders: dict[FileId, FolderLock] = {}
         self._mutex = threading.Lock()  # stdin runs plan sidecars on the source thread
 
     # -- outputs versus inputs ----------------------------------------------
-    def screen(self, items: Iterable, outputs: Iterable) -> Iterable:
+    def plan(self, outputs: OutputPlan) -> None:
+        """The run's output plan, checked against itself now and against every input in
+        :meth:`screen` (and each sidecar as it is planned); :meth:`hold` locks them."""
+        outputs.check()
+        self.outputs = outputs
+
+    def hold(self) -> None:
+        """Lock the planned files marked ``lock`` (once each), and the file object of each
+        locked output created since it was locked (so that a hard link made to it meets
+        the lock too)."""
+        for p in self.outputs:
+            if p.lock:
+                self.lock_output(p.path, what=p.what)
+        for lock in self._locks:
+            lock.hold_file()
+
+    def screen(self, items: Iterable, outputs: Iterable | None = None) -> Iterable:
         """Refuse (known list) or turn into error records (stdin) the items that are outputs.
 
-        ``outputs``: paths this run writes (None, "-" and folders are ignored). Returns
-        a list when the inputs are known, else a generator.
+        ``outputs``: paths this run writes (None, "-" and folders are ignored); by default
+        the plan given to :meth:`plan`. Returns a list when the inputs are known, else a
+        generator.
         """
-        outs = [os.fspath(p) for p in outputs if p is not None and str(p) != "-"]
+        if outputs is None:
+            plan = self.outputs
+        else:
+            plan = OutputPlan()
+            for p in outputs:
+                plan.add(p)
+        outs = [p.path for p in plan]
+        named = {p.path: p for p in plan}
         if self.streaming:
             return self._screen_stream(items, outs)
         items = list(items)
@@ -286,9 +416,12 @@ class RunGuard:
         for item in items:
             clash = self._clash(item, out_ids, out_real)
             if clash is not None:
+                p = named[clash]
                 raise UsageError(
-                    _clash_message(item.name, clash),
+                    _clash_message(item.name, clash) if p.param == "output"
+                    else f"the input {item.name!r} is also {p.what} {clash!r} ({p.param}): writing would destroy it",
                     hint="write the output somewhere else, or leave that file out of the inputs",
+                    params=[] if p.param == "output" else [p.param],
                 )
         return items
 
@@ -311,20 +444,26 @@ class RunGuard:
         return out_real.get(_real(item.source))  # not there (yet): a dangling link to an output
 
     def sidecar_problem(self, path: str) -> str | None:
-        """Why a sidecar must not be written at ``path`` (an input, or any image), else None."""
+        """Why a sidecar must not be written at ``path`` (an input, another output of the
+        run, or any image), else None. Another planned output refuses a known list whole."""
         ident = file_id(path)
-        if ident is None:
-            return None
-        if ident in self.input_ids:
+        if ident is not None and ident in self.input_ids:
             return f"its sidecar {path} is an input image of this run: it is never overwritten"
-        if looks_like_image(path):
+        other = self.outputs.owner(path)
+        if other is not None:
+            message = f"its sidecar {path} is also {other.what} of this run: one would overwrite the other"
+            if not self.streaming:  # a known list: refused before anything is written
+                raise UsageError(f"{message} ({other.param})", params=[other.param, "output_dir"],
+                                 hint="write that output elsewhere, or the sidecars with output_dir")
+            return message
+        if ident is not None and looks_like_image(path):
             return f"its sidecar {path} is an image: it is never overwritten"
         return None
 
     # -- locks -----------------------------------------------------------------
     def lock_output(self, path, *, what: str = "the output file") -> None:
-        if not self.locking:
-            return
+        if not self.locking or any(_real(lock.output) == _real(os.fspath(path)) for lock in self._locks):
+            return  # held already
         lock = lock_output(path, what=what)
         if lock is not None:
             self._locks.append(lock)

@@ -365,13 +365,12 @@ def settings_of(record: dict) -> dict:
 
 
 def kind_of(record: dict) -> str:
-    if "question" in record:
-        return "answers"
-    if "score" in record and "rank" in record:
-        return "search results"
-    if "caption" in record or "captions" in record:
-        return "captions"
-    return "records"
+    """What a contact sheet calls records like this one: the kind of the task that makes
+    them (``tasks.TASKS``)."""
+    from .tasks import task_of
+
+    task = task_of(record)
+    return task.kind if task is not None else "records"
 
 
 def _sheet_thumbnail(path: str, size: int):

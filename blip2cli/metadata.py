@@ -133,7 +133,33 @@ class MetadataWriter:
             pass
 
 
+def for_run(inputs, *, wanted: bool, fmt: str, several: bool, sidecar, resume: bool, parts: bool):
+    """The writer wrapper of ``metadata=True`` for a caption run (None without it), once the
+    options are known to go together."""
+    if not wanted:
+        if fmt != "jsonl":
+            raise UsageError("metadata_format applies to metadata=True", hint="add metadata", params=["metadata_format",
+                                                                                                     "metadata"])
+        return None
+    root = metadata_root(inputs, resume=resume, parts=parts)
+    if sidecar is not None and sidecar.existing.value == "skip":
+        raise UsageError("metadata=True with sidecar would leave out the images whose sidecar exists "
+                         "(existing='skip')", hint="set existing='overwrite', or drop sidecar",
+                         params=["metadata", "sidecar", "existing"])
+    return wrapper(root, fmt=fmt, several=several)
+
+
 def wrapper(root, *, fmt: str = "jsonl", several: bool = False):
+    """For ``Job.wrappers``; its ``planned`` file (``DIR/metadata.*``) is in the run's output
+    plan, checked against every input and output before anything is opened."""
     if root is None:
         return None
-    return lambda inner: MetadataWriter(inner, root, fmt=fmt, several=several)
+    if fmt not in FORMATS:
+        raise UsageError(f"metadata_format={fmt!r}: one of {', '.join(FORMATS)}", params=["metadata_format"])
+    from .guard import Planned
+
+    def wrap(inner):
+        return MetadataWriter(inner, root, fmt=fmt, several=several)
+
+    wrap.planned = (Planned(os.path.join(root, "metadata." + fmt), "the metadata file", "metadata"),)  # type: ignore[attr-defined]
+    return wrap

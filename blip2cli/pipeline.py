@@ -43,7 +43,10 @@ from .sources import Item
 from .workers import DecodePool
 
 
-class Task(Protocol):
+class Stage(Protocol):
+    """What the pipeline runs per item and per batch (``CaptionTask``, ``AskTask``,
+    ``EmbedTask``): not to be confused with ``tasks.Task``, a task's registry entry."""
+
     def prepare(self, item: Item) -> Any: ...
 
     def run_batch(self, prepared: list[Any]) -> list[Any]: ...
@@ -114,7 +117,7 @@ class _Raise:
     exc: BaseException
 
 
-def _prepare(task: Task, item: Item, stats: Stats) -> Any:
+def _prepare(task: Stage, item: Item, stats: Stats) -> Any:
     if item.error is not None:
         from .images import ImageError
 
@@ -143,7 +146,7 @@ def _free_cuda_cache() -> None:
 
 def run(
     items: Iterable[Item],
-    task: Task,
+    task: Stage,
     writer,
     *,
     batch_size: int,

@@ -101,22 +101,11 @@ def load_resume(path: str, settings: dict, key_of: Callable[[dict], object]) -> 
 
 
 def record_fields() -> frozenset:
-    """The keys of a record that are results, not settings: those of every task's
-    record (taken from the record functions themselves) and the sidecar path."""
-    global _FIELDS
-    if _FIELDS is None:
-        from .ask import answer_record
-        from .caption import caption_record
-        from .embed import image_record
+    """The keys of a record that are results, not settings: read from the task registry
+    (``tasks.record_fields``)."""
+    from .tasks import record_fields as fields
 
-        _FIELDS = frozenset(
-            {*caption_record("", None, None), *answer_record("", "", None, None), *image_record("", None, None),
-             "sidecar", "path_bytes", "shard", "key"}
-        )
-    return _FIELDS
-
-
-_FIELDS: frozenset | None = None
+    return fields()
 
 
 def plain(value):

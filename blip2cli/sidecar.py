@@ -72,6 +72,10 @@ class SidecarPolicy:
                 )
         if os.path.abspath(path) == os.path.abspath(image):
             raise SidecarError(f"its sidecar would be the image itself (it already ends in {self.ext})")
+        limit = _name_max(os.path.dirname(path))
+        if len(os.fsencode(name)) > limit:  # known now: a dry run says fail, a run fails before decoding
+            raise SidecarError(f"its sidecar name {name!r} is too long for the file system "
+                               f"({len(os.fsencode(name))} bytes, at most {limit})")
         return path
 
     def lock_folder(self, path: str) -> tuple[str, bool]:
@@ -104,6 +108,19 @@ class SidecarPolicy:
             if old:
                 new = f"{old}{self.separator}{new}" if action == "append" else f"{new}{self.separator}{old}"
         return new + "\n"
+
+
+def _name_max(folder: str) -> int:
+    """The longest file name the folder's file system takes (255 where it cannot say)."""
+    while folder and not os.path.isdir(folder):  # an output folder not created yet: its parent
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    try:
+        return os.pathconf(folder or ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 def _relative_to_root(image: str, root: str | None) -> str:

@@ -158,4 +158,32 @@ def result_fields() -> frozenset:
     return frozenset(k for t in TASKS.values() for k in t.record_keys)
 
 
-__all__ = ["LOADER_SETTINGS", "TASKS", "Task", "final_names", "record_keys", "result_fields", "settings_keys", "task"]
+# What the runner adds to any task's record besides settings: the sidecar path, the
+# exact bytes of a path that is not UTF-8, a shard sample's shard and key.
+RUN_FIELDS = ("sidecar", "path_bytes", "shard", "key")
+
+
+def record_fields() -> frozenset:
+    """The keys of a record the runner writes that are results, not settings (what
+    ``--resume`` and ``merge`` do not compare): the record keys of the tasks it runs,
+    and what it adds itself."""
+    return frozenset({*(k for t in TASKS.values() if t.key_of is not None for k in t.record_keys), *RUN_FIELDS})
+
+
+def task_of(record: dict) -> Task | None:
+    """The task whose records look like ``record``: the first one (registry order) whose
+    every own key (beside path and error) the record has, else the one with most of them;
+    None when none has any (a contact sheet of plain records)."""
+    keys = set(record)
+    best, most = None, 0
+    for t in TASKS.values():
+        own = set(t.record_keys) - {"path", "error"}
+        if own <= keys:
+            return t
+        if len(own & keys) > most:
+            best, most = t, len(own & keys)
+    return best
+
+
+__all__ = ["LOADER_SETTINGS", "RUN_FIELDS", "TASKS", "Task", "final_names", "record_fields", "record_keys",
+           "result_fields", "settings_keys", "task", "task_of"]

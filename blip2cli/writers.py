@@ -25,6 +25,7 @@ from .schema import Schema
 from .utf8 import safe_record
 
 
+
 _TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -44,7 +45,7 @@ class Writer:
         self.schema = schema
         head = self.header() if header else ""
         if head:
-            self._emit(head)
+            self._emit(head, record=False)  # a header is no record (a disk-full message counts records)
 
     def header(self) -> str:
         return ""
@@ -57,9 +58,9 @@ class Writer:
         if text:
             self._emit(text)
 
-    def _emit(self, text: str) -> None:
+    def _emit(self, text: str, *, record: bool = True) -> None:
         if hasattr(self.stream, "write_record"):
-            self.stream.write_record(text)
+            self.stream.write_record(text) if record else self.stream.write_record(text, record=False)
         else:
             self.stream.write(text)
             self.stream.flush()
@@ -193,7 +194,7 @@ class HtmlWriter(Writer):
     def close(self) -> None:
         if self._card:
             self._write_card()
-        self._emit(self.sheet.tail())
+        self._emit(self.sheet.tail(), record=False)
         super().close()
 
 
@@ -247,7 +248,8 @@ class Sink:
             ) from exc
         return self
 
-    def write_record(self, text: str) -> None:
+    def write_record(self, text: str, *, record: bool = True) -> None:
+        """``record=False``: a header or a page's frame, written whole but not counted."""
         data = text.encode("utf-8", "surrogateescape")
         try:
             self._write_all(data)
@@ -257,7 +259,7 @@ class Sink:
         except OSError as exc:
             raise self._failure(exc) from exc
         self._good += len(data)
-        self.records += 1
+        self.records += record
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)

@@ -89,26 +89,17 @@ def caption(
     )
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"  # an output directory holds JSON Lines part files
+    from .. import failedlist
+    from .. import metadata as hf_metadata
     from ..webdataset import configure, refuse_with_shards
 
     configure(job, carry, src.ext)
     job.check()
-    from .. import failedlist
-    from .. import metadata as hf_metadata
-
-    if metadata:
-        root = hf_metadata.metadata_root(inputs, resume=running.resume, parts=job.parts_mode())
-        if policy is not None and policy.existing.value == "skip":
-            from ..errors import UsageError
-
-            raise UsageError("--metadata with --sidecar would leave out the images whose sidecar exists "
-                             "(--existing skip)", hint="add --existing overwrite, or drop --sidecar")
-        job.wrappers.append(hf_metadata.wrapper(root, fmt=metadata_format, several=gen.num_captions > 1))
-    elif metadata_format != "jsonl":
-        from ..errors import UsageError
-
-        raise UsageError("--metadata-format applies to --metadata", hint="add --metadata")
-    job.wrappers += [w for w in (failedlist.wrapper(running.failed_list, null=src.null),) if w]
+    job.wrappers += [w for w in (
+        hf_metadata.for_run(inputs, wanted=metadata, fmt=metadata_format, several=gen.num_captions > 1,
+                            sidecar=policy, resume=running.resume, parts=job.parts_mode()),
+        failedlist.wrapper(running.failed_list, null=src.null),
+    ) if w]
     if not running.dry_run and not job.parts_mode():
         check_output_path(output)
     items, total = resolve_items(inputs, command="caption", **vars(src))

@@ -108,7 +108,7 @@ def check_output_path(output: Path | None, *, inputs=()) -> None:
             if path is not None and str(path) != "-" and file_id(path) == out_id:
                 raise UsageError(
                     f"the input {str(path)!r} is also the output {str(output)!r}: writing would destroy it",
-                    hint="name another output file (-o results.jsonl)",
+                    hint="name another output file with -o",
                 )
     parent = output.parent if str(output.parent) else Path(".")
     if output.is_dir():

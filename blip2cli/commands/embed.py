@@ -14,9 +14,8 @@ import typer
 from .. import console
 from .. import options as o
 from ..choices import EmbedFormat, Features, Pool, StoreDtype  # declared once, in the core
-from ..errors import sigterm_as_interrupt
 from ..embed import EmbedTask, model_key
-from ..embedstore import embed_into_store, store_settings, store_summary
+from ..embedstore import StoreOutput, store_settings
 from .common import check_output_path, finish, handles_errors, load_options, resolve_items
 
 FEATURES_PANEL = "Features"
@@ -165,9 +164,57 @@ def embed(
         from .serve import remote
 
         return remote("embed", server, locals())
-    from ..embed import Embedder, embed_schema, text_record
+    from ..embed import Embedder, embed_schema
+    from ..job import Job
+    from ..loader import ALL_ARCHITECTURES
+
+    to_store = _check_flags(output, fmt, compact, prune, store_dtype)
+    fmt_name = "jsonl" if to_store else o.infer_format(fmt, output, formats=tuple(e.value for e in EmbedFormat))
+    texts, have_images = _texts(text, texts_file, inputs, src.files_from, to_store)
+    if not (shard is not None or _wants_directory(output)):
+        check_output_path(output)
+    model, revision, features_name, pool_name = store_settings(
+        output if to_store else None, loading.model, loading.revision, features.value, pool.value if pool is not None else None
+    )
+    items, total = resolve_items(inputs, command="embed", **vars(src)) if have_images else ([], 0)
+    if to_store:
+        _refuse_store_as_input(inputs, output)
+    if to_store or texts:
+        _refuse_for_store_or_texts(items if total is not None else [], failed_list if texts else None, resume,
+                                   shard, fail_fast)
+    opts = check_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline,
+                              loading.allow_pickle, features=features_name, need_text=bool(texts))
+    job = Job(
+        command="embed", load_options=opts, architectures=ALL_ARCHITECTURES,
+        make_task=lambda loaded: EmbedTask(loaded, Embedder(loaded, features_name, pool_name), preprocess.value,
+                                           identity=to_store),
+        schema=embed_schema(),
+        fmt="jsonl" if (fmt is None and (shard is not None or _wants_directory(output))) else fmt_name,
+        output=output, quiet=quiet, batch_size=batch_size, workers=workers, resume=resume, fail_fast=fail_fast,
+        extra_settings={"preprocess": preprocess.value, "features": features_name, "pool": pool_name},
+        description="embedding", shard=shard,
+        lead=(lambda task: _text_records(task.embedder, texts)) if texts else None,
+        store=_store_output(output, model, revision, pool_name, store_dtype, prune, compact) if to_store else None,
+    )
+    from ..webdataset import configure
+
+    configure(job, carry, src.ext)
+    job.check()
+    from ..failedlist import wrapper as failed_wrapper
+
+    job.wrappers += [w for w in (failed_wrapper(failed_list, null=src.null),) if w]
+    result = job.run(items, total)
+    if not have_images:
+        raise typer.Exit(0)
+    if to_store:
+        finish_store(result.stats)
+    finish(result, output=output, quiet=quiet, job=job)
+
+
+def _check_flags(output, fmt, compact, prune, store_dtype) -> bool:
+    """Whether -o names a vector store; refuses the store options without one (and --format with one)."""
     from ..errors import UsageError
-    from ..store import StoreMeta, is_store_path
+    from ..store import is_store_path
 
     to_store = is_store_path(output)
     if compact and not to_store:
@@ -179,77 +226,38 @@ def embed(
     if not to_store and (prune or store_dtype is not None):
         raise UsageError("--prune and --store-dtype apply to a vector store",
                          hint="name one with -o vectors.safetensors (or .npy)")
-    fmt_name = "jsonl" if to_store else o.infer_format(fmt, output, formats=tuple(e.value for e in EmbedFormat))
-    if texts_file is not None and str(texts_file) == "-" and "-" in [*(inputs or []), *(src.files_from or [])]:
+    return to_store
+
+
+def _texts(text, texts_file, inputs, files_from, to_store: bool) -> tuple[list[str], bool]:
+    """(the texts to embed, whether images were named); refuses a run with neither."""
+    from ..errors import UsageError
+
+    if texts_file is not None and str(texts_file) == "-" and "-" in [*(inputs or []), *(files_from or [])]:
         raise UsageError("stdin cannot hold both the texts (--texts-file -) and the images (-)")
     texts = _read_texts(text, texts_file)
     if texts and to_store:
         raise UsageError("a vector store holds images; texts go to JSON Lines or CSV",
                          hint="embed the texts in a separate run: blip2 embed --text ... -f jsonl")
-    have_images = bool(inputs or src.files_from)
+    have_images = bool(inputs or files_from)
     if not texts and not have_images:
         raise UsageError(
             "nothing to embed: name images (files, folders, globs, -) or give --text",
             hint="blip2 embed photos/ -o vectors.safetensors   or   blip2 embed --text 'a cat'",
         )
-    if not (shard is not None or _wants_directory(output)):
-        check_output_path(output)
-    model, revision, features_name, pool_name = store_settings(
-        output if to_store else None, loading.model, loading.revision, features.value, pool.value if pool is not None else None
-    )
-    items, total = (None, 0)
-    if have_images:
-        items, total = resolve_items(inputs, command="embed", **vars(src))
-        from ..guard import screen_inputs  # no output (a store and every file in it too) is an input
-        if to_store:
-            from ..store import inside, store_files
+    return texts, have_images
 
-            for given in inputs or []:
-                if str(given) != "-" and inside(output, given):
-                    raise UsageError(f"the input {str(given)!r} is also the output {str(output)!r}: writing "
-                                     "would destroy it", hint="name the images, not the vector store")
-        items = screen_inputs(items, total, store_files(output) if to_store else [output])
 
-    if not to_store and not texts:
-        # Image records to JSON Lines / CSV: the common job (--resume, -o DIR, --shard).
-        from ..job import Job
-        from ..loader import ALL_ARCHITECTURES
+def _refuse_for_store_or_texts(items, failed_list, resume, shard, fail_fast) -> None:
+    """What a vector store or a run with --text does not do."""
+    from ..errors import UsageError
+    from ..webdataset import refuse_with_shards
 
-        opts = check_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline, loading.allow_pickle,
-                                  features=features_name)
-        job = Job(
-            command="embed",
-            load_options=opts,
-            architectures=ALL_ARCHITECTURES,
-            make_task=lambda loaded: EmbedTask(loaded, Embedder(loaded, features_name, pool_name), preprocess.value),
-            schema=embed_schema(),
-            fmt="jsonl" if (fmt is None and (shard is not None or _wants_directory(output))) else fmt_name,
-            output=output,
-            extra_settings={"preprocess": preprocess.value, "features": features_name, "pool": pool_name},
-            quiet=quiet,
-            batch_size=batch_size,
-            workers=workers,
-            resume=resume,
-            fail_fast=fail_fast,
-            description="embedding",
-            shard=shard,
-        )
-        from ..webdataset import configure
-
-        configure(job, carry, src.ext)
-        job.check()
-        from ..failedlist import wrapper as failed_wrapper
-
-        job.wrappers += [w for w in (failed_wrapper(failed_list, null=src.null),) if w]
-        finish(job.run(items, total), output=output, quiet=quiet, job=job)
-    if have_images and total is not None:
-        from ..webdataset import refuse_with_shards
-
-        refuse_with_shards(items, "a vector store or --text" if to_store or texts else "this output",
-                           hint="write image records from the shards: -o vectors.jsonl (or .parquet, or -o DIR/)")
+    refuse_with_shards(items, "a vector store or --text",
+                       hint="write image records from the shards: -o vectors.jsonl (or .parquet, or -o DIR/)")
     if failed_list is not None:
-        raise UsageError("--failed-list applies to image records (JSON Lines, CSV or Parquet), not yet to a "
-                         "vector store or a run with --text", hint="the store's summary names the failures")
+        raise UsageError("--failed-list lists images that failed, not texts",
+                         hint="embed the images and the texts in separate runs")
     if resume or shard is not None or fail_fast:
         raise UsageError(
             "--resume, --shard and --fail-fast apply to image records (JSON Lines or CSV); "
@@ -257,59 +265,37 @@ def embed(
             hint="drop the option, or embed images and texts in separate runs",
         )
 
-    loaded = load_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline, loading.allow_pickle,
-                               features=features_name, task="embed", need_text=bool(texts))
-    embedder = Embedder(loaded, features_name, pool_name)
-    batch = batch_size or o.default_batch_size(loaded.device.type)
-    jobs = workers or o.default_workers()
 
-    if to_store:
-        meta = StoreMeta(
-            model=model_key(model), revision=revision, features=embedder.features, pool=pool_name,
-            dims=embedder.dims, normalized=embedder.normalized,
-            dtype=(store_dtype.value if store_dtype is not None else "float32"),
-        )
-        from ..store import StoreUpdate
+def _text_records(embedder, texts: list[str]):
+    from ..embed import text_record
 
-        with StoreUpdate(output, meta, prune=prune, dtype_given=store_dtype is not None,
-                         compact=compact) as update:
-            selected = update.select(items)
-            if total is not None:
-                selected = list(selected)
-                total = len(selected)
-            task = EmbedTask(loaded, embedder, preprocess.value, identity=True)
-            stats = embed_into_store(selected, update, task, total=total, batch_size=batch, workers=jobs,
-                                     quiet=quiet)
-            console.message(store_summary(output, update.stats, stats))
-        finish_store(stats)
+    for t, v in zip(texts, embedder.text_vectors(texts).numpy()):
+        yield text_record(t, v)
 
-    from ..console import Reporter
-    from ..pipeline import Stats, run
-    from ..writers import Sink, make_writer
 
-    out = Sink(str(output) if output is not None else None)
-    stream = out.open()
-    stats = Stats()
-    try:
-        writer = make_writer(fmt_name, stream, embed_schema())
-        if texts:
-            vectors = embedder.text_vectors(texts).numpy()
-            for t, v in zip(texts, vectors):
-                writer.write(text_record(t, v))
-        if have_images:
-            reporter = Reporter(quiet=quiet, total=total, description="embedding")
-            try:
-                with sigterm_as_interrupt():
-                    stats = run(items, EmbedTask(loaded, embedder, preprocess.value), writer,
-                                batch_size=batch, workers=jobs, reporter=reporter)
-            finally:
-                reporter.close()
-        writer.close()
-    finally:
-        out.close()
-    if not have_images:
-        raise typer.Exit(0)
-    finish(stats, output=output, quiet=quiet, fmt=fmt_name, command="embed")
+def _refuse_store_as_input(inputs, output) -> None:
+    """The store folder (or a file in it) named as an input: refused with a clearer message than
+    the output plan's (which compares every file of the store by inode)."""
+    from ..errors import UsageError
+    from ..store import inside
+
+    for given in inputs or []:
+        if str(given) != "-" and inside(output, given):
+            raise UsageError(f"the input {str(given)!r} is also the output {str(output)!r}: writing "
+                             "would destroy it", hint="name the images, not the vector store")
+
+
+def _store_output(output, model, revision, pool_name, store_dtype, prune, compact):
+    """The vector store as the run's output: its settings are the embedder's, known once loaded."""
+    from ..storefiles import StoreMeta
+
+    def meta(task):
+        e = task.embedder
+        return StoreMeta(model=model_key(model), revision=revision, features=e.features, pool=pool_name,
+                         dims=e.dims, normalized=e.normalized,
+                         dtype=store_dtype.value if store_dtype is not None else "float32")
+
+    return StoreOutput(output, meta, prune=prune, dtype_given=store_dtype is not None, compact=compact)
 
 
 embed.__doc__ = (embed.__doc__ or "") + EXAMPLES
