@@ -12,16 +12,10 @@ import typer
 from .. import console
 from .. import options as o
 from .common import check_output_path, handles_errors, no_html, resolve_items
-from .embed import (
-    EmbedTask,
-    Features,
-    FeaturesOpt,
-    store_settings,
-    embed_into_store,
-    load_for_features,
-    model_key,
-    store_summary,
-)
+from ..choices import Features
+from ..embed import EmbedTask, model_key
+from ..embedstore import embed_into_store, store_settings, store_summary
+from .embed import FeaturesOpt, load_for_features
 
 SEARCH_PANEL = "Search"
 
