@@ -111,7 +111,7 @@ def record_fields() -> frozenset:
 
         _FIELDS = frozenset(
             {*caption_record("", None, None), *answer_record("", "", None, None), *image_record("", None, None),
-             "sidecar", "path_bytes", "shard", "key"}
+             "sidecar", "path_bytes", "shard", "key", "carry_error"}
         )
     return _FIELDS
 

@@ -52,9 +52,9 @@ def is_shard_path(path: str) -> bool:
 
 
 def shard_stem(path: str) -> str:
-    """``shards/00042.tar`` -> ``00042`` (the name of its output file)."""
+    """``shards/00042.tar`` -> ``00042`` (the name of its output file); ``00042.parquet`` too."""
     base = os.path.basename(path)
-    for suffix in SHARD_SUFFIXES:
+    for suffix in (*SHARD_SUFFIXES, ".parquet"):
         if base.lower().endswith(suffix):
             return base[: -len(suffix)]
     return base
@@ -69,34 +69,85 @@ def has_braces(text: str) -> bool:
     return m is not None and (".." in m.group(1) or "," in m.group(1))
 
 
+MAX_BRACE_NAMES = 100_000  # names one brace pattern may stand for (all its groups multiplied)
+
+
+def _brace_values(body: str) -> tuple[int, object] | None:
+    """A group's size and a function yielding its values lazily; None: not a group."""
+    r = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if r:
+        a, b = r.group(1), r.group(2)
+        lo, hi = int(a), int(b)
+        width = max(len(a), len(b)) if (a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0")) else 0
+        step = 1 if hi >= lo else -1
+        return abs(hi - lo) + 1, lambda: (str(n).zfill(width) for n in range(lo, hi + step, step))
+    if "," in body:
+        values = body.split(",")
+        return len(values), lambda: iter(values)
+    return None
+
+
+def _brace_groups(text: str) -> list:
+    """``text`` cut at its groups: literal strings and (size, values) pairs, in order."""
+    pieces: list = []
+    at = 0
+    for m in _BRACE.finditer(text):
+        group = _brace_values(m.group(1))
+        if group is None:
+            continue  # kept as it is
+        pieces.append(text[at:m.start()])
+        pieces.append(group)
+        at = m.end()
+    pieces.append(text[at:])
+    return pieces
+
+
+def count_braces(text: str) -> int:
+    """How many names ``text`` expands to (the product of its groups' sizes), without expanding."""
+    n = 1
+    for piece in _brace_groups(text):
+        if not isinstance(piece, str):
+            n *= piece[0]
+    return n
+
+
+def check_braces(text: str) -> None:
+    """Refuse a pattern standing for more than :data:`MAX_BRACE_NAMES` names, before any is made."""
+    n = count_braces(text)
+    if n > MAX_BRACE_NAMES:
+        from .errors import UsageError
+
+        raise UsageError(
+            f"the brace pattern {text!r} stands for {n:,} names; the limit is {MAX_BRACE_NAMES:,} names",
+            hint="name a folder of shards, a glob, or a list of files with --files-from instead")
+
+
+def iter_braces(text: str) -> Iterator[str]:
+    """The names of :func:`expand_braces`, one at a time (bounded memory), after :func:`check_braces`."""
+    check_braces(text)
+    pieces = _brace_groups(text)
+
+    def walk(i: int, prefix: str) -> Iterator[str]:
+        if i == len(pieces):
+            yield prefix
+            return
+        piece = pieces[i]
+        if isinstance(piece, str):
+            yield from walk(i + 1, prefix + piece)
+            return
+        for value in piece[1]():  # as bash: the first group varies slowest
+            yield from walk(i + 1, prefix + value)
+
+    return walk(0, "")
+
+
 def expand_braces(text: str) -> list[str]:
     """``a{00..02}.tar`` -> ``a00.tar a01.tar a02.tar``; ``{x,y}`` -> ``x y``; several groups
     multiply, left to right. A numeric range keeps the zero padding of its bounds (the
-    wider of the two); a group that is neither (``{}``, ``{a..b}``) is kept as it is."""
-    for m in _BRACE.finditer(text):
-        body = m.group(1)
-        head, tail = text[: m.start()], text[m.end():]
-        r = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-        if r:
-            a, b = r.group(1), r.group(2)
-            lo, hi = int(a), int(b)
-            width = max(len(a), len(b)) if (a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0")) else 0
-            step = 1 if hi >= lo else -1
-            if abs(hi - lo) > 10_000_000:
-                from .errors import UsageError
-
-                raise UsageError(f"the brace range {{{body}}} is too large (more than 10,000,000 names)")
-            values = [str(n).zfill(width) for n in range(lo, hi + step, step)]
-        elif "," in body:
-            values = body.split(",")
-        else:
-            continue
-        out: list[str] = []
-        rests = expand_braces(tail)
-        for v in values:  # as bash: the first group varies slowest
-            out.extend(head + v + rest for rest in rests)
-        return out
-    return [text]
+    wider of the two); a group that is neither (``{}``, ``{a..b}``) is kept as it is. A
+    pattern standing for more than :data:`MAX_BRACE_NAMES` names (all groups multiplied) is
+    a ``UsageError`` before any name is made; :func:`iter_braces` yields them lazily."""
+    return list(iter_braces(text))
 
 
 # -- samples ------------------------------------------------------------------
@@ -126,26 +177,90 @@ def _kind(member: tarfile.TarInfo) -> str | None:
     return "not a regular file"
 
 
-def _megabytes(n: int) -> str:
+def megabytes(n: int) -> str:
     from .images import _megabytes as mb
 
     return mb(n)
 
 
 class _Sample:
-    def __init__(self, key: str):
+    def __init__(self, key: str, position: int, repeated: bool):
         self.key = key
+        self.position = position  # the index of its first member in the tar
+        self.repeated = repeated  # its key came earlier in this shard (not adjacent)
         self.data: dict[str, bytes] = {}  # extension -> bytes (the members we keep)
         self.names: dict[str, str] = {}  # extension -> member name
         self.problems: dict[str, str] = {}  # extension -> why it was not read
         self.members: list[str] = []
+        self.reserved = 0  # bytes taken from the read-ahead budget for this sample
+
+
+# Sample bytes alive at once (read from the tars but not yet done with), all shards together.
+MAX_INFLIGHT_BYTES = 512 * 1024 * 1024
+_WAIT_RELEASE = 0.25  # seconds the reader waits for bytes to be given back before it reads on anyway
+
+
+class ByteBudget:
+    """The read-ahead of tar samples, bounded by the bytes they hold, not by their count.
+
+    The reader ``take``s a member's size (from its header) before reading its data, and
+    the bytes are given back when the sample's item is garbage (``weakref.finalize``):
+    so what is counted is what is alive anywhere (queued, decoding, in a batch). A
+    member that does not fit waits until bytes are given back; when none are for
+    ``_WAIT_RELEASE`` seconds, the consumer is waiting for the reader (it holds only
+    finished items), and the member is read anyway: the budget never deadlocks a run,
+    and memory stays near ``limit`` plus about one member."""
+
+    def __init__(self, limit: int | None = None):
+        import threading
+
+        self._limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @property
+    def limit(self) -> int:
+        return self._limit if self._limit is not None else MAX_INFLIGHT_BYTES
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                if not self._cond.wait(_WAIT_RELEASE):
+                    break  # nothing given back: the pipeline waits for us
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Records why ``tarfile`` stopped: end-of-archive blocks, or the data just ending."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:  # a zero block: the archive's proper end
+            tf.blip2_end = "end"
+            raise
+        except tarfile.EmptyHeaderError:  # no more data where a header should be
+            tf.blip2_end = "cut"
+            raise
+        except tarfile.HeaderError as exc:
+            tf.blip2_end = f"bad header ({exc})"
+            raise
 
 
 class SampleReader:
     """Turns shard items into sample items (other items pass through)."""
 
     def __init__(self, carry: Iterable[str] = (), extensions: Iterable[str] | None = None,
-                 max_image_bytes: int | None = -1, max_carry_bytes: int = MAX_CARRY_BYTES):
+                 max_image_bytes: int | None = -1, max_carry_bytes: int | None = None,
+                 budget: ByteBudget | None = None, image_column: str | None = None):
         from .sources import parse_extensions
 
         self.carry = tuple(carry)
@@ -153,7 +268,10 @@ class SampleReader:
         if not self.image_exts:
             self.image_exts = DEFAULT_EXTENSIONS
         self._max_image = max_image_bytes
-        self.max_carry = max_carry_bytes
+        self.max_carry = MAX_CARRY_BYTES if max_carry_bytes is None else max_carry_bytes
+        self.budget = budget or ByteBudget()
+        self.image_column = image_column  # Parquet inputs: the image-bytes column (None: found by name)
+        self.warned = 0  # carried members that were not carried (too large, a link, ...)
 
     @property
     def max_image(self) -> int | None:
@@ -164,46 +282,71 @@ class SampleReader:
         return self._max_image
 
     def expand(self, items: Iterable[Item]) -> Iterator[Item]:
+        """Shard files (a tar, a Parquet file) become their samples as they are read."""
         for item in items:
             if getattr(item, "tar", False) and item.error is None:
-                yield from self.samples(item.name)
+                yield from self.samples(item.name, found=item.root is not None)
             else:
                 yield item
 
+    def samples(self, path: str, found: bool = False) -> Iterator[Item]:
+        """The samples of one shard file (a tar or a Parquet file), in order. ``found``: it came
+        from a folder or a glob (a Parquet file without an image column is then left out)."""
+        from .parquetsource import is_parquet_path
+
+        if is_parquet_path(path):
+            from .parquetsource import parquet_samples
+
+            return parquet_samples(self, path, found=found)
+        return self.tar_samples(path)
+
     # -- one shard -----------------------------------------------------------
-    def samples(self, path: str) -> Iterator[Item]:
+    def tar_samples(self, path: str) -> Iterator[Item]:
         """The samples of one tar, in order; errors as items that fail (see the module doc)."""
         from .images import ImageError, _open_regular
 
         try:
             fh, _ = _open_regular(path)
         except ImageError as exc:
-            yield self._shard_error(path, f"cannot read this shard: {exc}")
+            yield self.shard_error(path, f"cannot read this shard: {exc}")
             return
         except TypeError:
-            yield self._shard_error(path, "cannot read this shard")
+            yield self.shard_error(path, "cannot read this shard")
             return
         with fh:
             try:
-                tf = tarfile.open(fileobj=fh, mode="r|*")
+                tf = tarfile.open(fileobj=fh, mode="r|*", tarinfo=_TarInfo)
             except (tarfile.TarError, OSError, EOFError) as exc:
-                yield self._shard_error(path, f"not a readable tar file ({exc})")
+                yield self.shard_error(path, f"not a readable tar file ({exc})")
                 return
             sample: _Sample | None = None
+            seen: set[str] = set()  # keys of this shard so far: a repeated one gets its position
             at = 0
+            position = -1
             try:
                 while True:
                     member = tf.next()
                     if member is None:
+                        end = getattr(tf, "blip2_end", "end")
+                        if end != "end":  # every member whole, but the archive's end is missing
+                            if sample is not None:
+                                yield self._item(path, sample)
+                            what = ("no end-of-archive blocks after the last member (cut short?)"
+                                    if end == "cut" else end)
+                            yield self.shard_error(path, f"truncated or corrupt tar at byte {tf.offset}: "
+                                                    f"{what}; the samples before it were read")
+                            return
                         break
                     at = member.offset
+                    position += 1
                     if member.isdir():
                         continue
                     key, ext = split_name(member.name)
                     if sample is None or key != sample.key:
                         if sample is not None:
                             yield self._item(path, sample)
-                        sample = _Sample(key)
+                        sample = _Sample(key, position, key in seen)
+                        seen.add(key)
                     sample.members.append(member.name)
                     ext = ext.lower()
                     is_image = ext in self.image_exts
@@ -219,9 +362,11 @@ class SampleReader:
                     limit = self.max_image if is_image else self.max_carry
                     if limit is not None and member.size > limit:
                         sample.problems[ext] = (f"the member {member.name!r} is too large "
-                                                f"({_megabytes(member.size)}; the limit is {_megabytes(limit)})")
+                                                f"({megabytes(member.size)}; the limit is {megabytes(limit)})")
                         continue
-                    data = tf.extractfile(member).read()
+                    self.budget.take(member.size)
+                    sample.reserved += member.size
+                    data = _read_member(tf.extractfile(member), member.size)
                     if is_image and member.size > (1 << 20):
                         problem = _check_head(data)
                         if problem:
@@ -230,29 +375,73 @@ class SampleReader:
                     sample.data[ext] = data
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                 # What was read before the break stands; the sample cut in two is dropped.
-                yield self._shard_error(
+                if sample is not None and sample.reserved:
+                    self.budget.give(sample.reserved)
+                yield self.shard_error(
                     path, f"truncated or corrupt tar at byte {at}: {exc}; the samples before it were read")
                 return
             if sample is not None:
                 yield self._item(path, sample)
 
-    def _shard_error(self, path: str, message: str) -> Item:
-        return Item(name=path, source=path, error=message, fields={"shard": path, "key": None,
-                                                                   **{c: None for c in self.carry}})
+    def shard_error(self, path: str, message: str) -> Item:
+        fields = {"shard": path, "key": None, **{carry_field(c): None for c in self.carry}}
+        if self.carry:
+            fields["carry_error"] = None
+        return Item(name=path, source=path, error=message, fields=fields)
+
+    def carry_fields(self, values: dict, problems: dict[str, str], sample_name: str) -> dict:
+        """The ``--carry`` fields of one sample (``carry_error`` says what could not be carried)."""
+        fields: dict = {}
+        lost = []
+        for ext in self.carry:
+            fields[carry_field(ext)] = values.get(ext)
+            if ext in problems:
+                lost.append(f"{ext}: {problems[ext]}")
+        if self.carry:
+            fields["carry_error"] = "; ".join(lost) if lost else None
+        if lost:
+            from . import console
+
+            self.warned += 1
+            console.message(f"warning: {sample_name}: not carried: " + "; ".join(lost))
+        return fields
 
     def _item(self, path: str, sample: _Sample) -> Item:
         fields: dict = {"shard": path, "key": sample.key}
-        for ext in self.carry:
-            fields[ext] = _carried(ext, sample.data.get(ext))
+        carried = {ext: _carried(ext, sample.data.get(ext)) for ext in self.carry}
+        carry_problems = {ext: sample.problems[ext] for ext in self.carry if ext in sample.problems}
+        at = f"@{sample.position}" if sample.repeated else ""  # a key seen before in this shard
+        fields.update(self.carry_fields(carried, carry_problems, f"{path}#{sample.key}{at}"))
+        item = self._make_item(path, sample, fields, at)
+        if sample.reserved:
+            import weakref
+
+            weakref.finalize(item, self.budget.give, sample.reserved)
+        return item
+
+    def _make_item(self, path: str, sample: _Sample, fields: dict, at: str) -> Item:
         for ext in self.image_exts:
             if ext in sample.data:
-                return Item(name=f"{path}#{sample.names[ext]}", source=sample.data[ext], fields=fields)
+                return Item(name=f"{path}#{sample.names[ext]}{at}", source=sample.data[ext], fields=fields)
             if ext in sample.problems:
-                return Item(name=f"{path}#{sample.names[ext]}", source=path, error=sample.problems[ext],
+                return Item(name=f"{path}#{sample.names[ext]}{at}", source=path, error=sample.problems[ext],
                             fields=fields)
         shown = ", ".join(sample.members[:5]) + (", ..." if len(sample.members) > 5 else "")
-        return Item(name=f"{path}#{sample.key}", source=path, fields=fields,
+        return Item(name=f"{path}#{sample.key}{at}", source=path, fields=fields,
                     error=f"no image in this sample (members: {shown}; images are {', '.join(self.image_exts)})")
+
+
+def _read_member(f, size: int) -> bytes:
+    """A member's data in 1 MB reads (``read()`` of a gzip stream holds three copies at once)."""
+    if size <= (1 << 20):
+        return f.read()
+    chunks = []
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _carried(ext: str, data: bytes | None):
@@ -284,10 +473,25 @@ def _check_head(data: bytes) -> str | None:
 
 
 # -- options ------------------------------------------------------------------
-def parse_carry(values: Iterable[str] | None) -> tuple[str, ...]:
-    """``["txt,json"]`` -> ``("txt", "json")``; refuses names that are record fields."""
-    from .errors import UsageError
+CARRY_PREFIX = "source_"  # a carried name that is a record field or a setting lands under source_<name>
+
+
+def _taken_names() -> frozenset:
     from .resume import record_fields
+    from .tasks import settings_keys
+
+    return frozenset({*record_fields(), *settings_keys(), "carry", "carry_error"})
+
+
+def carry_field(name: str) -> str:
+    """The record field a carried member or column goes to: its own name, or ``source_<name>``
+    when that is a record field or a setting (img2dataset's ``caption``: ``source_caption``)."""
+    return CARRY_PREFIX + name if name in _taken_names() else name
+
+
+def parse_carry(values: Iterable[str] | None) -> tuple[str, ...]:
+    """``["txt,json"]`` -> ``("txt", "json")`` (member extensions or Parquet columns)."""
+    from .errors import UsageError
 
     out: list[str] = []
     for value in values or ():
@@ -296,12 +500,15 @@ def parse_carry(values: Iterable[str] | None) -> tuple[str, ...]:
             if not part:
                 continue
             if not re.fullmatch(r"[a-z0-9_][a-z0-9_.-]*", part):
-                raise UsageError(f"carry={part!r} is not a member extension (e.g. txt, json, cls)", params=["carry"])
-            if part in record_fields() or part in ("carry",):
-                raise UsageError(f"carry={part!r}: a record already has a field {part!r}",
-                                 hint="carry other members (txt, json, cls, ...)", params=["carry"])
+                raise UsageError(f"carry={part!r} is not a member extension or a column name "
+                                 "(e.g. txt, json, cls, url)", params=["carry"])
             if part not in out:
                 out.append(part)
+    fields = [carry_field(p) for p in out]
+    for name, field_name in zip(out, fields):
+        if field_name != name and field_name in out:
+            raise UsageError(f"carry={name!r} lands under {field_name!r} (a record already has a field "
+                             f"{name!r}), which is carried as well", params=["carry"])
     return tuple(out)
 
 
@@ -518,9 +725,10 @@ def with_fields(item: Item, **fields) -> Item:
     return replace(item, fields={**(item.fields or {}), **fields})
 
 
-def configure(job, carry, ext) -> None:
-    """The command's --carry and --ext for shard inputs; --carry is a setting of the run."""
+def configure(job, carry, ext, image_column: str | None = None) -> None:
+    """The command's --carry, --ext and --image-column for shard inputs (tars, Parquet files);
+    --carry is a setting of the run."""
     names = parse_carry(carry)
-    job.samples = SampleReader(carry=names, extensions=ext)
-    if names:
-        job.extra_settings["carry"] = list(names)
+    job.samples = SampleReader(carry=names, extensions=ext, image_column=image_column)
+    if names:  # the fields as records carry them (resume and merge tell them from settings by this)
+        job.extra_settings["carry"] = [carry_field(n) for n in names]

@@ -64,6 +64,7 @@ def ask(
     loading: o.Bundle = o.LOADING,
     src: o.Bundle = o.SOURCES,
     carry: o.Carry = None,
+    image_column: o.ImageColumn = None,
     dec: o.Bundle = o.DECODING.but(max_new_tokens=(o.MaxNewTokens, ASK_MAX_NEW_TOKENS),
                                     min_new_tokens=(o.MinNewTokens, ASK_MIN_NEW_TOKENS)),
     num_answers: Annotated[
@@ -135,7 +136,7 @@ def ask(
         job.fmt = "jsonl"
     from ..webdataset import configure
 
-    configure(job, carry, src.ext)
+    configure(job, carry, src.ext, image_column)
     job.check()
     from ..failedlist import wrapper as failed_wrapper
 

@@ -35,6 +35,7 @@ def caption(
     loading: o.Bundle = o.LOADING,
     src: o.Bundle = o.SOURCES,
     carry: o.Carry = None,
+    image_column: o.ImageColumn = None,
     prompt: Annotated[
         Optional[str],
         typer.Option(metavar="TEXT", rich_help_panel=o.GENERATION, help='Text the caption continues, e.g. "a photo of".'),
@@ -86,7 +87,7 @@ def caption(
         job.fmt = "jsonl"  # an output directory holds JSON Lines part files
     from ..webdataset import configure, refuse_with_shards
 
-    configure(job, carry, src.ext)
+    configure(job, carry, src.ext, image_column)
     job.check()
     from .. import failedlist
     from .. import metadata as hf_metadata

@@ -262,6 +262,11 @@ def finish(result, *, output: Path | None, quiet: bool, job=None, fmt: str | Non
         console.message(f"{stats.failed} of {stats.total} images failed; "
                         + _failures_where(output, fmt, sidecar, parts))
         raise typer.Exit(EXIT_ITEMS_FAILED)
+    lost = getattr(getattr(job, "samples", None), "warned", 0)  # --carry members not carried
+    if lost:
+        console.message(f"{lost} samples lost a --carry member (too large, a link, ...): "
+                        "their records say which in carry_error")
+        raise typer.Exit(EXIT_ITEMS_FAILED)
     if (stats is None or stats.total == 0) and not (
         getattr(result, "skipped_existing", 0) or getattr(result, "resumed", 0)
         or getattr(result, "merged", None)
