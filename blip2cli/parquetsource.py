@@ -30,7 +30,7 @@ files).
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from .sources import PARQUET_SUFFIXES, Item
 

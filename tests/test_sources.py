@@ -175,3 +175,28 @@ def test_interrupt_while_waiting_for_paths_on_stdin_exits_cleanly(tiny_opt, exam
             proc.kill()
     assert b"Fatal Python error" not in err, err.decode()
     assert proc.returncode == code, err.decode()
+
+
+def test_ask_with_the_question_forgotten_is_refused(example_images):
+    """Issue 19: `blip2 ask a.jpg b.png` asked "b.png" of a.jpg, exit 0."""
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+
+    a, b = str(example_images[0]), str(example_images[1])
+    res = CliRunner().invoke(app, ["ask", a, b, "--model", "nowhere"])
+    assert res.exit_code == 2, res.output
+    assert "question is missing" in res.output and "your question" in res.output
+
+
+def test_named_inputs_without_images_exit_2(tmp_path):
+    """Issue 19: "no images found in the inputs" was exit 0 for named inputs."""
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    res = CliRunner().invoke(app, ["caption", str(tmp_path / "empty"), "--model", "nowhere"])
+    assert res.exit_code == 2, res.output
+    assert "no images found in the inputs" in res.output

@@ -17,6 +17,7 @@ from ..errors import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_ITEMS_FAILED,
+    EXIT_USAGE,
     EXIT_OK,
     Blip2Error,
     Interrupted,
@@ -139,6 +140,12 @@ def resolve_items(inputs, files_from, *, recursive: bool, ext, null: bool, comma
     if InputResolver.reads_stdin(inputs, files_from):
         return items, None
     items = list(items)
+    if not items:  # named inputs that hold no image: a usage error (an empty stdin is not)
+        raise UsageError(
+            "no images found in the inputs",
+            hint="name image files, folders holding images (see --ext, --recursive), tar shards or "
+            "Parquet files", params=["ext"] if ext else [],
+        )
     return items, len(items)
 
 
@@ -271,7 +278,14 @@ def finish(result, *, output: Path | None, quiet: bool, job=None, fmt: str | Non
         getattr(result, "skipped_existing", 0) or getattr(result, "resumed", 0)
         or getattr(result, "merged", None)
     ):
-        console.message("no images found in the inputs")
+        shard = getattr(job, "shard", None)
+        if shard is not None:  # --shard I/N: this slice of the inputs holds nothing
+            console.message(f"the slice --shard {shard} holds no inputs (fewer inputs than slices?)")
+        elif getattr(job, "tar_inputs", None) is not None:  # named inputs (not stdin) without an image
+            console.message("no images found in the inputs (the shards and Parquet files hold no samples)")
+            raise typer.Exit(EXIT_USAGE)
+        else:
+            console.message("no images found in the inputs")
     elif stats is None or stats.total == 0:
         console.message("nothing left to do")
     elif not quiet:
