@@ -82,6 +82,7 @@ def test_shards_then_merge_and_missing_inputs(tiny_opt, many, tmp_path, single_r
         assert "blip2 merge" in res.stderr
     res = cli("merge", out)
     assert res.exit_code == 1 and "8 of 24 inputs have no record yet" in res.stderr
+    assert not (out / "captions.jsonl").exists()  # nothing partial under the final name
     res = cli("caption", many, "--model", tiny_opt, "-o", out, "--shard", "1/3", *GEN)
     assert res.exit_code == 0
     res = cli("merge", out)
