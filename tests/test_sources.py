@@ -189,7 +189,7 @@ def test_ask_with_the_question_forgotten_is_refused(example_images):
     assert "question is missing" in res.output and "your question" in res.output
 
 
-def test_named_inputs_without_images_exit_2(tmp_path):
+def test_named_inputs_without_images_exit_2(tiny_opt, tmp_path):
     """Issue 19: "no images found in the inputs" was exit 0 for named inputs."""
     from typer.testing import CliRunner
 
@@ -197,6 +197,8 @@ def test_named_inputs_without_images_exit_2(tmp_path):
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no image")
-    res = CliRunner().invoke(app, ["caption", str(tmp_path / "empty"), "--model", "nowhere"])
+    res = CliRunner().invoke(app, ["caption", str(tmp_path / "empty"), "--model", str(tiny_opt)])
     assert res.exit_code == 2, res.output
     assert "no images found in the inputs" in res.output
+    res = CliRunner().invoke(app, ["caption", "-", "--model", str(tiny_opt)], input="")
+    assert res.exit_code == 0, res.output  # an empty stdin is no usage error

@@ -140,12 +140,6 @@ def resolve_items(inputs, files_from, *, recursive: bool, ext, null: bool, comma
     if InputResolver.reads_stdin(inputs, files_from):
         return items, None
     items = list(items)
-    if not items:  # named inputs that hold no image: a usage error (an empty stdin is not)
-        raise UsageError(
-            "no images found in the inputs",
-            hint="name image files, folders holding images (see --ext, --recursive), tar shards or "
-            "Parquet files", params=["ext"] if ext else [],
-        )
     return items, len(items)
 
 
@@ -282,7 +276,8 @@ def finish(result, *, output: Path | None, quiet: bool, job=None, fmt: str | Non
         if shard is not None:  # --shard I/N: this slice of the inputs holds nothing
             console.message(f"the slice --shard {shard} holds no inputs (fewer inputs than slices?)")
         elif getattr(job, "tar_inputs", None) is not None:  # named inputs (not stdin) without an image
-            console.message("no images found in the inputs (the shards and Parquet files hold no samples)")
+            console.message("no images found in the inputs: name image files, folders holding images "
+                            "(see --ext, --recursive), tar shards or Parquet files")
             raise typer.Exit(EXIT_USAGE)
         else:
             console.message("no images found in the inputs")
