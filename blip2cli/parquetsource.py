@@ -123,7 +123,7 @@ def parquet_samples(reader, path: str, found: bool = False) -> Iterator[Item]:
                 return
             yield reader.shard_error(
                 path, f"no image column in this Parquet file (looked for {wanted}; it has "
-                f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''}); name one with --image-column")
+                f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''}); name it with image_column (--image-column on the command line)")
             return
         key_column = find_column(names, "key")
         carried = {c: find_column(names, c) for c in reader.carry}

@@ -119,7 +119,8 @@ def check_braces(text: str) -> None:
 
         raise UsageError(
             f"the brace pattern {text!r} stands for {n:,} names; the limit is {MAX_BRACE_NAMES:,} names",
-            hint="name a folder of shards, a glob, or a list of files with --files-from instead")
+            hint="name a folder of shards, a glob, or a list of files with files_from instead",
+            params=["files_from"])
 
 
 def iter_braces(text: str) -> Iterator[str]:
