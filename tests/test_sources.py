@@ -150,21 +150,23 @@ def test_streaming_stdin_yields_before_eof(tree):
 
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_interrupt_while_waiting_for_paths_on_stdin_exits_cleanly(tiny_opt, example_images, sig, code):
-    """Issue 19 #14: the source thread blocked reading stdin made Python abort at shutdown
-    ("Fatal Python error: _enter_buffered_busy", exit 134). It reads with os.read now."""
+    """Issue 19 #14: the source thread blocked reading stdin (a terminal) made Python abort at
+    shutdown ("Fatal Python error: _enter_buffered_busy", exit 134). It reads with os.read now."""
+    import pty
     import signal
     import subprocess
     import sys
     import time
 
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    master, slave = pty.openpty()  # a terminal, as when the user types paths (a pipe does not show it)
     proc = subprocess.Popen(
         [sys.executable, "-m", "blip2cli", "caption", "-", "--model", str(tiny_opt), "--max-new-tokens", "2",
          "--num-beams", "1", "-f", "jsonl", "--quiet"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
     try:
-        proc.stdin.write(f"{example_images[0]}\n".encode())
-        proc.stdin.flush()
+        os.write(master, f"{example_images[0]}\n".encode())
         line = proc.stdout.readline()  # its record: the run now waits for more paths
         assert b'"caption' in line
         time.sleep(0.3)
@@ -173,6 +175,7 @@ def test_interrupt_while_waiting_for_paths_on_stdin_exits_cleanly(tiny_opt, exam
     finally:
         if proc.poll() is None:
             proc.kill()
+        os.close(master)
     assert b"Fatal Python error" not in err, err.decode()
     assert proc.returncode == code, err.decode()
 
