@@ -144,9 +144,12 @@ def parquet_samples(reader, path: str, found: bool = False) -> Iterator[Item]:
                     data[column][i] = None  # the batch's copy goes as soon as the item holds it
                     key = data[key_column][i] if key_column else None
                     key = None if key is None else str(key)
-                    yield _row_item(reader, path, row, key, value, seen, limit,
-                                    {c: (data[col][i] if col else None) for c, col in carried.items()},
-                                    carry_field)
+                    item = _row_item(reader, path, row, key, value, seen, limit,
+                                     {c: (data[col][i] if col else None) for c, col in carried.items()},
+                                     carry_field)
+                    value = None  # the item alone holds the bytes while it is out
+                    yield item
+                    item = None
                     row += 1
         except Exception as exc:  # noqa: BLE001 - a damaged page or row group: the rows before it stand
             yield reader.shard_error(

@@ -367,13 +367,14 @@ class SampleReader:
                         continue
                     self.budget.take(member.size)
                     sample.reserved += member.size
-                    data = _read_member(tf.extractfile(member), member.size)
+                    sample.data[ext] = _read_member(tf.extractfile(member), member.size)
                     if is_image and member.size > (1 << 20):
-                        problem = _check_head(data)
+                        problem = _check_head(sample.data[ext])
                         if problem:
+                            del sample.data[ext]
                             sample.problems[ext] = problem
                             continue
-                    sample.data[ext] = data
+                    # (no local variable holds the bytes: the sample, then its item, alone do)
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                 # What was read before the break stands; the sample cut in two is dropped.
                 if sample is not None and sample.reserved:
@@ -433,16 +434,21 @@ class SampleReader:
 
 
 def _read_member(f, size: int) -> bytes:
-    """A member's data in 1 MB reads (``read()`` of a gzip stream holds three copies at once)."""
+    """A member's data in 1 MB reads into a ``BytesIO`` (whose ``getvalue`` hands over its buffer):
+    about one copy of the member at its peak, where ``read()`` of a gzip stream held three and
+    joining the pieces two."""
     if size <= (1 << 20):
         return f.read()
-    chunks = []
+    buffer = io.BytesIO()
     while True:
         chunk = f.read(1 << 20)
         if not chunk:
             break
-        chunks.append(chunk)
-    return b"".join(chunks)
+        buffer.write(chunk)
+        del chunk
+    data = buffer.getvalue()
+    buffer.close()
+    return data
 
 
 def _carried(ext: str, data: bytes | None):

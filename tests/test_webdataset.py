@@ -310,7 +310,7 @@ def test_tar_read_ahead_is_bounded_by_bytes_in_flight(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert stats.failed == 12 and len(written) == 12
     assert reader.budget.peak <= 3 * 1024 * 1024 + member  # the limit, plus one member read anyway
-    assert peak < 6 * member, f"peak {peak / 1e6:.1f} MB"
+    assert peak < 5 * member, f"peak {peak / 1e6:.1f} MB"  # about 3.5 here; main: about 15
     import gc
 
     for _ in range(50):  # the source thread lets go of its last item as it ends
