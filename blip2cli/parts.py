@@ -438,7 +438,7 @@ def merge_shard_outputs(root: Path) -> tuple[Path, int, list[str]]:
     written = 0
     with replacing(final) as tmp, open(tmp, "wb") as out:
         for path in outputs:
-            for number, record in enumerate(_records_of(path), 1):
+            for number, record in enumerate(_records_of(path, settings if isinstance(settings, dict) else None), 1):
                 if standard is None:
                     standard = plain(settings_of(record))
                     settings = standard
@@ -453,14 +453,26 @@ def merge_shard_outputs(root: Path) -> tuple[Path, int, list[str]]:
     return final, written, missing
 
 
-def _records_of(path: Path) -> Iterable[dict]:
-    """A shard's output, JSON Lines or Parquet, a record at a time (Parquet: a row group at a time)."""
+def _records_of(path: Path, settings: dict | None = None) -> Iterable[dict]:
+    """A shard's output, JSON Lines or Parquet, a record at a time (Parquet: a row group at a time).
+
+    The Parquet writer keeps nested settings (``generation``, ``carry``) as JSON text: those
+    the manifest holds as objects or lists are read back as such. (A carried ``json`` member
+    stays the JSON text it is in the Parquet file.)"""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        nested = [k for k, v in (settings or {}).items() if isinstance(v, (dict, list))]
         pf = pq.ParquetFile(path)
         for batch in pf.iter_batches(batch_size=1000):
-            yield from batch.to_pylist()
+            for row in batch.to_pylist():
+                for key in nested:
+                    if isinstance(row.get(key), str):
+                        try:
+                            row[key] = json.loads(row[key])
+                        except ValueError:
+                            pass  # compared as it is: the difference is named
+                yield row
         return
     with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
         for line in f:

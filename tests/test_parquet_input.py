@@ -141,3 +141,24 @@ def test_parquet_rows_share_the_read_ahead_budget(tmp_path, pics, monkeypatch):
     assert reader.budget.used == len(first.source)
     del first
     assert reader.budget.used == 0
+
+
+def test_ask_and_embed_read_parquet_and_per_file_parquet_outputs_merge(tiny_opt, tiny_itm, pq_dir, tmp_path):
+    one = pq_dir / "00001.parquet"
+    res = cli("ask", one, "-q", "what is it?", "--model", tiny_opt, *FAST, "-f", "jsonl", "--carry", "url")
+    assert res.exit_code == 0, res.output
+    (rec,) = jsonl(res.stdout)
+    assert rec["key"] == "00010000" and rec["answers"] and rec["url"] == "http://x/10"
+    res = cli("embed", one, "--model", tiny_itm, "-f", "jsonl", "--carry", "caption")
+    assert res.exit_code == 0, res.output
+    (rec,) = jsonl(res.stdout)
+    assert len(rec["vector"]) > 0 and rec["source_caption"] == "alt 10"
+    # per-file outputs as Parquet, then merged into one JSON Lines file
+    out = tmp_path / "pqout"
+    res = cli("caption", pq_dir, "--model", tiny_opt, *FAST, "-o", f"{out}/", "-f", "parquet", "--carry", "caption")
+    assert res.exit_code == 1, res.output
+    assert pq.read_table(out / "00000.parquet").num_rows == 5
+    res = cli("merge", out)
+    assert res.exit_code == 0, res.output
+    recs = jsonl((out / "captions.jsonl").read_text())
+    assert len(recs) == 6 and recs[0]["source_caption"] == "alt 0"
