@@ -44,6 +44,7 @@ from .sources import DEFAULT_EXTENSIONS, Item
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_CARRY_BYTES = 16 * 1024 * 1024  # one carried member (txt, json) at most
+MAX_CARRY_WARNINGS = 20  # lines on stderr for members not carried (every record says it in carry_error)
 SHARD_STATE = ".shards"  # DIR/.shards: the manifest and the part file of each unfinished shard
 
 
@@ -405,7 +406,10 @@ class SampleReader:
             from . import console
 
             self.warned += 1
-            console.message(f"warning: {sample_name}: not carried: " + "; ".join(lost))
+            if self.warned <= MAX_CARRY_WARNINGS:
+                console.message(f"warning: {sample_name}: not carried: " + "; ".join(lost))
+            elif self.warned == MAX_CARRY_WARNINGS + 1:
+                console.message("warning: more members not carried; each record says why in carry_error")
         return fields
 
     def _item(self, path: str, sample: _Sample) -> Item:

@@ -205,3 +205,14 @@ def test_named_inputs_without_images_exit_2(tiny_opt, tmp_path):
     assert "no images found in the inputs" in res.output
     res = CliRunner().invoke(app, ["caption", "-", "--model", str(tiny_opt)], input="")
     assert res.exit_code == 0, res.output  # an empty stdin is no usage error
+
+
+def test_model_not_in_the_cache_points_to_tiny_checkpoint(tmp_path):
+    """Issue 19: the offline "not in the local cache" error says how to try blip2 without a download."""
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+
+    res = CliRunner().invoke(app, ["caption", str(tmp_path), "--model", "Salesforce/blip2-not-cached", "--offline"])
+    assert res.exit_code == 2
+    assert "blip2 tiny-checkpoint" in res.stderr
