@@ -24,8 +24,10 @@ is a WebDataset shard, and a Parquet file (``.parquet``, img2dataset's
 ``--output_format parquet``) a shard too: an item with ``tar=True`` ("a shard
 file") that ``webdataset.SampleReader`` expands into its samples as the run reads
 it (folders yield their tar and Parquet files unless ``--ext`` is given without
-``tar`` / ``parquet``; a Parquet file found in a folder or by a glob that has no
-image column is left out, one named explicitly is an error record).
+``tar`` / ``parquet``; a Parquet file found in a folder or by a glob is one only
+if it has a binary column, so blip2's own Parquet outputs beside the images are
+not inputs; one named explicitly always is, and without an image column it is an
+error record).
 
 Standard input is read with ``os.read`` on its descriptor (:class:`FdReader`),
 so an interrupt while the source thread waits for more paths ends the run cleanly.
@@ -294,8 +296,12 @@ class InputResolver:
 
     def _wanted(self, path: str) -> bool:
         ext = os.path.splitext(path)[1].lower().lstrip(".")
-        if path.lower().endswith(PARQUET_SUFFIXES):
-            return self.parquet
+        if path.lower().endswith(PARQUET_SUFFIXES):  # only those holding image bytes (not blip2's outputs)
+            if not self.parquet:
+                return False
+            from .webdataset import holds_image_bytes
+
+            return holds_image_bytes(path)
         return ext in self.extensions or (self.shards and _is_shard(path))
 
     def _emit(self, path: str, root: str | None = None) -> Iterator[Item]:

@@ -99,12 +99,29 @@ def test_image_column_option_and_files_without_one(tiny_opt, tmp_path, pics):
     res = cli("caption", path, "--model", tiny_opt, *FAST, "-f", "jsonl", "--image-column", "pixels_blob")
     assert res.exit_code == 0, res.output
     assert jsonl(res.stdout)[0]["key"] == "k" and jsonl(res.stdout)[0]["caption"]
-    # found in a folder (blip2's own Parquet output, say): left out; nothing else -> exit 2
+    # in a folder, a binary column of another name: left out with a note; nothing else -> exit 2
     only = tmp_path / "only"
-    write_parquet(only / "captions.parquet", [{"path": "a.jpg", "caption": "x"}])
+    write_parquet(only / "blobs.parquet", [{"key": "k", "pixels_blob": pics[0]}])
     res = cli("caption", only, "--model", tiny_opt, *FAST, "-f", "jsonl")
     assert res.exit_code == 2, res.output
     assert "no images found" in res.stderr and "left out" in res.stderr
+
+
+def test_blip2s_own_parquet_outputs_beside_the_images_are_not_inputs(tiny_opt, tiny_itm, tmp_path, example_images):
+    """captions.parquet or an imagefolder metadata.parquet in the photo folder (no binary column):
+    not a shard file, so --metadata and vector stores still work on that folder."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(example_images[0], photos / "a.png")
+    write_parquet(photos / "captions.parquet", [{"path": "a.png", "caption": "x", "error": None}])
+    write_parquet(photos / "metadata.parquet", [{"file_name": "a.png", "text": "x"}])
+    res = cli("caption", photos, "--model", tiny_opt, *FAST, "-f", "jsonl")
+    assert res.exit_code == 0, res.output
+    assert [r["path"] for r in jsonl(res.stdout)] == [str(photos / "a.png")]
+    res = cli("embed", photos, "--model", tiny_itm, "-o", tmp_path / "v.safetensors")
+    assert res.exit_code == 0, res.output
 
 
 def test_truncated_parquet_file_is_an_error_record(tiny_opt, tmp_path, pics):
