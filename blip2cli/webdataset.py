@@ -932,7 +932,13 @@ def _row_item(reader, path, row, key, value, seen, limit, carried, carry_field) 
     if key is not None:
         seen.add(key)
     fields: dict = {"shard": path, "key": key}
-    fields.update(reader.carry_fields({c: _plain(v) for c, v in carried.items()}, {}, name))
+    problems = {}
+    for c, v in carried.items():  # the carried member limit holds for columns too
+        if isinstance(v, (str, bytes, bytearray)) and len(v) > reader.max_carry:
+            problems[c] = f"the column {c!r} is too large here ({megabytes(len(v))}; the limit is " \
+                f"{megabytes(reader.max_carry)})"
+    fields.update(reader.carry_fields({c: None if c in problems else _plain(v) for c, v in carried.items()},
+                                      problems, name))
     if isinstance(value, dict):  # a Hugging Face Image feature: {"bytes": ..., "path": ...}
         value = value.get("bytes")
     if value is None:

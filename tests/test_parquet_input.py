@@ -179,3 +179,16 @@ def test_ask_and_embed_read_parquet_and_per_file_parquet_outputs_merge(tiny_opt,
     assert res.exit_code == 0, res.output
     recs = jsonl((out / "captions.jsonl").read_text())
     assert len(recs) == 6 and recs[0]["source_caption"] == "alt 0"
+
+
+def test_an_oversized_carried_column_is_said_not_dropped_silently(tiny_opt, tmp_path, pics, monkeypatch):
+    from blip2cli import webdataset
+
+    path = write_parquet(tmp_path / "big.parquet", [{"key": "a", "jpg": pics[0], "txt": "x" * 100},
+                                                    {"key": "b", "jpg": pics[1], "txt": "short"}])
+    monkeypatch.setattr(webdataset, "MAX_CARRY_BYTES", 50)
+    res = cli("caption", path, "--model", tiny_opt, *FAST, "-f", "jsonl", "--carry", "txt")
+    assert res.exit_code == 1, res.output
+    a, b = jsonl(res.stdout)
+    assert a["txt"] is None and "too large" in a["carry_error"] and not a["error"]
+    assert b["txt"] == "short" and b["carry_error"] is None
