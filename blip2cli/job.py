@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 from . import console
 from .errors import UsageError
+from .parts import SHARD_STATE  # DIR/.shards: the manifest and the part file of each unfinished shard
 
 
 @dataclass
@@ -630,7 +631,6 @@ class _Recorded:
 
 
 # -- -o DIR with shard inputs: one output per shard ---------------------------------
-SHARD_STATE = ".shards"  # DIR/.shards: the manifest and the part file of each unfinished shard
 
 
 def shard_output(name: str, fmt: str) -> str:

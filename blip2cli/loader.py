@@ -181,7 +181,9 @@ def hub_download_hint(repo_id: str, revision: str | None) -> str:
     rev = f" --revision {revision}" if revision else ""  # in the shell commands quoted
     return (
         f"download it once where the hub can be reached: `blip2 models download {repo_id}{rev}` "
-        f"(or `hf download {repo_id}{rev}`), then run with offline=True; or pass a local folder as model"
+        f"(or `hf download {repo_id}{rev}`), then run with offline=True; or pass a local folder as model. "
+        "To try blip2 without any download: `blip2 tiny-checkpoint /tmp/tiny` writes a tiny random "
+        "checkpoint (meaningless captions) to use as model=/tmp/tiny"
     )
 
 

@@ -130,7 +130,16 @@ Carry = Annotated[
     typer.Option(
         "--carry", metavar="EXT", rich_help_panel=INPUT, show_default=False,
         help="Tar shard inputs: copy these members of each sample into its record, e.g. txt,json "
-        "(the old alt-text beside the new caption; json parsed).",
+        "(the old alt-text beside the new caption; json parsed). Parquet inputs: these columns, e.g. "
+        "caption,url (a name that is a record field lands under source_NAME: source_caption).",
+    ),
+]
+ImageColumn = Annotated[
+    Optional[str],
+    typer.Option(
+        "--image-column", metavar="NAME", rich_help_panel=INPUT, show_default=False,
+        help="Parquet inputs: the column holding each row's image bytes (default: the first of "
+        "jpg, png, webp, image).",
     ),
 ]
 FilesFrom = Annotated[

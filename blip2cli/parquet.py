@@ -49,6 +49,7 @@ def _known_types(pa) -> dict:
     text_list = pa.list_(pa.string())
     return {
         "path": pa.string(), "path_bytes": pa.string(), "shard": pa.string(), "key": pa.string(),
+        "carry_error": pa.string(),
         "caption": pa.string(), "captions": text_list, "question": pa.string(), "answer": pa.string(),
         "answers": text_list, "text": pa.string(), "dims": pa.list_(pa.int32()), "error": pa.string(),
         "sidecar": pa.string(), "rank": pa.int64(), "score": pa.float64(), "itc": pa.float64(),

@@ -357,7 +357,8 @@ class PartsDir:
 
     def _write_final(self, rows, files: list[Path]) -> tuple[int, list[str]]:
         """Copy the chosen records (re-serialised as ``merge`` always wrote them) into
-        a temporary file beside the output, then rename it over the output."""
+        a temporary file beside the output, then rename it over the output. With inputs
+        missing, nothing is written (0 records; the temporary file removed)."""
         from .fsutil import replacing
 
         handles = [open(p, "rb") for p in files]
@@ -368,6 +369,8 @@ class PartsDir:
                     if file is None:
                         missing.append(name.decode("utf-8", "surrogateescape"))
                         continue
+                    if missing:
+                        continue  # nothing will be written: only the missing ones are still counted
                     src = handles[file]
                     src.seek(off)
                     line = src.read(length)
@@ -377,9 +380,110 @@ class PartsDir:
                         record = json.loads(line.decode("utf-8", "surrogateescape"))
                         out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
                     written += 1
+                if missing:  # nothing partial under the final name (an older whole one stays)
+                    raise _Incomplete
                 out.flush()
                 os.fsync(out.fileno())
+        except _Incomplete:
+            written = 0
         finally:
             for h in handles:
                 h.close()
         return written, missing
+
+
+class _Incomplete(Exception):
+    """Inputs without a record: the merged file is not written."""
+
+
+SHARD_STATE = ".shards"  # -o DIR with shard files as inputs: DIR/.shards/manifest.json, one output per shard
+
+
+def shard_outputs_dir(root: Path) -> bool:
+    """Is ``root`` the ``-o DIR`` of a run over shard files (tars, Parquet files)?"""
+    return (Path(root) / SHARD_STATE / "manifest.json").exists() and not (Path(root) / PARTS / "manifest.json").exists()
+
+
+def merge_shard_outputs(root: Path) -> tuple[Path, int, list[str]]:
+    """``blip2 merge DIR`` over the per-shard outputs of ``-o DIR/`` runs with tar or Parquet
+    inputs (one or several ``--shard I/N`` runs): every shard's records, in the order of the
+    shards, into ``DIR/<final name>`` (``captions.jsonl`` ...), written atomically. Every
+    record's settings are compared with the manifest's. Returns (final, records, missing
+    shards); with shards missing nothing is written."""
+    from .fsutil import replacing
+    from .resume import plain, settings_of
+    root = Path(root)
+    state = PartsDir(root, "caption")
+    state.parts = root / SHARD_STATE
+    manifest = state.read_manifest()
+    command = manifest.get("command", "caption")
+    state.command = command
+    settings = manifest.get("settings")
+    standard = plain(settings) if isinstance(settings, dict) else None
+    names = state.read_inputs()
+    final = state.final
+    outputs, missing = [], []
+    for name in names:
+        stem = _shard_stem(name)
+        found = [root / f"{stem}{ext}" for ext in (".jsonl", ".parquet") if (root / f"{stem}{ext}").exists()]
+        if not found:
+            missing.append(name)
+        elif found[0] == final:
+            raise UsageError(f"the shard {name!r} wrote {final.name}, the merged file's own name",
+                             hint="rename that shard's output and the shard, or merge by hand")
+        else:
+            outputs.append(found[0])
+    if missing:
+        return final, 0, missing
+    written = 0
+    with replacing(final) as tmp, open(tmp, "wb") as out:
+        for path in outputs:
+            for number, record in enumerate(_records_of(path, settings if isinstance(settings, dict) else None), 1):
+                if standard is None:
+                    standard = plain(settings_of(record))
+                    settings = standard
+                if settings_of(record) != standard:
+                    state._check_record(path, number, record, settings, then="in the shard's output",
+                                        now="in the manifest", hint=f"redo that shard with the directory's "
+                                        f"settings (delete {path.name} first)")
+                out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
+                written += 1
+        out.flush()
+        os.fsync(out.fileno())
+    return final, written, missing
+
+
+def _records_of(path: Path, settings: dict | None = None) -> Iterable[dict]:
+    """A shard's output, JSON Lines or Parquet, a record at a time (Parquet: a row group at a time).
+
+    The Parquet writer keeps nested settings (``generation``, ``carry``) as JSON text: those
+    the manifest holds as objects or lists are read back as such. (A carried ``json`` member
+    stays the JSON text it is in the Parquet file.)"""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        nested = [k for k, v in (settings or {}).items() if isinstance(v, (dict, list))]
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=1000):
+            for row in batch.to_pylist():
+                for key in nested:
+                    if isinstance(row.get(key), str):
+                        try:
+                            row[key] = json.loads(row[key])
+                        except ValueError:
+                            pass  # compared as it is: the difference is named
+                yield row
+        return
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _shard_stem(name: str) -> str:
+    """As ``webdataset.shard_stem`` (not imported: webdataset imports this module)."""
+    base = os.path.basename(name)
+    for suffix in (".tar", ".tar.gz", ".tgz", ".parquet"):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return base

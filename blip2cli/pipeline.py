@@ -91,6 +91,7 @@ class _SourceThread:
         try:
             for item in it:
                 self.queue.put(item)
+                del item  # not held while the source reads the next one (a tar sample holds its bytes)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self.queue.put(_Raise(exc))
         self.queue.put(self._END)
@@ -245,6 +246,7 @@ def run(
                 prepared, error = None, f"cannot read this image ({type(exc).__name__}: {exc})"
             stats.stage_seconds["wait_decode"] += time.perf_counter() - t0
             batch.append((item, prepared, error))
+            item = future = None  # held by the batch only (a failed future's traceback holds the item)
             if error is None:
                 ready += 1
             elif fail_fast:

@@ -20,9 +20,17 @@ One resolver for every command. An argument is
   clear error, so the rest of the run goes on.
 
 A tar file (``.tar``, ``.tar.gz``, ``.tgz``) named, matched or found in a folder
-is a WebDataset shard: an item with ``tar=True`` that ``webdataset.SampleReader``
-expands into its samples as the run reads it (folders yield their tar files
-unless ``--ext`` is given without ``tar``).
+is a WebDataset shard, and a Parquet file (``.parquet``, img2dataset's
+``--output_format parquet``) a shard too: an item with ``tar=True`` ("a shard
+file") that ``webdataset.SampleReader`` expands into its samples as the run reads
+it (folders yield their tar and Parquet files unless ``--ext`` is given without
+``tar`` / ``parquet``; a Parquet file found in a folder or by a glob is one only
+if it has a binary column, so blip2's own Parquet outputs beside the images are
+not inputs; one named explicitly always is, and without an image column it is an
+error record).
+
+Standard input is read with ``os.read`` on its descriptor (:class:`FdReader`),
+so an interrupt while the source thread waits for more paths ends the run cleanly.
 
 Items come out in argument order, duplicates (the same file reached twice)
 removed. Nothing here opens an image. Stdin is the only stream read: a named
@@ -53,6 +61,7 @@ _MAGIC = (
 )
 
 STDIN_NAME = "-"
+PARQUET_SUFFIXES = (".parquet",)
 
 
 @dataclass(frozen=True)
@@ -95,9 +104,10 @@ def _has_magic(arg: str) -> bool:
 
 
 def _is_shard(path: str) -> bool:
+    """A shard file: a tar (WebDataset) or a Parquet file (img2dataset), read as samples."""
     from .webdataset import is_shard_path
 
-    return is_shard_path(path)
+    return is_shard_path(path) or path.lower().endswith(PARQUET_SUFFIXES)
 
 
 def _has_braces(arg: str) -> bool:
@@ -106,10 +116,11 @@ def _has_braces(arg: str) -> bool:
     return has_braces(arg)
 
 
-def _expand_braces(arg: str) -> list[str]:
-    from .webdataset import expand_braces
+def _expand_braces(arg: str) -> Iterator[str]:
+    """Lazily, after refusing a pattern that stands for too many names (``webdataset.MAX_BRACE_NAMES``)."""
+    from .webdataset import iter_braces
 
-    return expand_braces(arg)
+    return iter_braces(arg)
 
 
 def _glob_root(pattern: str) -> str:
@@ -121,6 +132,36 @@ def _glob_root(pattern: str) -> str:
             break
         fixed.append(part)
     return os.sep.join(fixed) or ("/" if pattern.startswith("/") else ".")
+
+
+class FdReader:
+    """Standard input read with ``os.read`` on its descriptor, never through ``sys.stdin.buffer``.
+
+    The source thread that reads a list of paths from stdin is a daemon thread; one
+    blocked inside the buffered object's lock when the interpreter shuts down (Ctrl-C or
+    SIGTERM while blip2 waits for more paths) makes Python abort with "Fatal Python
+    error: _enter_buffered_busy" (exit 134). A plain ``os.read`` holds no such lock."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def read1(self, n: int = 65536) -> bytes:
+        while True:
+            try:
+                return os.read(self.fd, n)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes, fewer only at the end of the stream (``-1``: to the end)."""
+        chunks, size = [], 0
+        while n < 0 or size < n:
+            chunk = self.read1(65536 if n < 0 else min(n - size, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
 
 
 class InputResolver:
@@ -136,8 +177,9 @@ class InputResolver:
     ):
         self.recursive = recursive
         self.extensions = frozenset(parse_extensions(extensions))
-        # Tar shards are picked up in folders and globs unless --ext leaves tar out.
+        # Tar shards and Parquet files are picked up in folders and globs unless --ext leaves them out.
         self.shards = not extensions or bool(self.extensions & {"tar", "tgz", "tar.gz"})
+        self.parquet = not extensions or "parquet" in self.extensions
         self.null_separated = null_separated
         self._stdin = stdin
         self._seen: set[str] = set()
@@ -158,7 +200,12 @@ class InputResolver:
 
     # -- helpers -----------------------------------------------------------
     def _stdin_stream(self) -> BinaryIO:
-        return self._stdin if self._stdin is not None else sys.stdin.buffer
+        if self._stdin is not None:
+            return self._stdin
+        try:
+            return FdReader(sys.stdin.fileno())  # type: ignore[return-value]
+        except (AttributeError, OSError, ValueError):  # no real stdin (a test's stand-in): its buffer
+            return sys.stdin.buffer
 
     def _from_stdin(self) -> Iterator[Item]:
         stream = self._stdin_stream()
@@ -249,6 +296,12 @@ class InputResolver:
 
     def _wanted(self, path: str) -> bool:
         ext = os.path.splitext(path)[1].lower().lstrip(".")
+        if path.lower().endswith(PARQUET_SUFFIXES):  # only those holding image bytes (not blip2's outputs)
+            if not self.parquet:
+                return False
+            from .webdataset import holds_image_bytes
+
+            return holds_image_bytes(path)
         return ext in self.extensions or (self.shards and _is_shard(path))
 
     def _emit(self, path: str, root: str | None = None) -> Iterator[Item]:

@@ -160,7 +160,7 @@ def result_fields() -> frozenset:
 
 # What the runner adds to any task's record besides settings: the sidecar path, the
 # exact bytes of a path that is not UTF-8, a shard sample's shard and key.
-RUN_FIELDS = ("sidecar", "path_bytes", "shard", "key")
+RUN_FIELDS = ("sidecar", "path_bytes", "shard", "key", "carry_error")
 
 
 def record_fields() -> frozenset:

@@ -25,6 +25,9 @@ truncated or corrupt tar are error records; the rest of the run goes on (a
 truncated tar: the samples read before the break, then one error record naming
 the shard and the byte offset).
 
+A Parquet file (img2dataset's ``--output_format parquet``) is a shard file too: its
+rows are its samples (see "Parquet files" below).
+
 With ``-o DIR`` (the runner's ``Job._run_per_shard`` in ``job.py``) each input shard gets its own output,
 ``DIR/<shard name>.jsonl`` (or ``.parquet``), written to ``DIR/.shards/parts/<name>.jsonl``
 as records come and moved into place (atomically) when the shard is finished.
@@ -40,10 +43,11 @@ import tarfile
 from dataclasses import replace
 from typing import Iterable, Iterator
 
-from .sources import DEFAULT_EXTENSIONS, Item
+from .sources import DEFAULT_EXTENSIONS, PARQUET_SUFFIXES, Item
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_CARRY_BYTES = 16 * 1024 * 1024  # one carried member (txt, json) at most
+MAX_CARRY_WARNINGS = 20  # lines on stderr for members not carried (every record says it in carry_error)
 
 
 def is_shard_path(path: str) -> bool:
@@ -51,9 +55,9 @@ def is_shard_path(path: str) -> bool:
 
 
 def shard_stem(path: str) -> str:
-    """``shards/00042.tar`` -> ``00042`` (the name of its output file)."""
+    """``shards/00042.tar`` -> ``00042`` (the name of its output file); ``00042.parquet`` too."""
     base = os.path.basename(path)
-    for suffix in SHARD_SUFFIXES:
+    for suffix in (*SHARD_SUFFIXES, ".parquet"):
         if base.lower().endswith(suffix):
             return base[: -len(suffix)]
     return base
@@ -68,34 +72,86 @@ def has_braces(text: str) -> bool:
     return m is not None and (".." in m.group(1) or "," in m.group(1))
 
 
+MAX_BRACE_NAMES = 100_000  # names one brace pattern may stand for (all its groups multiplied)
+
+
+def _brace_values(body: str) -> tuple[int, object] | None:
+    """A group's size and a function yielding its values lazily; None: not a group."""
+    r = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if r:
+        a, b = r.group(1), r.group(2)
+        lo, hi = int(a), int(b)
+        width = max(len(a), len(b)) if (a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0")) else 0
+        step = 1 if hi >= lo else -1
+        return abs(hi - lo) + 1, lambda: (str(n).zfill(width) for n in range(lo, hi + step, step))
+    if "," in body:
+        values = body.split(",")
+        return len(values), lambda: iter(values)
+    return None
+
+
+def _brace_groups(text: str) -> list:
+    """``text`` cut at its groups: literal strings and (size, values) pairs, in order."""
+    pieces: list = []
+    at = 0
+    for m in _BRACE.finditer(text):
+        group = _brace_values(m.group(1))
+        if group is None:
+            continue  # kept as it is
+        pieces.append(text[at:m.start()])
+        pieces.append(group)
+        at = m.end()
+    pieces.append(text[at:])
+    return pieces
+
+
+def count_braces(text: str) -> int:
+    """How many names ``text`` expands to (the product of its groups' sizes), without expanding."""
+    n = 1
+    for piece in _brace_groups(text):
+        if not isinstance(piece, str):
+            n *= piece[0]
+    return n
+
+
+def check_braces(text: str) -> None:
+    """Refuse a pattern standing for more than :data:`MAX_BRACE_NAMES` names, before any is made."""
+    n = count_braces(text)
+    if n > MAX_BRACE_NAMES:
+        from .errors import UsageError
+
+        raise UsageError(
+            f"the brace pattern {text!r} stands for {n:,} names; the limit is {MAX_BRACE_NAMES:,} names",
+            hint="name a folder of shards, a glob, or a list of files with files_from instead",
+            params=["files_from"])
+
+
+def iter_braces(text: str) -> Iterator[str]:
+    """The names of :func:`expand_braces`, one at a time (bounded memory), after :func:`check_braces`."""
+    check_braces(text)
+    pieces = _brace_groups(text)
+
+    def walk(i: int, prefix: str) -> Iterator[str]:
+        if i == len(pieces):
+            yield prefix
+            return
+        piece = pieces[i]
+        if isinstance(piece, str):
+            yield from walk(i + 1, prefix + piece)
+            return
+        for value in piece[1]():  # as bash: the first group varies slowest
+            yield from walk(i + 1, prefix + value)
+
+    return walk(0, "")
+
+
 def expand_braces(text: str) -> list[str]:
     """``a{00..02}.tar`` -> ``a00.tar a01.tar a02.tar``; ``{x,y}`` -> ``x y``; several groups
     multiply, left to right. A numeric range keeps the zero padding of its bounds (the
-    wider of the two); a group that is neither (``{}``, ``{a..b}``) is kept as it is."""
-    for m in _BRACE.finditer(text):
-        body = m.group(1)
-        head, tail = text[: m.start()], text[m.end():]
-        r = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-        if r:
-            a, b = r.group(1), r.group(2)
-            lo, hi = int(a), int(b)
-            width = max(len(a), len(b)) if (a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0")) else 0
-            step = 1 if hi >= lo else -1
-            if abs(hi - lo) > 10_000_000:
-                from .errors import UsageError
-
-                raise UsageError(f"the brace range {{{body}}} is too large (more than 10,000,000 names)")
-            values = [str(n).zfill(width) for n in range(lo, hi + step, step)]
-        elif "," in body:
-            values = body.split(",")
-        else:
-            continue
-        out: list[str] = []
-        rests = expand_braces(tail)
-        for v in values:  # as bash: the first group varies slowest
-            out.extend(head + v + rest for rest in rests)
-        return out
-    return [text]
+    wider of the two); a group that is neither (``{}``, ``{a..b}``) is kept as it is. A
+    pattern standing for more than :data:`MAX_BRACE_NAMES` names (all groups multiplied) is
+    a ``UsageError`` before any name is made; :func:`iter_braces` yields them lazily."""
+    return list(iter_braces(text))
 
 
 # -- samples ------------------------------------------------------------------
@@ -125,26 +181,90 @@ def _kind(member: tarfile.TarInfo) -> str | None:
     return "not a regular file"
 
 
-def _megabytes(n: int) -> str:
+def megabytes(n: int) -> str:
     from .images import _megabytes as mb
 
     return mb(n)
 
 
 class _Sample:
-    def __init__(self, key: str):
+    def __init__(self, key: str, position: int, repeated: bool):
         self.key = key
+        self.position = position  # the index of its first member in the tar
+        self.repeated = repeated  # its key came earlier in this shard (not adjacent)
         self.data: dict[str, bytes] = {}  # extension -> bytes (the members we keep)
         self.names: dict[str, str] = {}  # extension -> member name
         self.problems: dict[str, str] = {}  # extension -> why it was not read
         self.members: list[str] = []
+        self.reserved = 0  # bytes taken from the read-ahead budget for this sample
+
+
+# Sample bytes alive at once (read from the tars but not yet done with), all shards together.
+MAX_INFLIGHT_BYTES = 512 * 1024 * 1024
+_WAIT_RELEASE = 0.25  # seconds the reader waits for bytes to be given back before it reads on anyway
+
+
+class ByteBudget:
+    """The read-ahead of tar samples, bounded by the bytes they hold, not by their count.
+
+    The reader ``take``s a member's size (from its header) before reading its data, and
+    the bytes are given back when the sample's item is garbage (``weakref.finalize``):
+    so what is counted is what is alive anywhere (queued, decoding, in a batch). A
+    member that does not fit waits until bytes are given back; when none are for
+    ``_WAIT_RELEASE`` seconds, the consumer is waiting for the reader (it holds only
+    finished items), and the member is read anyway: the budget never deadlocks a run,
+    and memory stays near ``limit`` plus about one member."""
+
+    def __init__(self, limit: int | None = None):
+        import threading
+
+        self._limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @property
+    def limit(self) -> int:
+        return self._limit if self._limit is not None else MAX_INFLIGHT_BYTES
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                if not self._cond.wait(_WAIT_RELEASE):
+                    break  # nothing given back: the pipeline waits for us
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Records why ``tarfile`` stopped: end-of-archive blocks, or the data just ending."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:  # a zero block: the archive's proper end
+            tf.blip2_end = "end"
+            raise
+        except tarfile.EmptyHeaderError:  # no more data where a header should be
+            tf.blip2_end = "cut"
+            raise
+        except tarfile.HeaderError as exc:
+            tf.blip2_end = f"bad header ({exc})"
+            raise
 
 
 class SampleReader:
     """Turns shard items into sample items (other items pass through)."""
 
     def __init__(self, carry: Iterable[str] = (), extensions: Iterable[str] | None = None,
-                 max_image_bytes: int | None = -1, max_carry_bytes: int = MAX_CARRY_BYTES):
+                 max_image_bytes: int | None = -1, max_carry_bytes: int | None = None,
+                 budget: ByteBudget | None = None, image_column: str | None = None):
         from .sources import parse_extensions
 
         self.carry = tuple(carry)
@@ -152,7 +272,10 @@ class SampleReader:
         if not self.image_exts:
             self.image_exts = DEFAULT_EXTENSIONS
         self._max_image = max_image_bytes
-        self.max_carry = max_carry_bytes
+        self.max_carry = MAX_CARRY_BYTES if max_carry_bytes is None else max_carry_bytes
+        self.budget = budget or ByteBudget()
+        self.image_column = image_column  # Parquet inputs: the image-bytes column (None: found by name)
+        self.warned = 0  # carried members that were not carried (too large, a link, ...)
 
     @property
     def max_image(self) -> int | None:
@@ -163,46 +286,67 @@ class SampleReader:
         return self._max_image
 
     def expand(self, items: Iterable[Item]) -> Iterator[Item]:
+        """Shard files (a tar, a Parquet file) become their samples as they are read."""
         for item in items:
             if getattr(item, "tar", False) and item.error is None:
-                yield from self.samples(item.name)
+                yield from self.samples(item.name, found=item.root is not None)
             else:
                 yield item
 
+    def samples(self, path: str, found: bool = False) -> Iterator[Item]:
+        """The samples of one shard file (a tar or a Parquet file), in order. ``found``: it came
+        from a folder or a glob (a Parquet file without an image column is then left out)."""
+        if is_parquet_path(path):
+            return parquet_samples(self, path, found=found)
+        return self.tar_samples(path)
+
     # -- one shard -----------------------------------------------------------
-    def samples(self, path: str) -> Iterator[Item]:
+    def tar_samples(self, path: str) -> Iterator[Item]:
         """The samples of one tar, in order; errors as items that fail (see the module doc)."""
         from .images import ImageError, _open_regular
 
         try:
             fh, _ = _open_regular(path)
         except ImageError as exc:
-            yield self._shard_error(path, f"cannot read this shard: {exc}")
+            yield self.shard_error(path, f"cannot read this shard: {exc}")
             return
         except TypeError:
-            yield self._shard_error(path, "cannot read this shard")
+            yield self.shard_error(path, "cannot read this shard")
             return
         with fh:
             try:
-                tf = tarfile.open(fileobj=fh, mode="r|*")
+                tf = tarfile.open(fileobj=fh, mode="r|*", tarinfo=_TarInfo)
             except (tarfile.TarError, OSError, EOFError) as exc:
-                yield self._shard_error(path, f"not a readable tar file ({exc})")
+                yield self.shard_error(path, f"not a readable tar file ({exc})")
                 return
             sample: _Sample | None = None
+            seen: set[str] = set()  # keys of this shard so far: a repeated one gets its position
             at = 0
+            position = -1
             try:
                 while True:
                     member = tf.next()
                     if member is None:
+                        end = getattr(tf, "blip2_end", "end")
+                        if end != "end":  # every member whole, but the archive's end is missing
+                            if sample is not None:
+                                yield self._item(path, sample)
+                            what = ("no end-of-archive blocks after the last member (cut short?)"
+                                    if end == "cut" else end)
+                            yield self.shard_error(path, f"truncated or corrupt tar at byte {tf.offset}: "
+                                                    f"{what}; the samples before it were read")
+                            return
                         break
                     at = member.offset
+                    position += 1
                     if member.isdir():
                         continue
                     key, ext = split_name(member.name)
                     if sample is None or key != sample.key:
                         if sample is not None:
                             yield self._item(path, sample)
-                        sample = _Sample(key)
+                        sample = _Sample(key, position, key in seen)
+                        seen.add(key)
                     sample.members.append(member.name)
                     ext = ext.lower()
                     is_image = ext in self.image_exts
@@ -218,40 +362,95 @@ class SampleReader:
                     limit = self.max_image if is_image else self.max_carry
                     if limit is not None and member.size > limit:
                         sample.problems[ext] = (f"the member {member.name!r} is too large "
-                                                f"({_megabytes(member.size)}; the limit is {_megabytes(limit)})")
+                                                f"({megabytes(member.size)}; the limit is {megabytes(limit)})")
                         continue
-                    data = tf.extractfile(member).read()
+                    self.budget.take(member.size)
+                    sample.reserved += member.size
+                    sample.data[ext] = _read_member(tf.extractfile(member), member.size)
                     if is_image and member.size > (1 << 20):
-                        problem = _check_head(data)
+                        problem = _check_head(sample.data[ext])
                         if problem:
+                            del sample.data[ext]
                             sample.problems[ext] = problem
                             continue
-                    sample.data[ext] = data
+                    # (no local variable holds the bytes: the sample, then its item, alone do)
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                 # What was read before the break stands; the sample cut in two is dropped.
-                yield self._shard_error(
+                if sample is not None and sample.reserved:
+                    self.budget.give(sample.reserved)
+                yield self.shard_error(
                     path, f"truncated or corrupt tar at byte {at}: {exc}; the samples before it were read")
                 return
             if sample is not None:
                 yield self._item(path, sample)
 
-    def _shard_error(self, path: str, message: str) -> Item:
-        return Item(name=path, source=path, error=message, fields={"shard": path, "key": None,
-                                                                   **{c: None for c in self.carry}})
+    def shard_error(self, path: str, message: str) -> Item:
+        fields = {"shard": path, "key": None, **{carry_field(c): None for c in self.carry}}
+        if self.carry:
+            fields["carry_error"] = None
+        return Item(name=path, source=path, error=message, fields=fields)
+
+    def carry_fields(self, values: dict, problems: dict[str, str], sample_name: str) -> dict:
+        """The ``--carry`` fields of one sample (``carry_error`` says what could not be carried)."""
+        fields: dict = {}
+        lost = []
+        for ext in self.carry:
+            fields[carry_field(ext)] = values.get(ext)
+            if ext in problems:
+                lost.append(f"{ext}: {problems[ext]}")
+        if self.carry:
+            fields["carry_error"] = "; ".join(lost) if lost else None
+        if lost:
+            from . import console
+
+            self.warned += 1
+            if self.warned <= MAX_CARRY_WARNINGS:
+                console.message(f"warning: {sample_name}: not carried: " + "; ".join(lost))
+            elif self.warned == MAX_CARRY_WARNINGS + 1:
+                console.message("warning: more members not carried; each record says why in carry_error")
+        return fields
 
     def _item(self, path: str, sample: _Sample) -> Item:
         fields: dict = {"shard": path, "key": sample.key}
-        for ext in self.carry:
-            fields[ext] = _carried(ext, sample.data.get(ext))
+        carried = {ext: _carried(ext, sample.data.get(ext)) for ext in self.carry}
+        carry_problems = {ext: sample.problems[ext] for ext in self.carry if ext in sample.problems}
+        at = f"@{sample.position}" if sample.repeated else ""  # a key seen before in this shard
+        fields.update(self.carry_fields(carried, carry_problems, f"{path}#{sample.key}{at}"))
+        item = self._make_item(path, sample, fields, at)
+        if sample.reserved:
+            import weakref
+
+            weakref.finalize(item, self.budget.give, sample.reserved)
+        return item
+
+    def _make_item(self, path: str, sample: _Sample, fields: dict, at: str) -> Item:
         for ext in self.image_exts:
             if ext in sample.data:
-                return Item(name=f"{path}#{sample.names[ext]}", source=sample.data[ext], fields=fields)
+                return Item(name=f"{path}#{sample.names[ext]}{at}", source=sample.data[ext], fields=fields)
             if ext in sample.problems:
-                return Item(name=f"{path}#{sample.names[ext]}", source=path, error=sample.problems[ext],
+                return Item(name=f"{path}#{sample.names[ext]}{at}", source=path, error=sample.problems[ext],
                             fields=fields)
         shown = ", ".join(sample.members[:5]) + (", ..." if len(sample.members) > 5 else "")
-        return Item(name=f"{path}#{sample.key}", source=path, fields=fields,
+        return Item(name=f"{path}#{sample.key}{at}", source=path, fields=fields,
                     error=f"no image in this sample (members: {shown}; images are {', '.join(self.image_exts)})")
+
+
+def _read_member(f, size: int) -> bytes:
+    """A member's data in 1 MB reads into a ``BytesIO`` (whose ``getvalue`` hands over its buffer):
+    about one copy of the member at its peak, where ``read()`` of a gzip stream held three and
+    joining the pieces two."""
+    if size <= (1 << 20):
+        return f.read()
+    buffer = io.BytesIO()
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            break
+        buffer.write(chunk)
+        del chunk
+    data = buffer.getvalue()
+    buffer.close()
+    return data
 
 
 def _carried(ext: str, data: bytes | None):
@@ -283,10 +482,25 @@ def _check_head(data: bytes) -> str | None:
 
 
 # -- options ------------------------------------------------------------------
-def parse_carry(values: Iterable[str] | None) -> tuple[str, ...]:
-    """``["txt,json"]`` -> ``("txt", "json")``; refuses names that are record fields."""
-    from .errors import UsageError
+CARRY_PREFIX = "source_"  # a carried name that is a record field or a setting lands under source_<name>
+
+
+def _taken_names() -> frozenset:
     from .resume import record_fields
+    from .tasks import settings_keys
+
+    return frozenset({*record_fields(), *settings_keys(), "carry", "carry_error"})
+
+
+def carry_field(name: str) -> str:
+    """The record field a carried member or column goes to: its own name, or ``source_<name>``
+    when that is a record field or a setting (img2dataset's ``caption``: ``source_caption``)."""
+    return CARRY_PREFIX + name if name in _taken_names() else name
+
+
+def parse_carry(values: Iterable[str] | None) -> tuple[str, ...]:
+    """``["txt,json"]`` -> ``("txt", "json")`` (member extensions or Parquet columns)."""
+    from .errors import UsageError
 
     out: list[str] = []
     for value in values or ():
@@ -295,12 +509,15 @@ def parse_carry(values: Iterable[str] | None) -> tuple[str, ...]:
             if not part:
                 continue
             if not re.fullmatch(r"[a-z0-9_][a-z0-9_.-]*", part):
-                raise UsageError(f"carry={part!r} is not a member extension (e.g. txt, json, cls)", params=["carry"])
-            if part in record_fields() or part in ("carry",):
-                raise UsageError(f"carry={part!r}: a record already has a field {part!r}",
-                                 hint="carry other members (txt, json, cls, ...)", params=["carry"])
+                raise UsageError(f"carry={part!r} is not a member extension or a column name "
+                                 "(e.g. txt, json, cls, url)", params=["carry"])
             if part not in out:
                 out.append(part)
+    fields = [carry_field(p) for p in out]
+    for name, field_name in zip(out, fields):
+        if field_name != name and field_name in out:
+            raise UsageError(f"carry={name!r} lands under {field_name!r} (a record already has a field "
+                             f"{name!r}), which is carried as well", params=["carry"])
     return tuple(out)
 
 
@@ -319,9 +536,227 @@ def with_fields(item: Item, **fields) -> Item:
     return replace(item, fields={**(item.fields or {}), **fields})
 
 
-def configure(job, carry, ext) -> None:
-    """The command's --carry and --ext for shard inputs; --carry is a setting of the run."""
+def configure(job, carry, ext, image_column: str | None = None) -> None:
+    """The command's --carry, --ext and --image-column for shard inputs (tars, Parquet files);
+    --carry is a setting of the run."""
     names = parse_carry(carry)
-    job.samples = SampleReader(carry=names, extensions=ext)
-    if names:
-        job.extra_settings["carry"] = list(names)
+    job.samples = SampleReader(carry=names, extensions=ext, image_column=image_column)
+    if names:  # the fields as records carry them (resume and merge tell them from settings by this)
+        job.extra_settings["carry"] = [carry_field(n) for n in names]
+
+
+# -- Parquet files (img2dataset's --output_format parquet) ------------------------------
+# Parquet files as input: img2dataset's ``--output_format parquet``, read row by row.
+#
+# A Parquet file named as an input, matched by a glob or found in a folder is a
+# *shard file* like a tar (its item has ``tar=True``): ``SampleReader``
+# turns it into one sample per row as the run reads it, so everything that works
+# for tar shards works for it (records with ``shard`` and ``key``, ``--carry``,
+# ``-o DIR/`` with one output per input file, resumable, ``--shard I/N`` by whole
+# files).
+#
+# * The image is the row's bytes in the first column named ``jpg``, ``png``,
+#   ``webp`` or ``image`` (or ``--image-column NAME``); a struct with a ``bytes``
+#   field (a Hugging Face ``Image`` feature) works too. A file without one is an
+#   error record when named explicitly; in a folder or a glob only files with a
+#   binary column are inputs at all (``holds_image_bytes``: blip2's own Parquet
+#   outputs and Hugging Face ``metadata.parquet`` files, beside the images, are
+#   not), and one whose binary column has another name is left out with a note.
+# * ``key``: the row's ``key`` column (img2dataset's), else none; ``path`` is
+#   ``file.parquet#KEY``, or ``file.parquet#ROW`` (the row number, from 0) without
+#   a key; a key seen before in the same file gets ``@ROW`` (unique within the file).
+# * ``--carry caption,url``: those columns (matched without regard to case) copied
+#   into the record; a column whose name is a record field or a setting
+#   (img2dataset's ``caption``) lands under ``source_<name>`` (``source_caption``).
+#   A carried column the file lacks is null, said once on stderr.
+# * Streamed: ``pyarrow``'s ``iter_batches`` reads a few rows at a time (only the
+#   columns needed), never the whole file; the bytes in flight share the tar
+#   reader's budget (``ByteBudget``).
+# * A null image, an image over the size budget, a value that is not bytes: an
+#   error record for that row; a file that cannot be read: one error record naming
+#   it; a read error half-way: the rows before it, then one error record.
+
+IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
+ROWS_PER_READ = 16  # rows converted to Python at a time
+
+
+def is_parquet_path(path: str) -> bool:
+    return path.lower().endswith(PARQUET_SUFFIXES)
+
+
+def find_column(names: list[str], wanted: str) -> str | None:
+    """``wanted`` among ``names``: exactly, else without regard to case."""
+    if wanted in names:
+        return wanted
+    for name in names:
+        if name.lower() == wanted.lower():
+            return name
+    return None
+
+
+def find_image_column(names: list[str], wanted: str | None) -> str | None:
+    if wanted:
+        return find_column(names, wanted)
+    for candidate in IMAGE_COLUMNS:
+        found = find_column(names, candidate)
+        if found is not None:
+            return found
+    return None
+
+
+def open_regular_file(path: str):
+    """A regular file opened for reading; a FIFO, device or socket refused without blocking."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file (a pipe, device or socket is not read)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def holds_image_bytes(path: str) -> bool:
+    """Is ``path`` a Parquet file with a column that can hold image bytes (binary, or a struct with
+    binary ``bytes``)? Only its footer is read. Asked of Parquet files found in folders and by
+    globs: blip2's own outputs (captions, metadata, embeddings) hold none and are not inputs. A
+    file that cannot be read says yes: the reader then makes it an error record."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return True
+    try:
+        with open_regular_file(path) as fh:
+            schema = pq.read_schema(fh)
+    except OSError as exc:
+        return exc.errno != 0  # not a regular file (errno 0, ours): not an input; else report it
+    except Exception:  # noqa: BLE001 - not Parquet after all: the reader says so
+        return True
+
+    def binary(t) -> bool:
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+            return True
+        return pa.types.is_struct(t) and any(binary(t.field(i).type) for i in range(t.num_fields))
+
+    return any(binary(field.type) for field in schema)
+
+
+def _plain(value):
+    """A carried value as JSON can hold it (bytes as text, dates and decimals as strings)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def parquet_samples(reader, path: str, found: bool = False) -> Iterator[Item]:
+    """The rows of one Parquet file as sample items (see the module doc).
+
+    ``reader``: the ``webdataset.SampleReader`` (carry, size limits, byte budget,
+    image column); ``found``: the file came from a folder or a glob, not by name."""
+    from . import console
+
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        yield reader.shard_error(path, "reading Parquet files needs pyarrow: pip install pyarrow")
+        return
+    try:
+        fh = open_regular_file(path)
+    except OSError as exc:
+        yield reader.shard_error(path, f"cannot read this Parquet file: {exc.strerror or exc}")
+        return
+    with fh:
+        try:
+            # buffered reads of each column chunk (not the whole chunk at once): img2dataset writes
+            # a shard as one row group; this streams its pages (a 180 MB one: 82 MB, not 255 MB, at
+            # the first rows)
+            pf = pq.ParquetFile(fh, buffer_size=1 << 20, pre_buffer=False)
+            names = list(pf.schema_arrow.names)
+        except Exception as exc:  # noqa: BLE001 - pyarrow's errors vary; the file is the problem
+            yield reader.shard_error(path, f"not a readable Parquet file ({type(exc).__name__}: {exc})")
+            return
+        column = find_image_column(names, reader.image_column)
+        if column is None:
+            wanted = reader.image_column or ", ".join(IMAGE_COLUMNS)
+            if found:
+                console.message(f"note: {path} left out: a Parquet file without an image column ({wanted})")
+                return
+            yield reader.shard_error(
+                path, f"no image column in this Parquet file (looked for {wanted}; it has "
+                f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''}); name it with image_column (--image-column on the command line)")
+            return
+        key_column = find_column(names, "key")
+        carried = {c: find_column(names, c) for c in reader.carry}
+        missing = [c for c, col in carried.items() if col is None]
+        if missing:
+            console.message(f"warning: {path} has no column {', '.join(missing)} to carry (null in its records)")
+        columns = list(dict.fromkeys([column, *([key_column] if key_column else []),
+                                      *(c for c in carried.values() if c)]))
+        seen: set[str] = set()
+        row = 0
+        limit = reader.max_image
+        try:
+            for batch in pf.iter_batches(batch_size=ROWS_PER_READ, columns=columns):
+                data = batch.to_pydict()
+                del batch
+                for i in range(len(data[column])):
+                    value = data[column][i]
+                    data[column][i] = None  # the batch's copy goes as soon as the item holds it
+                    key = data[key_column][i] if key_column else None
+                    key = None if key is None else str(key)
+                    item = _row_item(reader, path, row, key, value, seen, limit,
+                                     {c: (data[col][i] if col else None) for c, col in carried.items()},
+                                     carry_field)
+                    value = None  # the item alone holds the bytes while it is out
+                    yield item
+                    item = None
+                    row += 1
+        except Exception as exc:  # noqa: BLE001 - a damaged page or row group: the rows before it stand
+            yield reader.shard_error(
+                path, f"cannot read this Parquet file after row {row} ({type(exc).__name__}: {exc}); "
+                "the rows before it were read")
+
+
+def _row_item(reader, path, row, key, value, seen, limit, carried, carry_field) -> Item:
+    ident = key if key is not None else str(row)
+    name = f"{path}#{ident}" + (f"@{row}" if key is not None and key in seen else "")
+    if key is not None:
+        seen.add(key)
+    fields: dict = {"shard": path, "key": key}
+    problems = {}
+    for c, v in carried.items():  # the carried member limit holds for columns too
+        if isinstance(v, (str, bytes, bytearray)) and len(v) > reader.max_carry:
+            problems[c] = f"the column {c!r} is too large here ({megabytes(len(v))}; the limit is " \
+                f"{megabytes(reader.max_carry)})"
+    fields.update(reader.carry_fields({c: None if c in problems else _plain(v) for c, v in carried.items()},
+                                      problems, name))
+    if isinstance(value, dict):  # a Hugging Face Image feature: {"bytes": ..., "path": ...}
+        value = value.get("bytes")
+    if value is None:
+        return Item(name=name, source=path, fields=fields, error="no image in this row (its image column is null)")
+    if isinstance(value, str):
+        return Item(name=name, source=path, fields=fields,
+                    error="the image column holds text, not image bytes (a path or URL is not fetched)")
+    if not isinstance(value, (bytes, bytearray)):
+        return Item(name=name, source=path, fields=fields,
+                    error=f"the image column holds {type(value).__name__}, not image bytes")
+    if limit is not None and len(value) > limit:
+        return Item(name=name, source=path, fields=fields,
+                    error=f"the image is too large ({megabytes(len(value))}; the limit is {megabytes(limit)})")
+    size = len(value)
+    reader.budget.take(size)
+    item = Item(name=name, source=bytes(value), fields=fields)
+    import weakref
+
+    weakref.finalize(item, reader.budget.give, size)
+    return item

@@ -82,6 +82,7 @@ def test_shards_then_merge_and_missing_inputs(tiny_opt, many, tmp_path, single_r
         assert "blip2 merge" in res.stderr
     res = cli("merge", out)
     assert res.exit_code == 1 and "8 of 24 inputs have no record yet" in res.stderr
+    assert not (out / "captions.jsonl").exists()  # nothing partial under the final name
     res = cli("caption", many, "--model", tiny_opt, "-o", out, "--shard", "1/3", *GEN)
     assert res.exit_code == 0
     res = cli("merge", out)
@@ -225,3 +226,13 @@ def test_three_shards_in_parallel_then_merge(tiny_opt, many, tmp_path, single_ru
     assert merged.returncode == 0, merged.stderr
     assert essence(records(out / "captions.jsonl")) == essence(single_run)
 
+
+
+def test_an_empty_shard_slice_says_which(tiny_opt, example_images, tmp_path):
+    """Issue 19: one input in two slices: slice 0/2 is empty, and says so (exit 0)."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(example_images[0], folder / "a.png")
+    res = cli("caption", folder, "--model", tiny_opt, "-o", tmp_path / "out", "--shard", "0/2", *GEN)
+    assert res.exit_code == 0, res.output
+    assert "--shard 0/2 holds no inputs" in res.stderr

@@ -514,8 +514,20 @@ def test_streaming_merge_gives_the_same_output(tmp_path, command):
         (parts.parts / f"part-{shard:05d}-of-00003.jsonl").write_text(body, encoding="utf-8")
     want, want_missing = reference_merge(names, part_lines, RECORD_KEYS[command])
     written, missing = parts.merge(RECORD_KEYS[command])
-    assert parts.final.read_text(encoding="utf-8") == want
+    # inputs missing: they are named, and nothing is written under the final name (issue 19)
+    assert not parts.final.exists() and written == 0
     assert missing == want_missing and names[-5:] == missing[-5:]
+    assert sorted(p.name for p in parts.parts.iterdir() if p.name.startswith(".")) == []  # no temporary files
+    # the missing inputs' records arrive in one more part: the in-memory merge's output exactly
+    late = [json.dumps({"path": name, "caption": "late", **settings, "error": None,
+                        **({"question": "what?"} if command == "ask" else {})}, ensure_ascii=False) + "\n"
+            for name in want_missing]
+    (parts.parts / "part-00003-of-00004.jsonl").write_text("".join(late), encoding="utf-8")
+    part_lines.append(late)
+    want, want_missing = reference_merge(names, part_lines, RECORD_KEYS[command])
+    written, missing = parts.merge(RECORD_KEYS[command])
+    assert parts.final.read_text(encoding="utf-8") == want
+    assert missing == want_missing == []
     assert written == want.count("\n")
     assert sorted(p.name for p in parts.parts.iterdir() if p.name.startswith(".")) == []  # no temporary files
 
@@ -550,7 +562,15 @@ def test_merge_copies_lines_as_bytes_only_when_they_are_what_it_would_write(tmp_
         part_lines.append(lines)
         (parts.parts / f"part-{shard:05d}-of-00002.jsonl").write_bytes(
             "".join(lines).encode("utf-8", "surrogateescape"))
+    # every input needs a record for merge to write the file (issue 19): the rest in a last part
+    _, absent = reference_merge(names, part_lines, RECORD_KEYS[command])
+    late = [spellings[i % len(spellings)]({"path": name, "caption": "late", **settings, "error": None,
+                                           **({"question": "what?"} if command == "ask" else {})}) + "\n"
+            for i, name in enumerate(absent)]
+    part_lines.append(late)
+    (parts.parts / "part-00002-of-00003.jsonl").write_bytes("".join(late).encode("utf-8", "surrogateescape"))
     want, want_missing = reference_merge(names, part_lines, RECORD_KEYS[command])
     written, missing = parts.merge(RECORD_KEYS[command])
+    assert absent and want_missing == []
     assert parts.final.read_bytes() == want.encode("utf-8", "surrogateescape")
     assert missing == want_missing and written == want.count("\n")

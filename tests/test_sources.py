@@ -146,3 +146,73 @@ def test_streaming_stdin_yields_before_eof(tree):
 
     it = InputResolver(stdin=Slow()).resolve(["-"])
     assert next(it).name == str(tree / "b.jpg")
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupt_while_waiting_for_paths_on_stdin_exits_cleanly(tiny_opt, example_images, sig, code):
+    """Issue 19 #14: the source thread blocked reading stdin (a terminal) made Python abort at
+    shutdown ("Fatal Python error: _enter_buffered_busy", exit 134). It reads with os.read now."""
+    import pty
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    master, slave = pty.openpty()  # a terminal, as when the user types paths (a pipe does not show it)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blip2cli", "caption", "-", "--model", str(tiny_opt), "--max-new-tokens", "2",
+         "--num-beams", "1", "-f", "jsonl", "--quiet"],
+        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    try:
+        os.write(master, f"{example_images[0]}\n".encode())
+        line = proc.stdout.readline()  # its record: the run now waits for more paths
+        assert b'"caption' in line
+        time.sleep(0.3)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert b"Fatal Python error" not in err, err.decode()
+    assert proc.returncode == code, err.decode()
+
+
+def test_ask_with_the_question_forgotten_is_refused(example_images):
+    """Issue 19: `blip2 ask a.jpg b.png` asked "b.png" of a.jpg, exit 0."""
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+
+    a, b = str(example_images[0]), str(example_images[1])
+    res = CliRunner().invoke(app, ["ask", a, b, "--model", "nowhere"])
+    assert res.exit_code == 2, res.output
+    assert "question is missing" in res.output and "your question" in res.output
+
+
+def test_named_inputs_without_images_exit_2(tiny_opt, tmp_path):
+    """Issue 19: "no images found in the inputs" was exit 0 for named inputs."""
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    res = CliRunner().invoke(app, ["caption", str(tmp_path / "empty"), "--model", str(tiny_opt)])
+    assert res.exit_code == 2, res.output
+    assert "no images found in the inputs" in res.output
+    res = CliRunner().invoke(app, ["caption", "-", "--model", str(tiny_opt)], input="")
+    assert res.exit_code == 0, res.output  # an empty stdin is no usage error
+
+
+def test_model_not_in_the_cache_points_to_tiny_checkpoint(tmp_path):
+    """Issue 19: the offline "not in the local cache" error says how to try blip2 without a download."""
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+
+    res = CliRunner().invoke(app, ["caption", str(tmp_path), "--model", "Salesforce/blip2-not-cached", "--offline"])
+    assert res.exit_code == 2
+    assert "blip2 tiny-checkpoint" in res.stderr

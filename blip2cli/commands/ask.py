@@ -64,6 +64,7 @@ def ask(
     loading: o.Bundle = o.LOADING,
     src: o.Bundle = o.SOURCES,
     carry: o.Carry = None,
+    image_column: o.ImageColumn = None,
     dec: o.Bundle = o.DECODING.but(max_new_tokens=(o.MaxNewTokens, ASK_MAX_NEW_TOKENS),
                                     min_new_tokens=(o.MinNewTokens, ASK_MIN_NEW_TOKENS)),
     num_answers: Annotated[
@@ -138,7 +139,7 @@ def ask(
         job.fmt = "jsonl"
     from ..webdataset import configure
 
-    configure(job, carry, src.ext)
+    configure(job, carry, src.ext, image_column)
     job.check()
     from ..failedlist import wrapper as failed_wrapper
 
@@ -189,12 +190,27 @@ def gather_questions(arguments: list[str], flags: list[str], questions_file: str
             f"{inputs[-1]!r} is not a file: with -q or --questions-file, every argument is an input",
             hint=f"pass that question with -q too: -q {inputs[-1]!r}",
         )
+    if positional is not None and inputs and os.path.isfile(positional) and _is_image_name(positional):
+        # `blip2 ask a.jpg b.png`: the question was forgotten and b.png would be asked of a.jpg.
+        raise UsageError(
+            f"the last argument {positional!r} is an image file, taken as the question: the question is missing",
+            hint=f'blip2 ask {" ".join(inputs)} {positional} "your question"   (or -q QUESTION)',
+        )
     if not others and not files_from and len(arguments) == 1 and os.path.exists(arguments[0]):
         raise UsageError(
             f"{arguments[0]!r} was taken as the question, which leaves no inputs",
             hint=f'blip2 ask {arguments[0]} "your question"',
         )
     return inputs, questions
+
+
+def _is_image_name(path: str) -> bool:
+    from ..sources import DEFAULT_EXTENSIONS, PARQUET_SUFFIXES
+    from ..webdataset import is_shard_path
+
+    lower = path.lower()
+    return (lower.rsplit(".", 1)[-1] in DEFAULT_EXTENSIONS or is_shard_path(lower)
+            or lower.endswith(PARQUET_SUFFIXES))
 
 
 def _looks_like_input(arg: str) -> bool:

@@ -35,6 +35,7 @@ def caption(
     loading: o.Bundle = o.LOADING,
     src: o.Bundle = o.SOURCES,
     carry: o.Carry = None,
+    image_column: o.ImageColumn = None,
     prompt: Annotated[
         Optional[str],
         typer.Option(metavar="TEXT", rich_help_panel=o.GENERATION, help='Text the caption continues, e.g. "a photo of".'),
@@ -93,7 +94,7 @@ def caption(
     from .. import metadata as hf_metadata
     from ..webdataset import configure, refuse_with_shards
 
-    configure(job, carry, src.ext)
+    configure(job, carry, src.ext, image_column)
     job.check()
     job.wrappers += [w for w in (
         hf_metadata.for_run(inputs, wanted=metadata, fmt=metadata_format, several=gen.num_captions > 1,

@@ -17,6 +17,7 @@ from ..errors import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_ITEMS_FAILED,
+    EXIT_USAGE,
     EXIT_OK,
     Blip2Error,
     Interrupted,
@@ -262,11 +263,24 @@ def finish(result, *, output: Path | None, quiet: bool, job=None, fmt: str | Non
         console.message(f"{stats.failed} of {stats.total} images failed; "
                         + _failures_where(output, fmt, sidecar, parts))
         raise typer.Exit(EXIT_ITEMS_FAILED)
+    lost = getattr(getattr(job, "samples", None), "warned", 0)  # --carry members not carried
+    if lost:
+        console.message(f"{lost} samples lost a --carry member (too large, a link, ...): "
+                        "their records say which in carry_error")
+        raise typer.Exit(EXIT_ITEMS_FAILED)
     if (stats is None or stats.total == 0) and not (
         getattr(result, "skipped_existing", 0) or getattr(result, "resumed", 0)
         or getattr(result, "merged", None)
     ):
-        console.message("no images found in the inputs")
+        shard = getattr(job, "shard", None)
+        if shard is not None:  # --shard I/N: this slice of the inputs holds nothing
+            console.message(f"the slice --shard {shard} holds no inputs (fewer inputs than slices?)")
+        elif getattr(job, "tar_inputs", None) is not None:  # named inputs (not stdin) without an image
+            console.message("no images found in the inputs: name image files, folders holding images "
+                            "(see --ext, --recursive), tar shards or Parquet files")
+            raise typer.Exit(EXIT_USAGE)
+        else:
+            console.message("no images found in the inputs")
     elif stats is None or stats.total == 0:
         console.message("nothing left to do")
     elif not quiet:

@@ -122,6 +122,7 @@ def embed(
     loading: o.Bundle = o.RETRIEVAL_LOADING,
     src: o.Bundle = o.SOURCES,
     carry: o.Carry = None,
+    image_column: o.ImageColumn = None,
     fmt: Annotated[
         Optional[EmbedFormat],
         typer.Option("--format", "-f", metavar=o.choices(EmbedFormat), rich_help_panel=o.OUTPUT, case_sensitive=False,
@@ -198,7 +199,7 @@ def embed(
     )
     from ..webdataset import configure
 
-    configure(job, carry, src.ext)
+    configure(job, carry, src.ext, image_column)
     job.check()
     from ..failedlist import wrapper as failed_wrapper
 
