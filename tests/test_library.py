@@ -305,7 +305,7 @@ def test_import_is_light_and_names_resolve_lazily():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    assert got == {"before": [], "after": [], "dir": True, "image_error": "blip2cli.images"}
+    assert got == {"before": [], "after": [], "dir": True, "image_error": "blip2cli.decode"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         blip2cli.nope  # noqa: B018
 
