@@ -248,7 +248,7 @@ def _questions(questions: str | Sequence[str]) -> tuple[bool, list[str]]:
     if not single and (isinstance(questions, (bytes, bytearray)) or not isinstance(questions, Iterable)):
         raise OptionError(f"questions must be a string or a list of strings (got {questions!r})",
                           params=["questions"])
-    listed = [questions] if single else list(questions)  # type: ignore[list-item]
+    listed: list = [questions] if single else list(questions)
     if not listed:
         raise OptionError("questions is empty: ask at least one question", params=["questions"])
     for q in listed:
@@ -380,7 +380,7 @@ class Model:
         captions: list[list[str]] = []
         for prepared in self._batches(task.stage, listed, size):
             captions += task.run_batch(prepared)
-        out = [c if num_captions > 1 else c[0] for c in captions]
+        out: list[Any] = [c if num_captions > 1 else c[0] for c in captions]
         return out[0] if single else out
 
     # -- ask ---------------------------------------------------------------------------
