@@ -17,13 +17,17 @@ The same core the commands run, called directly::
   the commands' own tasks (``CaptionTask``, ``AskTask``, ``Asker``,
   ``ChatSession``, ``Embedder``) a batch at a time: for the same options the
   tokens are the CLI's, which equal transformers' documented per-image usage;
-* the ``*_files`` iterators run the CLI's pipeline (decode thread pool, batching,
-  CUDA out-of-memory back-off) and yield the CLI's JSON Lines records as dicts,
-  error records included.
+* the ``*_files`` iterators and ``Model.caption_records`` / ``ask_records`` /
+  ``embed_records`` (in-memory images, ``ids``) run the CLI's pipeline (decode
+  thread pool, batching, CUDA out-of-memory back-off) and yield the CLI's JSON
+  Lines records as dicts, one per item in order, a bad image an error record;
+  ``record_schema`` is their pyarrow schema, as ``--format parquet`` writes it;
+* a good guest: nothing here changes the host's logging, warnings filters or
+  environment; ``quiet()`` opts in to the CLI's quiet.
 
-Errors are ordinary exceptions that name parameters: ``OptionError`` (a
-``ValueError``: ``num_beams must be at least 1``), ``ImageError`` (naming the
-input), ``ModelError``, ``DeviceError``. Nothing here imports typer; torch and
+Errors are ordinary exceptions that name parameters, all ``Blip2Error``s:
+``OptionError`` (a ``ValueError``: ``num_beams must be at least 1``),
+``ImageError`` (naming the input), ``ModelError``, ``DeviceError``. Nothing here imports typer; torch and
 transformers are imported by the first ``load()``.
 """
 
