@@ -139,7 +139,7 @@ def test_a_bad_item_of_any_kind_is_an_error_record(model, example_images):
 
 
 def test_records_can_stop_early(model, example_images):
-    for record in model.caption_records([str(p) for p in example_images], num_beams=1, max_new_tokens=3,
+    for record in model.caption_records([str(p) for p in example_images], num_beams=1, max_new_tokens=3,  # noqa: B007
                                         batch_size=1):
         break
     assert record["caption"]
