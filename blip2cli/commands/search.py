@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,8 +12,8 @@ from .. import console
 from .. import options as o
 from .common import check_output_path, handles_errors, no_html, resolve_items
 from ..choices import Features
-from ..embed import EmbedTask, model_key
-from ..embedstore import embed_into_store, store_settings, store_summary
+from ..embed import EmbedTask
+from ..embedstore import store_settings
 from .embed import FeaturesOpt, load_for_features
 
 SEARCH_PANEL = "Search"
@@ -32,28 +31,63 @@ Examples:
 """
 
 
-def _rerank(hits, store, query: str, task: EmbedTask, embedder, batch_size: int) -> dict[int, float | None]:
-    """ITM match probability for each hit (decoded again from its file); None if it cannot be read."""
-    from ..decode import ImageError
+def _split_arguments(arguments, image) -> tuple[str | None, list[str]]:
+    """(the query text, the image inputs) of the positional arguments."""
+    from ..errors import UsageError
 
-    probs: dict[int, float | None] = {}
-    for start in range(0, len(hits), batch_size):
-        chunk = hits[start:start + batch_size]
-        prepared, rows = [], []
-        for hit in chunk:
-            entry = store.entries[hit.row]
-            try:
-                prepared.append(task._decode(entry.abspath))
-                rows.append(hit.row)
-            except ImageError as exc:
-                console.message(f"{entry.path}: cannot re-score it with ITM: {exc}")
-                probs[hit.row] = None
-        if not prepared:
-            continue
-        vision = embedder.encode_images(task.pixels(prepared))
-        itm = embedder.itm_probabilities(vision.last_hidden_state, [query] * len(rows))
-        probs.update({row: float(p) for row, p in zip(rows, itm.tolist())})
-    return probs
+    args = list(arguments or [])
+    if image is not None:
+        return None, args
+    if not args:
+        raise UsageError("no query: give a text to search for, or --image FILE",
+                         hint='blip2 search "a cat on a sofa" photos/')
+    return args[0], args[1:]
+
+
+def _check_flags(query, *, have_images: bool, index, top_k: int, rerank, ann: bool) -> None:
+    """Refuse the combinations of flags that cannot run (before any model is loaded)."""
+    from ..errors import UsageError
+    from ..store import VectorStore, is_store_path
+
+    if rerank is not None and query is None:
+        raise UsageError("--rerank scores a text against images; it does not apply to --image",
+                         hint="drop --rerank")
+    if rerank is not None and rerank < top_k:
+        raise UsageError(f"--rerank {rerank} is less than -k {top_k}: the re-scored results are the ones printed",
+                         hint=f"use --rerank {top_k} or more, or a smaller -k")
+    if index is not None and not is_store_path(index):
+        raise UsageError(f"--index {index}: not a vector store (a folder written by blip2 embed -o "
+                         "NAME.safetensors, holding blip2-store.json)", hint="name what blip2 embed -o wrote")
+    if ann and (index is None or have_images or rerank is not None):
+        raise UsageError("--ann searches a whole vector store: give --index, without images or --rerank",
+                         hint='blip2 search "a cat" --index vectors.safetensors --ann')
+    if not have_images and index is None:
+        raise UsageError("nothing to search: name images (files, folders, globs, -) or a vector store with --index",
+                         hint='blip2 search "a cat" photos/   or   blip2 search "a cat" --index vectors.safetensors')
+    if index is not None and not have_images:
+        opened = VectorStore.open(index)  # raises if there is no store to search
+        empty = opened.rows == 0
+        opened.close()
+        if ann and empty:
+            from ..storefiles import StoreError
+
+            raise StoreError(f"the vector store {str(index)!r} is empty: there is nothing to search",
+                             hint=f"embed images into it first: blip2 embed PHOTOS -o {index}")
+
+
+def _write(records, fmt_name: str, output) -> None:
+    from ..embed import search_schema
+    from ..writers import Sink, make_writer
+
+    out = Sink(str(output) if output is not None else None)
+    stream = out.open()
+    try:
+        writer = make_writer(fmt_name, stream, search_schema())
+        for record in records:
+            writer.write(record)
+        writer.close()
+    finally:
+        out.close()
 
 
 @handles_errors
@@ -112,46 +146,13 @@ def search(
     query embeddings of the dot product with the text embedding) or to an image
     (--image: cosine of the mean-pooled embeddings). The model defaults to the one
     that built --index, else Salesforce/blip2-itm-vit-g."""
-    import tempfile
+    from ..embed import Embedder
+    from ..errors import InputError
+    from ..retrieval import search_images
 
-    from ..embed import Embedder, pooled_query, search_schema
-    from ..errors import InputError, UsageError
-    from ..decode import ImageError
-    from ..store import StoreMeta, StoreUpdate, VectorStore, is_store_path, top_k as store_top_k
-
-    args = list(arguments or [])
-    if image is None:
-        if not args:
-            raise UsageError("no query: give a text to search for, or --image FILE",
-                             hint='blip2 search "a cat on a sofa" photos/')
-        query, inputs = args[0], args[1:]
-    else:
-        query, inputs = None, args
-    if rerank is not None and query is None:
-        raise UsageError("--rerank scores a text against images; it does not apply to --image",
-                         hint="drop --rerank")
-    if rerank is not None and rerank < top_k:
-        raise UsageError(f"--rerank {rerank} is less than -k {top_k}: the re-scored results are the ones printed",
-                         hint=f"use --rerank {top_k} or more, or a smaller -k")
+    query, inputs = _split_arguments(arguments, image)
     have_images = bool(inputs or src.files_from)
-    if index is not None and not is_store_path(index):
-        raise UsageError(f"--index {index}: not a vector store (a folder written by blip2 embed -o "
-                         "NAME.safetensors, holding blip2-store.json)", hint="name what blip2 embed -o wrote")
-    if ann and (index is None or have_images or rerank is not None):
-        raise UsageError("--ann searches a whole vector store: give --index, without images or --rerank",
-                         hint='blip2 search "a cat" --index vectors.safetensors --ann')
-    if not have_images and index is None:
-        raise UsageError("nothing to search: name images (files, folders, globs, -) or a vector store with --index",
-                         hint='blip2 search "a cat" photos/   or   blip2 search "a cat" --index vectors.safetensors')
-    if index is not None and not have_images:
-        opened = VectorStore.open(index)  # raises if there is no store to search
-        empty = opened.rows == 0
-        opened.close()
-        if ann and empty:
-            from ..storefiles import StoreError
-
-            raise StoreError(f"the vector store {str(index)!r} is empty: there is nothing to search",
-                             hint=f"embed images into it first: blip2 embed PHOTOS -o {index}")
+    _check_flags(query, have_images=have_images, index=index, top_k=top_k, rerank=rerank, ann=ann)
     model, revision, wanted_features, pool = store_settings(index, loading.model, loading.revision, features.value, None)
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "search")
@@ -172,90 +173,11 @@ def search(
     embedder = Embedder(loaded, wanted_features, pool)
     batch = batch_size or o.default_batch_size(loaded.device.type)
     task = EmbedTask(loaded, embedder, preprocess.value, identity=True)
-
-    if query is not None:
-        qvec, mode = embedder.text_vectors([query])[0].numpy(), "text"
-    else:
-        try:
-            arr = task._decode(str(image))
-        except ImageError as exc:
-            raise InputError(f"cannot read the query image {str(image)!r}: {exc}") from None
-        qvec = pooled_query(embedder.image_vectors(task.pixels([arr]))[0].numpy())
-        mode = "image"
-
-    stats = None
-    with tempfile.TemporaryDirectory(prefix="blip2-search-") as tmp:
-        store_path = index if index is not None else Path(tmp) / "vectors.safetensors"
-        wanted: dict[str, str] | None = None  # abspath -> the name this run gave it
-        if items is not None:
-            wanted = {}
-
-            def remember(stream):
-                for item in stream:
-                    if item.error is None and isinstance(item.source, str):
-                        wanted.setdefault(os.path.abspath(item.source), item.name)
-                    yield item
-
-            meta = StoreMeta(model=model_key(model), revision=revision, features=embedder.features, pool=pool,
-                             dims=embedder.dims, normalized=embedder.normalized)
-            with StoreUpdate(store_path, meta, prune=prune, dtype_given=False) as update:
-                selected = update.select(remember(items))
-                if total is not None:
-                    selected = list(selected)
-                    total = len(selected)
-                stats = embed_into_store(selected, update, task, total=total, batch_size=batch,
-                                         workers=workers or o.default_workers(), quiet=quiet)
-                if index is not None and not quiet:
-                    console.message(store_summary(index, update.stats, stats))
-        store = VectorStore.open(store_path)
-        if index is not None:
-            store.verify()  # rows or paths changed inside a segment: refused, never served
-        rows, names = None, {}
-        if wanted is not None:
-            for abspath, name in wanted.items():
-                row = store.row_of(abspath)
-                if row is not None:
-                    names[row] = name
-            rows = sorted(names)
-        if ann:
-            from .. import ann as ann_search
-
-            if mode == "image" and (len(store.meta.dims) > 1 or not store.meta.normalized):
-                raise UsageError("--ann with --image needs a store of one unit vector per image (--pool mean, "
-                                 "itc features)", hint="drop --ann")
-            hits = ann_search.search(store, ann_search.load_or_build(store, quiet=quiet), qvec, top_k)
-        else:
-            if store.rows >= 10_000_000 and not quiet:
-                console.message(f"exact search over {store.rows:,} rows; --ann is faster (approximate)")
-            hits = store_top_k(store, qvec, rerank or top_k, mode=mode, rows=rows)
-        itm: dict[int, float | None] = {}
-        if rerank is not None:
-            itm = _rerank(hits, store, query, task, embedder, batch)  # type: ignore[arg-type]  # --rerank needs a query
-            hits.sort(key=lambda h: (itm.get(h.row) is None, -(itm.get(h.row) or 0.0), -h.score, h.row))
-        records = []
-        for rank, hit in enumerate(hits[:top_k], 1):
-            prob = itm.get(hit.row) if rerank is not None else None
-            records.append({
-                "rank": rank,
-                "path": names.get(hit.row, store.entries[hit.row].path),
-                "score": prob if rerank is not None else hit.score,
-                "itc": hit.score if mode == "text" else None,
-                "itm": prob,
-            })
-        store.close()
-
-    from ..writers import Sink, make_writer
-
-    schema = search_schema()
-    out = Sink(str(output) if output is not None else None)
-    stream = out.open()
-    try:
-        writer = make_writer(fmt_name, stream, schema)
-        for record in records:
-            writer.write(record)
-        writer.close()
-    finally:
-        out.close()
+    found = search_images(task=task, embedder=embedder, query=query, image=image, index=index, items=items,
+                          total=total, model=model, revision=revision, pool=pool, top_k=top_k, rerank_k=rerank,
+                          ann=ann, prune=prune, batch_size=batch, workers=workers or o.default_workers(), quiet=quiet)
+    _write(found.records, fmt_name, output)
+    stats = found.stats
     if stats is not None and stats.failed:
         console.message(f"{stats.failed} of {stats.total} images failed (see the messages above); "
                         "the others were searched")
