@@ -145,6 +145,126 @@ def _free_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+class _Batcher:
+    """One run's state: the source, the decodes in flight (``lookahead`` of them), the
+    batch being filled and the batch size (halved on CUDA out-of-memory)."""
+
+    def __init__(self, items: Iterable[Item], task: Stage, writer, *, batch_size: int, workers: int,
+                 reporter, queue_size: int):
+        self.task, self.writer, self.reporter = task, writer, reporter
+        self.batch_size = batch_size
+        self.stats = Stats()
+        self.started = time.perf_counter()
+        self.source = _SourceThread(items, maxsize=queue_size)
+        self.lookahead = max(batch_size * 2, workers * 2, 4)
+        self.pool = DecodePool(workers)
+        self.pending: deque[tuple[Item, Future]] = deque()
+        self.batch: list[tuple[Item, Any, str | None]] = []
+        self.ready = 0  # items in ``batch`` that decoded fine
+
+    def top_up(self, block: bool) -> None:
+        while len(self.pending) < self.lookahead:
+            item = self.source.get(block=block)
+            if item is None:
+                return
+            self.pending.append((item, self.pool.submit(_prepare, self.task, item, self.stats)))
+            block = False
+
+    def take_next(self) -> str | None:
+        """Wait for the oldest decode, add it to the batch; returns its error (None if it decoded)."""
+        from .decode import ImageError
+
+        item, future = self.pending.popleft()
+        t0 = time.perf_counter()
+        try:
+            prepared, error = future.result(), None
+        except ImageError as exc:
+            prepared, error = None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not end the run
+            # An interrupt is no Exception (KeyboardInterrupt, errors.Interrupted): it
+            # ends the run from here, and no image is blamed for it.
+            prepared, error = None, f"cannot read this image ({type(exc).__name__}: {exc})"
+        self.stats.stage_seconds["wait_decode"] += time.perf_counter() - t0
+        self.batch.append((item, prepared, error))
+        if error is None:
+            self.ready += 1
+        return error
+
+    def run_model(self, prepared: list) -> list:
+        """On CUDA out-of-memory: halve, retry the same images, keep the size that worked."""
+        try:
+            return self.task.run_batch(prepared)
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if not _is_out_of_memory(exc) or len(prepared) == 1:
+                raise
+        _free_cuda_cache()
+        half = (len(prepared) + 1) // 2
+        if half < self.batch_size:
+            self.batch_size = half
+            self.stats.batch_size_reduced_to = half
+            if self.reporter is not None and hasattr(self.reporter, "note"):
+                self.reporter.note(f"out of GPU memory: batch size reduced to {half}")
+        return self.run_model(prepared[:half]) + self.run_model(prepared[half:])
+
+    def flush(self) -> None:
+        """Run the model on the batch's good images, write every item's records in order."""
+        if not self.batch:
+            return
+        good = [(i, p) for i, (_, p, err) in enumerate(self.batch) if err is None]
+        results: dict[int, Any] = {}
+        if good:
+            t0 = time.perf_counter()
+            outputs = self.run_model([p for _, p in good])
+            took = time.perf_counter() - t0
+            self.stats.stage_seconds["model"] += took
+            self.stats.batch_seconds.append(took)
+            results = {i: out for (i, _), out in zip(good, outputs)}
+        t0 = time.perf_counter()
+        for i, (item, _, err) in enumerate(self.batch):
+            self.write(item, results.get(i), err)
+        self.stats.stage_seconds["write"] += time.perf_counter() - t0
+        self.batch, self.ready = [], 0
+
+    def write(self, item: Item, result: Any, err: str | None) -> None:
+        made = self.task.record(item, result, err)
+        # A task may make several records of one item (ask: one per question).
+        records = made if isinstance(made, list) else [made]
+        failure = None
+        for record in records:
+            self.writer.write(record)  # a writer may set "error" (e.g. a sidecar it could not write)
+            failure = failure or record.get("error")
+        if failure is None:
+            self.stats.done += 1
+        else:
+            self.stats.failed += 1
+            if self.reporter is not None:
+                self.reporter.item_failed(item.name, failure)
+        if self.reporter is not None:
+            self.reporter.advance()
+
+    def loop(self, fail_fast: bool) -> None:
+        while True:
+            self.top_up(block=False)
+            if not self.pending:
+                self.flush()  # the source is slow or done: don't sit on finished work
+                self.top_up(block=True)
+                if not self.pending:
+                    break
+            error = self.take_next()
+            if error is not None and fail_fast:
+                self.flush()
+                break
+            if self.ready >= self.batch_size:
+                self.flush()
+        self.flush()
+
+    def close(self) -> None:
+        for _, future in self.pending:
+            future.cancel()
+        self.pool.shutdown()  # never waits: a decode stuck in a read is left to its daemon thread
+        self.stats.seconds = time.perf_counter() - self.started
+
+
 def run(
     items: Iterable[Item],
     task: Stage,
@@ -156,111 +276,16 @@ def run(
     fail_fast: bool = False,
     queue_size: int = 4096,
 ) -> Stats:
-    """``queue_size``: items the source may read ahead (tar shard samples hold their bytes)."""
-    from .decode import ImageError
-
-    stats = Stats()
-    started = time.perf_counter()
-    source = _SourceThread(items, maxsize=queue_size)
-    lookahead = max(batch_size * 2, workers * 2, 4)
-    pool = DecodePool(workers)
-    pending: deque[tuple[Item, Future]] = deque()
-    batch: list[tuple[Item, Any, str | None]] = []
-    ready = 0  # items in ``batch`` that decoded fine
-
-    def top_up(block: bool) -> None:
-        while len(pending) < lookahead:
-            item = source.get(block=block)
-            if item is None:
-                return
-            pending.append((item, pool.submit(_prepare, task, item, stats)))
-            block = False
-
-    def run_model(prepared: list) -> list:
-        """On CUDA out-of-memory: halve, retry the same images, keep the size that worked."""
-        nonlocal batch_size
-        try:
-            return task.run_batch(prepared)
-        except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if not _is_out_of_memory(exc) or len(prepared) == 1:
-                raise
-        _free_cuda_cache()
-        half = (len(prepared) + 1) // 2
-        if half < batch_size:
-            batch_size = half
-            stats.batch_size_reduced_to = half
-            if reporter is not None and hasattr(reporter, "note"):
-                reporter.note(f"out of GPU memory: batch size reduced to {half}")
-        return run_model(prepared[:half]) + run_model(prepared[half:])
-
-    def flush() -> None:
-        nonlocal batch, ready
-        if not batch:
-            return
-        good = [(i, p) for i, (_, p, err) in enumerate(batch) if err is None]
-        results: dict[int, Any] = {}
-        if good:
-            t0 = time.perf_counter()
-            outputs = run_model([p for _, p in good])
-            took = time.perf_counter() - t0
-            stats.stage_seconds["model"] += took
-            stats.batch_seconds.append(took)
-            results = {i: out for (i, _), out in zip(good, outputs)}
-        t0 = time.perf_counter()
-        for i, (item, _, err) in enumerate(batch):
-            made = task.record(item, results.get(i), err)
-            # A task may make several records of one item (ask: one per question).
-            records = made if isinstance(made, list) else [made]
-            failure = None
-            for record in records:
-                writer.write(record)  # a writer may set "error" (e.g. a sidecar it could not write)
-                failure = failure or record.get("error")
-            if failure is None:
-                stats.done += 1
-            else:
-                stats.failed += 1
-                if reporter is not None:
-                    reporter.item_failed(item.name, failure)
-            if reporter is not None:
-                reporter.advance()
-        stats.stage_seconds["write"] += time.perf_counter() - t0
-        batch, ready = [], 0
-
+    """Run ``task`` over ``items``, writing each item's records to ``writer`` in input order;
+    returns the Stats. ``queue_size``: items the source may read ahead (tar shard samples
+    hold their bytes)."""
+    batcher = _Batcher(items, task, writer, batch_size=batch_size, workers=workers, reporter=reporter,
+                       queue_size=queue_size)
     try:
-        while True:
-            top_up(block=False)
-            if not pending:
-                flush()  # the source is slow or done: don't sit on finished work
-                top_up(block=True)
-                if not pending:
-                    break
-            item, future = pending.popleft()
-            t0 = time.perf_counter()
-            try:
-                prepared, error = future.result(), None
-            except ImageError as exc:
-                prepared, error = None, str(exc)
-            except Exception as exc:  # noqa: BLE001 - one bad image must not end the run
-                # An interrupt is no Exception (KeyboardInterrupt, errors.Interrupted): it
-                # ends the run from here, and no image is blamed for it.
-                prepared, error = None, f"cannot read this image ({type(exc).__name__}: {exc})"
-            stats.stage_seconds["wait_decode"] += time.perf_counter() - t0
-            batch.append((item, prepared, error))
-            item = future = None  # held by the batch only (a failed future's traceback holds the item)
-            if error is None:
-                ready += 1
-            elif fail_fast:
-                flush()
-                break
-            if ready >= batch_size:
-                flush()
-        flush()
+        batcher.loop(fail_fast)
     finally:
-        for _, future in pending:
-            future.cancel()
-        pool.shutdown()  # never waits: a decode stuck in a read is left to its daemon thread
-        stats.seconds = time.perf_counter() - started
-    return stats
+        batcher.close()
+    return batcher.stats
 
 
 # The out-of-memory rule, public for the other batchers (blip2 serve's model thread).
