@@ -15,7 +15,7 @@ completions.
   run alone (their seed is theirs). A full queue is a 503 with ``Retry-After``; a
   CUDA out-of-memory halves the batch and retries the same images, as the
   pipeline does.
-* **The HTTP side** (Starlette on uvicorn, imported by :func:`make_app` only):
+* **The HTTP side** (Starlette on uvicorn, imported only when :func:`make_app` builds the app):
   every error is an OpenAI-style JSON body (``{"error": {"message", "type",
   "param", "code"}}``) with a 4xx status; a body over ``max_body_bytes`` is refused
   while it is read; with an API key every endpoint but ``/health`` needs
@@ -1136,99 +1136,121 @@ def stream_events(completion: dict, *, include_usage: bool) -> list[str]:
     return [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
 
 
-def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
-             on_shutdown: Callable[[], None] | None = None):
-    """The Starlette app around ``server`` (routes, JSON errors, key, limits, log, metrics)."""
-    import contextlib
-    import hmac
+# -- the HTTP side: route handlers (each finds the Server as request.app.state.server) --
 
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from starlette.routing import Route
 
-    config = server.config
+def _error_response(exc: ApiError):
+    from starlette.responses import JSONResponse
 
-    def error_response(exc: ApiError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    async def read_json(request: Request) -> dict:
-        limit = config.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                raise bad_request("the Content-Length header is not a number") from None
-            if declared > limit:
-                raise ApiError(413, f"the request body is larger than the server's limit ({limit} bytes, "
-                               "its max_body_mb)", code="body_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body is larger than the server's limit ({limit} bytes, "
-                               "its max_body_mb)", code="body_too_large")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw:
-            raise bad_request("the request has no body: send a JSON object")
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than the server's limit ({limit} bytes, "
+                    "its max_body_mb)", code="body_too_large")
+
+
+async def _read_json(request, limit: int) -> dict:
+    """The request's JSON object body; refused (413) as soon as it is larger than ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None:
         try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise bad_request("the request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise bad_request("the request body must be a JSON object", code="invalid_json")
-        return body
+            declared = int(length)
+        except ValueError:
+            raise bad_request("the Content-Length header is not a number") from None
+        if declared > limit:
+            raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw:
+        raise bad_request("the request has no body: send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad_request("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    return body
 
-    def endpoint(handler):
-        async def call(request: Request) -> Response:
-            try:
-                body = await read_json(request)
-                answer = await handler(server, body)
-                if isinstance(answer, Streamed):
-                    return StreamingResponse(iter(answer.events), media_type="text/event-stream",
-                                             headers={"Cache-Control": "no-cache"})
-                return JSONResponse(answer)
-            except ApiError as exc:
-                return error_response(exc)
-            except Blip2Error as exc:
-                return error_response(option_error(exc))
-        return call
 
-    async def health(request: Request) -> Response:
-        if server.engine.failed is not None:
-            return JSONResponse({"status": "failed"}, status_code=503)
-        if not server.engine.ready.is_set():
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
-        return JSONResponse({"status": "ok"})
+def _endpoint(handler):
+    """A POST route around ``handler(server, body)``: JSON in, JSON (or events) out, errors as JSON."""
+    async def call(request):
+        from starlette.responses import JSONResponse, StreamingResponse
 
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": config.model_name, "object": "model", "created": 0, "owned_by": "blip2"}]})
+        server = request.app.state.server
+        try:
+            body = await _read_json(request, server.config.max_body_bytes)
+            answer = await handler(server, body)
+            if isinstance(answer, Streamed):
+                return StreamingResponse(iter(answer.events), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            return JSONResponse(answer)
+        except ApiError as exc:
+            return _error_response(exc)
+        except Blip2Error as exc:
+            return _error_response(option_error(exc))
+    return call
 
-    async def info(request: Request) -> Response:
-        model = server.engine.model
-        return JSONResponse({
-            "model": config.model_name, "ready": server.engine.ready.is_set(),
-            "architecture": model.architecture if model is not None else None,
-            "settings": server.settings, "max_body_bytes": config.max_body_bytes,
-            "max_batch_size": config.max_batch_size, "max_queue": config.max_queue,
-        })
 
-    async def metrics(request: Request) -> Response:
-        return PlainTextResponse(server.metrics.render(server.engine.depth, server.engine.ready.is_set()),
-                                 media_type="text/plain; version=0.0.4")
+async def _health(request):
+    from starlette.responses import JSONResponse
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        message = {404: f"no such endpoint: {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return error_response(ApiError(exc.status_code, message, code=kind))
+    engine = request.app.state.server.engine
+    if engine.failed is not None:
+        return JSONResponse({"status": "failed"}, status_code=503)
+    if not engine.ready.is_set():
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return JSONResponse({"status": "ok"})
 
-    async def server_error(request: Request, exc: Exception) -> Response:
-        return error_response(ApiError(500, f"internal error ({type(exc).__name__})", type="server_error"))
+
+async def _models(request):
+    from starlette.responses import JSONResponse
+
+    name = request.app.state.server.config.model_name
+    return JSONResponse({"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "blip2"}]})
+
+
+async def _info(request):
+    from starlette.responses import JSONResponse
+
+    server = request.app.state.server
+    config, model = server.config, server.engine.model
+    return JSONResponse({
+        "model": config.model_name, "ready": server.engine.ready.is_set(),
+        "architecture": model.architecture if model is not None else None,
+        "settings": server.settings, "max_body_bytes": config.max_body_bytes,
+        "max_batch_size": config.max_batch_size, "max_queue": config.max_queue,
+    })
+
+
+async def _metrics(request):
+    from starlette.responses import PlainTextResponse
+
+    server = request.app.state.server
+    return PlainTextResponse(server.metrics.render(server.engine.depth, server.engine.ready.is_set()),
+                             media_type="text/plain; version=0.0.4")
+
+
+async def _http_error(request, exc):
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = {404: f"no such endpoint: {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return _error_response(ApiError(exc.status_code, message, code=kind))
+
+
+async def _server_error(request, exc: Exception):
+    return _error_response(ApiError(500, f"internal error ({type(exc).__name__})", type="server_error"))
+
+
+def _lifespan(on_startup: Callable[[], None] | None, on_shutdown: Callable[[], None] | None):
+    import contextlib
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -1239,26 +1261,36 @@ def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
         finally:
             if on_shutdown is not None:
                 on_shutdown()
+    return lifespan
 
-    routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/chat/completions", endpoint(chat_endpoint), methods=["POST"]),
-        Route("/v1/blip2/info", info, methods=["GET"]),
-        Route("/v1/blip2/caption", endpoint(caption_endpoint), methods=["POST"]),
-        Route("/v1/blip2/ask", endpoint(ask_endpoint), methods=["POST"]),
-        Route("/v1/blip2/embed", endpoint(embed_endpoint), methods=["POST"]),
-        Route("/v1/blip2/score", endpoint(score_endpoint), methods=["POST"]),
+
+def _routes():
+    from starlette.routing import Route
+
+    return [
+        Route("/health", _health, methods=["GET"]),
+        Route("/v1/models", _models, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
+        Route("/v1/chat/completions", _endpoint(chat_endpoint), methods=["POST"]),
+        Route("/v1/blip2/info", _info, methods=["GET"]),
+        Route("/v1/blip2/caption", _endpoint(caption_endpoint), methods=["POST"]),
+        Route("/v1/blip2/ask", _endpoint(ask_endpoint), methods=["POST"]),
+        Route("/v1/blip2/embed", _endpoint(embed_endpoint), methods=["POST"]),
+        Route("/v1/blip2/score", _endpoint(score_endpoint), methods=["POST"]),
     ]
-    handlers: dict[Any, Any] = {HTTPException: http_error, Exception: server_error}
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
-    key = config.api_key.encode() if config.api_key else None
 
-    async def guarded(scope, receive, send):
-        """Key, timing, metrics and the request's log line, around every HTTP request."""
+
+class _Gate:
+    """The ASGI app served: key, the in-flight bound, timing, metrics and the request's log
+    line, around every HTTP request to the Starlette ``app``."""
+
+    def __init__(self, app, server: Server, paths: set[str]):
+        self.app, self.server, self.paths = app, server, paths
+        self.key = server.config.api_key.encode() if server.config.api_key else None
+
+    async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
-            return await app(scope, receive, send)
+            return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = [500]
 
@@ -1268,33 +1300,52 @@ def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
             await send(message)
 
         path = scope.get("path", "")
-        with server.metrics.lock:
-            server.metrics.in_flight += 1
-            crowded = server.metrics.in_flight > config.max_queue and path not in ("/health", "/metrics")
+        metrics = self.server.metrics
+        with metrics.lock:
+            metrics.in_flight += 1
+            crowded = metrics.in_flight > self.server.config.max_queue and path not in ("/health", "/metrics")
         try:
-            if crowded:  # each request in flight may hold a body and decoded images: a bound on memory
-                await error_response(busy("the server is busy (too many requests in flight); try again shortly"))(
-                    scope, receive, send_status)
-            elif key is not None and path != "/health" and not _authorized(scope, key, hmac):
-                response = error_response(ApiError(
-                    401, "a valid API key is needed: send Authorization: Bearer KEY",
-                    type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-                await response(scope, receive, send_status)
-            else:
-                await app(scope, receive, send_status)
+            await self.admit(scope, receive, send_status, path, crowded)
         finally:
-            with server.metrics.lock:
-                server.metrics.in_flight -= 1
-            took = time.perf_counter() - started
-            known = path if any(path == r.path for r in routes) else "other"
-            server.metrics.request(scope.get("method", ""), known, status[0], took)
-            if not config.quiet:
-                client = scope.get("client") or ("-", 0)
-                sys.stderr.write(f'{client[0]} "{scope.get("method")} {_printable(path)}" {status[0]} '
-                                 f"{took * 1000:.1f} ms\n")
-                sys.stderr.flush()
+            with metrics.lock:
+                metrics.in_flight -= 1
+            self.log(scope, path, status[0], time.perf_counter() - started)
 
-    return guarded
+    async def admit(self, scope, receive, send, path: str, crowded: bool) -> None:
+        import hmac
+
+        if crowded:  # each request in flight may hold a body and decoded images: a bound on memory
+            await _error_response(busy("the server is busy (too many requests in flight); try again shortly"))(
+                scope, receive, send)
+        elif self.key is not None and path != "/health" and not _authorized(scope, self.key, hmac):
+            response = _error_response(ApiError(
+                401, "a valid API key is needed: send Authorization: Bearer KEY",
+                type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def log(self, scope, path: str, status: int, took: float) -> None:
+        known = path if path in self.paths else "other"
+        self.server.metrics.request(scope.get("method", ""), known, status, took)
+        if not self.server.config.quiet:
+            client = scope.get("client") or ("-", 0)
+            sys.stderr.write(f'{client[0]} "{scope.get("method")} {_printable(path)}" {status} '
+                             f"{took * 1000:.1f} ms\n")
+            sys.stderr.flush()
+
+
+def make_app(server: Server, *, on_startup: Callable[[], None] | None = None,
+             on_shutdown: Callable[[], None] | None = None):
+    """The ASGI app around ``server`` (routes, JSON errors, key, limits, log, metrics)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+
+    routes = _routes()
+    handlers: dict[Any, Any] = {HTTPException: _http_error, Exception: _server_error}
+    app = Starlette(routes=routes, lifespan=_lifespan(on_startup, on_shutdown), exception_handlers=handlers)
+    app.state.server = server
+    return _Gate(app, server, {r.path for r in routes})
 
 
 def _authorized(scope, key: bytes, hmac) -> bool:
