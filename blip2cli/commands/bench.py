@@ -64,63 +64,21 @@ def bench(
     time per stage (decode+preprocess, vision, Q-Former, language model, write) and peak memory.
     Warm-up is excluded; the number of timed runs is printed."""
     import tempfile
-    import time
 
-    from ..bench import (
-        KNOWN_CONFIGS, QFORMER_DTYPES, TASKS, environment, from_config as build_from_config, parse_batch_sizes,
-        parse_size, qformer_dtype as qformer_dtype_of, rows_to_json, run_config, set_qformer_dtype,
-        synthetic_images,
-    )
-    from ..bench import baseline as run_baseline
+    from ..bench import baseline as run_baseline, environment, parse_size, qformer_dtype as qformer_dtype_of
+    from ..bench import parse_batch_sizes, rows_to_json, run_config, set_qformer_dtype
     from ..caption import GenerationOptions
-    from ..errors import UsageError
+    from ..gpudecode import choose as choose_decode
 
-    from ..gpudecode import DECODE_CHOICES, choose as choose_decode
-
-    if task not in TASKS:
-        raise UsageError(f"--task {task!r}: use one of {', '.join(TASKS)}")
-    if decode not in DECODE_CHOICES:
-        raise UsageError(f"--decode {decode!r}: use one of {', '.join(DECODE_CHOICES)}")
-    if qformer_dtype not in QFORMER_DTYPES:
-        raise UsageError(f"--qformer-dtype {qformer_dtype!r}: use one of {', '.join(QFORMER_DTYPES)}")
-    if from_config is not None and from_config not in KNOWN_CONFIGS:
-        raise UsageError(f"--from-config {from_config!r}: unknown", hint=f"one of {', '.join(KNOWN_CONFIGS)}")
-    if from_config is not None and loading.quantize.value != "none":
-        raise UsageError("--quantize needs real weights to quantize; drop --from-config or --quantize")
-    if from_config is not None and task == "embed":
-        raise UsageError("--from-config builds captioning models; embed needs a retrieval checkpoint")
-    if decode == "gpu":  # before a model is loaded: say at once when it cannot be
-        from ..loader import resolve_device
-
-        choose_decode(decode, resolve_device(loading.device))
+    _check_flags(task, decode, qformer_dtype, from_config, loading)
     gen = GenerationOptions(max_new_tokens=max_new_tokens,
                             min_new_tokens=max_new_tokens if min_new_tokens is None else min_new_tokens,
                             num_beams=num_beams, static_cache=compile_)
     gen.validate()
     wh = parse_size(size)
     tmp = Path(tempfile.mkdtemp(prefix="blip2-bench-"))
-    if images is not None:
-        from ..sources import InputResolver
-
-        paths = [Path(i.name) for i in InputResolver().resolve([str(images)]) if i.error is None]
-        if not paths:
-            raise UsageError(f"--images {images}: no images found")
-        source = f"{len(paths)} images from {images}"
-    else:
-        paths = synthetic_images(tmp / "images", synthetic, wh)
-        source = f"{synthetic} synthetic JPEGs {wh[0]}x{wh[1]}"
-
-    t0 = time.perf_counter()
-    if from_config is not None:
-        loaded = build_from_config(from_config, loading.device, loading.dtype.value)
-    else:
-        from ..loader import ALL_ARCHITECTURES, GENERATIVE, load
-
-        loaded = load(
-            load_options(model, **vars(loading)),
-            architectures=ALL_ARCHITECTURES if task == "embed" else GENERATIVE, task=task,
-        )
-    load_s = time.perf_counter() - t0
+    paths, source = _bench_images(images, synthetic, wh, tmp)
+    loaded, load_s = _load(model, from_config, loading, task)
     gpu_decode = choose_decode(decode, loaded.device)
     qformer_as_loaded = qformer_dtype_of(loaded.model)
     set_qformer_dtype(loaded, qformer_dtype)
@@ -145,6 +103,64 @@ def bench(
         typer.echo(rows_to_json(rows, meta, base))
         return
     _print_table(rows, meta, base)
+
+
+def _check_flags(task: str, decode: str, qformer_dtype: str, from_config: str | None, loading) -> None:
+    """Refuse what cannot run, before any model is loaded."""
+    from ..bench import KNOWN_CONFIGS, QFORMER_DTYPES, TASKS
+    from ..errors import UsageError
+    from ..gpudecode import DECODE_CHOICES, choose as choose_decode
+
+    if task not in TASKS:
+        raise UsageError(f"--task {task!r}: use one of {', '.join(TASKS)}")
+    if decode not in DECODE_CHOICES:
+        raise UsageError(f"--decode {decode!r}: use one of {', '.join(DECODE_CHOICES)}")
+    if qformer_dtype not in QFORMER_DTYPES:
+        raise UsageError(f"--qformer-dtype {qformer_dtype!r}: use one of {', '.join(QFORMER_DTYPES)}")
+    if from_config is not None and from_config not in KNOWN_CONFIGS:
+        raise UsageError(f"--from-config {from_config!r}: unknown", hint=f"one of {', '.join(KNOWN_CONFIGS)}")
+    if from_config is not None and loading.quantize.value != "none":
+        raise UsageError("--quantize needs real weights to quantize; drop --from-config or --quantize")
+    if from_config is not None and task == "embed":
+        raise UsageError("--from-config builds captioning models; embed needs a retrieval checkpoint")
+    if decode == "gpu":  # before a model is loaded: say at once when it cannot be
+        from ..loader import resolve_device
+
+        choose_decode(decode, resolve_device(loading.device))
+
+
+def _bench_images(images: Path | None, synthetic: int, wh: tuple[int, int], tmp: Path) -> tuple[list[Path], str]:
+    """The images to time (``--images`` or synthetic JPEGs written under ``tmp``) and how to name them."""
+    from ..bench import synthetic_images
+    from ..errors import UsageError
+
+    if images is not None:
+        from ..sources import InputResolver
+
+        paths = [Path(i.name) for i in InputResolver().resolve([str(images)]) if i.error is None]
+        if not paths:
+            raise UsageError(f"--images {images}: no images found")
+        return paths, f"{len(paths)} images from {images}"
+    return synthetic_images(tmp / "images", synthetic, wh), f"{synthetic} synthetic JPEGs {wh[0]}x{wh[1]}"
+
+
+def _load(model: str, from_config: str | None, loading, task: str):
+    """(the loaded model, seconds it took): random weights for --from-config, else the checkpoint."""
+    import time
+
+    t0 = time.perf_counter()
+    if from_config is not None:
+        from ..bench import from_config as build_from_config
+
+        loaded = build_from_config(from_config, loading.device, loading.dtype.value)
+    else:
+        from ..loader import ALL_ARCHITECTURES, GENERATIVE, load
+
+        loaded = load(
+            load_options(model, **vars(loading)),
+            architectures=ALL_ARCHITECTURES if task == "embed" else GENERATIVE, task=task,
+        )
+    return loaded, time.perf_counter() - t0
 
 
 def _print_table(rows, meta, base) -> None:
