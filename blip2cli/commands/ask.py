@@ -84,17 +84,12 @@ def ask(
         from .serve import remote
 
         return remote("ask", server, locals())
-    from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema, check_template, generation_settings
     from ..caption import GenerationOptions
     from ..errors import UsageError
-    from ..images import ImageStage
-    from ..job import Job
 
     gen = GenerationOptions(num_captions=num_answers, static_cache=perf.compile_, **vars(dec))
     gen.validate(count_name="num_answers")
-    if raw and template is not None:
-        raise UsageError("--raw and --template contradict each other", hint="use one of them")
-    prompt_template = None if raw else check_template(template if template is not None else DEFAULT_TEMPLATE)
+    prompt_template = _prompt_template(raw, template)
     inputs, questions = gather_questions(arguments or [], question or [], questions_file, src.files_from)
     policy = sidecar_policy(**vars(sidecars))
     fmt_name = o.infer_format(fmt, output)
@@ -105,7 +100,42 @@ def ask(
             f"--sidecar holds the answer to one question; {len(questions)} were given",
             hint="ask one question per sidecar run (use --sidecar-ext to keep several answers apart)",
         )
-    job = Job(
+    job = _ask_job(gen, questions, prompt_template, thumbnails, loading=loading, perf=perf, running=running,
+                   num_answers=num_answers, fmt_name=fmt_name, output=output, quiet=quiet, policy=policy,
+                   seed=dec.seed, html=html)
+    if job.parts_mode() and fmt is None:
+        job.fmt = "jsonl"
+    from ..webdataset import configure
+
+    configure(job, carry, src.ext, image_column)
+    job.check()
+    from ..failedlist import wrapper as failed_wrapper
+
+    job.wrappers += [w for w in (failed_wrapper(running.failed_list, null=src.null),) if w]
+    if not running.dry_run and not job.parts_mode():
+        check_output_path(output)
+    items, total = resolve_items(inputs, command="ask", **vars(src))
+    finish(job.run(items, total), output=output, quiet=quiet, job=job)
+
+
+def _prompt_template(raw: bool, template: str | None) -> str | None:
+    """The checked prompt template; None with --raw (each question sent as is)."""
+    from ..ask import check_template
+    from ..errors import UsageError
+
+    if raw and template is not None:
+        raise UsageError("--raw and --template contradict each other", hint="use one of them")
+    return None if raw else check_template(template if template is not None else DEFAULT_TEMPLATE)
+
+
+def _ask_job(gen, questions: list[str], prompt_template: str | None, thumbnails, *, loading, perf, running,
+             num_answers: int, fmt_name: str, output: Path | None, quiet: bool, policy, seed, html):
+    """The Job that asks every question of every image (one record per image and question)."""
+    from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema, generation_settings
+    from ..images import ImageStage
+    from ..job import Job
+
+    return Job(
         command="ask",
         load_options=load_options(**vars(loading)),
         make_task=lambda loaded: AskTask(
@@ -131,23 +161,10 @@ def ask(
         fail_fast=running.fail_fast,
         keys_of_item=lambda item: [(item.name, q) for q in questions],
         description="answering",
-        seed=dec.seed,
+        seed=seed,
         shard=running.shard,
         html=html,
     )
-    if job.parts_mode() and fmt is None:
-        job.fmt = "jsonl"
-    from ..webdataset import configure
-
-    configure(job, carry, src.ext, image_column)
-    job.check()
-    from ..failedlist import wrapper as failed_wrapper
-
-    job.wrappers += [w for w in (failed_wrapper(running.failed_list, null=src.null),) if w]
-    if not running.dry_run and not job.parts_mode():
-        check_output_path(output)
-    items, total = resolve_items(inputs, command="ask", **vars(src))
-    finish(job.run(items, total), output=output, quiet=quiet, job=job)
 
 
 def gather_questions(arguments: list[str], flags: list[str], questions_file: str | None, files_from) -> tuple[list[str], list[str]]:
