@@ -124,10 +124,28 @@ def remote(command: str, server: str, params: dict) -> None:
     """Run ``blip2 COMMAND`` on a server: the parameters the command got (its locals at
     the top), the inputs read and sent here, the server's records written as locally."""
     from .. import client
-    from ..writers import Sink, make_writer
 
-    p = dict(params)
-    ns = {k: v for k, v in p.items()}
+    ns = dict(params)
+    _refuse_local_only(command, ns)
+    output, quiet = ns.get("output"), bool(ns.get("quiet"))
+    fmt_name = _remote_format(command, ns.get("fmt"), output)
+    src = ns["src"]
+    inputs, questions = _remote_inputs(command, ns, src)
+    options, schema = _options(command, ns, questions)
+    items, total = resolve_items(inputs, command=command, **vars(src))
+    perf, running = ns.get("perf"), ns.get("running")
+    batch = (perf.batch_size if perf is not None else ns.get("batch_size")) or client.DEFAULT_CHUNK
+    workers = (perf.workers if perf is not None else ns.get("workers")) or client.DEFAULT_CONCURRENCY
+    api = client.Client(server, api_key=os.environ.get("BLIP2_API_KEY") or None)
+    failed_list = running.failed_list if running is not None else ns.get("failed_list")
+    records = api.records(command, items, options, questions=questions, chunk=batch, concurrency=workers)
+    stats = _write_remote(records, command, fmt_name, schema, output=output, quiet=quiet, total=total,
+                          failed_list=failed_list, null=src.null)
+    finish(stats, output=output, quiet=quiet, fmt=fmt_name, command=command)
+
+
+def _refuse_local_only(command: str, ns: dict) -> None:
+    """Refuse the flags that only a local run has."""
     used = []
     sidecars, running = ns.get("sidecars"), ns.get("running")
     if sidecars is not None and (sidecars.sidecar or sidecars.output_dir is not None):
@@ -139,11 +157,14 @@ def remote(command: str, server: str, params: dict) -> None:
     for name, flag in (("metadata", "--metadata"), ("carry", "--carry"), ("html_links", "--html-links"),
                        ("resume", "--resume"), ("shard", "--shard"), ("fail_fast", "--fail-fast"),
                        ("text", "--text"), ("texts_file", "--texts-file"), ("prune", "--prune"),
-                       ("layout", "--layout"), ("compact", "--compact"), ("store_dtype", "--store-dtype")):
+                       ("compact", "--compact"), ("store_dtype", "--store-dtype")):
         if ns.get(name):
             used.append(flag)
     _refuse(used, command)
-    fmt, output, quiet = ns.get("fmt"), ns.get("output"), bool(ns.get("quiet"))
+
+
+def _remote_format(command: str, fmt, output) -> str:
+    """The output format; refuses what a client cannot write (HTML, a vector store)."""
     from ..choices import EmbedFormat, names
 
     formats = tuple(names(EmbedFormat)) if command == "embed" else ()
@@ -156,45 +177,45 @@ def remote(command: str, server: str, params: dict) -> None:
         if is_store_path(output) or (output is not None and (output.is_dir() or getattr(output, "wants_directory", False))):
             _refuse(["a vector store or -o DIR"], command)
     check_output_path(output)
-    src = ns["src"]
-    inputs: Any
-    if command == "ask":
-        from .ask import gather_questions
+    return fmt_name
 
-        if ns.get("raw") and ns.get("template") is not None:
-            from ..errors import UsageError
 
-            raise UsageError("--raw and --template contradict each other", hint="use one of them")
-        inputs, questions = gather_questions(ns.get("arguments") or [], ns.get("question") or [],
-                                             ns.get("questions_file"), src.files_from)
-    else:
-        inputs, questions = ns.get("inputs"), None
-    options, schema = _options(command, ns, questions)
-    items, total = resolve_items(inputs, command=command, **vars(src))
-    perf = ns.get("perf")
-    batch = (perf.batch_size if perf is not None else ns.get("batch_size")) or client.DEFAULT_CHUNK
-    workers = (perf.workers if perf is not None else ns.get("workers")) or client.DEFAULT_CONCURRENCY
-    api = client.Client(server, api_key=os.environ.get("BLIP2_API_KEY") or None)
+def _remote_inputs(command: str, ns: dict, src) -> tuple[Any, list[str] | None]:
+    """(the inputs, ask's questions or None)."""
+    if command != "ask":
+        return ns.get("inputs"), None
+    from .questions import gather_questions
+
+    if ns.get("raw") and ns.get("template") is not None:
+        from ..errors import UsageError
+
+        raise UsageError("--raw and --template contradict each other", hint="use one of them")
+    return gather_questions(ns.get("arguments") or [], ns.get("question") or [], ns.get("questions_file"),
+                            src.files_from)
+
+
+def _write_remote(records, command: str, fmt_name: str, schema, *, output, quiet: bool, total,
+                  failed_list, null: bool):
+    """Write the server's records (one list per item) as a local run would; returns the Stats."""
+    import time
+
     from ..console import Reporter
     from ..failedlist import wrapper as failed_wrapper
     from ..pipeline import Stats  # pipeline.py imports nothing heavy at its top
+    from ..writers import Sink, make_writer
 
-    failed_list = running.failed_list if running is not None else ns.get("failed_list")
     stats = Stats()
     sink = Sink(str(output) if output is not None else None).open()
     reporter = Reporter(quiet=quiet, total=total, description={"caption": "captioning", "ask": "answering"}.get(
         command, "embedding"))
     failed = True
-    import time
-
     started = time.perf_counter()
     try:
         writer = make_writer(fmt_name, sink, schema)
-        wrapped = failed_wrapper(failed_list, null=src.null) if failed_list is not None else None
+        wrapped = failed_wrapper(failed_list, null=null) if failed_list is not None else None
         if wrapped:
             writer = wrapped(writer)
-        for item_records in api.records(command, items, options, questions=questions, chunk=batch,
-                                        concurrency=workers):
+        for item_records in records:
             failure = None
             for record in item_records:
                 writer.write(record)
@@ -211,7 +232,7 @@ def remote(command: str, server: str, params: dict) -> None:
         reporter.close()
         sink.close(quiet=failed)
         stats.seconds = time.perf_counter() - started
-    finish(stats, output=output, quiet=quiet, fmt=fmt_name, command=command)
+    return stats
 
 
 def _options(command: str, ns: dict, questions) -> tuple[dict, Any]:
