@@ -65,24 +65,11 @@ def sheet(
 ) -> None:
     """An HTML contact sheet of earlier results: thumbnails with their captions, answers or scores."""
     import contextlib
-    import io
-    import os
-    import sys
-    from itertools import chain
 
-    from .. import console
     from ..errors import InputError
-    from ..html import Thumbnails, kind_of, read_records, render_records, settings_of
-    from ..writers import Sink, make_writer
+    from ..html import read_records
 
-    if source == "-":
-        fh = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
-    else:
-        try:
-            fh = open(source, encoding="utf-8", errors="surrogateescape")
-        except OSError as exc:
-            raise InputError(f"cannot read {source!r}: {exc.strerror or exc}",
-                             hint="pass the -o file of blip2 caption, ask or search (JSON Lines)") from exc
+    fh = _open_records(source)
     lock = None
     if str(output or "-") != "-":
         try:
@@ -98,31 +85,67 @@ def sheet(
         if first is None and bad:
             raise InputError(f"{source!r} holds no JSON Lines records (line {bad[0]} is not a JSON object)",
                              hint="blip2 sheet reads the -f jsonl output of caption, ask or search")
-        kind = kind_of(first) if first is not None else "records"
-        base = output.parent if output is not None and str(output) != "-" else Path(".")
-        thumbnails = Thumbnails()
-        sink = Sink(str(output) if output is not None else None).open()
-        failed = True
-        try:
-            writer = make_writer(
-                "html", sink, None,  # type: ignore[arg-type]  # a page needs no schema
-                settings=settings_of(first) if first is not None else {},
-                title=title or ("standard input" if source == "-" else os.path.basename(source)),
-                subtitle=f"{kind}, blip2 sheet",
-                thumbnails=thumbnails,
-                links=html_links,
-                root=str(root) if root is not None else ".",
-                base=str(base),
-                group=kind != "search results",  # a ranking keeps its order
-            )
-            stream = records if first is None else chain([first], records)
-            render_records(stream, writer, thumbnails, root=str(root or "."), links=html_links,
-                           workers=workers or o.default_workers())
-            writer.close()
-            failed = False
-        finally:
-            sink.close(quiet=failed)  # never hides the error on its way out
-    page = writer.sheet  # type: ignore[attr-defined]  # an HtmlWriter
+        page = _write_page(first, records, source=source, output=output, html_links=html_links, root=root,
+                           title=title, workers=workers)
+    _report(page, bad, output, quiet)
+    raise typer.Exit(0)
+
+
+def _open_records(source: str):
+    """The records file (``-``: stdin), text read as UTF-8 with undecodable bytes kept."""
+    import io
+    import sys
+
+    from ..errors import InputError
+
+    if source == "-":
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+    try:
+        return open(source, encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise InputError(f"cannot read {source!r}: {exc.strerror or exc}",
+                         hint="pass the -o file of blip2 caption, ask or search (JSON Lines)") from exc
+
+
+def _write_page(first, records, *, source: str, output: Path | None, html_links: bool, root: Path | None,
+                title: str | None, workers: int | None):
+    """Render ``first`` then ``records`` as one page to ``output`` (stdout); returns the page's tally."""
+    import os
+    from itertools import chain
+
+    from ..html import Thumbnails, kind_of, render_records, settings_of
+    from ..writers import Sink, make_writer
+
+    kind = kind_of(first) if first is not None else "records"
+    base = output.parent if output is not None and str(output) != "-" else Path(".")
+    thumbnails = Thumbnails()
+    sink = Sink(str(output) if output is not None else None).open()
+    failed = True
+    try:
+        writer = make_writer(
+            "html", sink, None,  # type: ignore[arg-type]  # a page needs no schema
+            settings=settings_of(first) if first is not None else {},
+            title=title or ("standard input" if source == "-" else os.path.basename(source)),
+            subtitle=f"{kind}, blip2 sheet",
+            thumbnails=thumbnails,
+            links=html_links,
+            root=str(root) if root is not None else ".",
+            base=str(base),
+            group=kind != "search results",  # a ranking keeps its order
+        )
+        stream = records if first is None else chain([first], records)
+        render_records(stream, writer, thumbnails, root=str(root or "."), links=html_links,
+                       workers=workers or o.default_workers())
+        writer.close()
+        failed = False
+    finally:
+        sink.close(quiet=failed)  # never hides the error on its way out
+    return writer.sheet  # type: ignore[attr-defined]  # an HtmlWriter
+
+
+def _report(page, bad: list[int], output: Path | None, quiet: bool) -> None:
+    from .. import console
+
     if bad:
         console.message(f"skipped {len(bad)} lines that are not JSON records (first: line {bad[0]})")
     if not quiet:
@@ -131,7 +154,6 @@ def sheet(
             notes.append(f"{page.missing} images not found")
         where = f"{output}: " if output is not None and str(output) != "-" else ""
         console.message(f"{where}{page.cards} images" + (f" ({', '.join(notes)})" if notes else ""))
-    raise typer.Exit(0)
 
 
 def _guard_output(source: str, fh, output: Path):
