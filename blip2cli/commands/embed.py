@@ -165,10 +165,6 @@ def embed(
         from .serve import remote
 
         return remote("embed", server, locals())
-    from ..embed import Embedder, embed_schema
-    from ..job import Job
-    from ..loader import ALL_ARCHITECTURES
-
     to_store = _check_flags(output, fmt, compact, prune, store_dtype)
     fmt_name = "jsonl" if to_store else o.infer_format(fmt, output, formats=tuple(e.value for e in EmbedFormat))
     texts, have_images = _texts(text, texts_file, inputs, src.files_from, to_store)
@@ -185,16 +181,11 @@ def embed(
                                    shard, fail_fast)
     opts = check_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline,
                               loading.allow_pickle, features=features_name, need_text=bool(texts))
-    job = Job(
-        command="embed", load_options=opts, architectures=ALL_ARCHITECTURES,
-        make_task=lambda loaded: EmbedTask(loaded, Embedder(loaded, features_name, pool_name), preprocess.value,
-                                           identity=to_store),
-        schema=embed_schema(),
+    job = _embed_job(
+        opts, features_name, pool_name, preprocess.value, texts,
         fmt="jsonl" if (fmt is None and (shard is not None or _wants_directory(output))) else fmt_name,
         output=output, quiet=quiet, batch_size=batch_size, workers=workers, resume=resume, fail_fast=fail_fast,
-        extra_settings={"preprocess": preprocess.value, "features": features_name, "pool": pool_name},
-        description="embedding", shard=shard,
-        lead=(lambda task: _text_records(task.embedder, texts)) if texts else None,
+        shard=shard,
         store=_store_output(output, model, revision, pool_name, store_dtype, prune, compact) if to_store else None,
     )
     from ..webdataset import configure
@@ -210,6 +201,24 @@ def embed(
     if to_store:
         finish_store(result.stats)
     finish(result, output=output, quiet=quiet, job=job)
+
+
+def _embed_job(opts, features_name: str, pool_name: str, preprocess: str, texts: list[str], *, store, **job_options):
+    """The Job that embeds the images (into ``store`` when given), its texts' records first."""
+    from ..embed import Embedder, embed_schema
+    from ..job import Job
+    from ..loader import ALL_ARCHITECTURES
+
+    return Job(
+        command="embed", load_options=opts, architectures=ALL_ARCHITECTURES,
+        make_task=lambda loaded: EmbedTask(loaded, Embedder(loaded, features_name, pool_name), preprocess,
+                                           identity=store is not None),
+        schema=embed_schema(),
+        extra_settings={"preprocess": preprocess, "features": features_name, "pool": pool_name},
+        description="embedding",
+        lead=(lambda task: _text_records(task.embedder, texts)) if texts else None,
+        store=store, **job_options,
+    )
 
 
 def _check_flags(output, fmt, compact, prune, store_dtype) -> bool:
