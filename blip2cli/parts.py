@@ -280,7 +280,7 @@ class PartsDir:
         import sqlite3
         import tempfile
 
-        from .resume import plain, settings_of
+        from .resume import plain
 
         settings = self.read_manifest().get("settings")
         standard = plain(settings) if isinstance(settings, dict) else None
@@ -289,7 +289,6 @@ class PartsDir:
         fd, db_path = tempfile.mkstemp(prefix=".merge-", suffix=".sqlite", dir=self.parts)
         os.close(fd)
         db = None
-        files: list[Path] = []
         try:
             db = sqlite3.connect(db_path)
             for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-32000"):
@@ -300,47 +299,8 @@ class PartsDir:
             db.execute("CREATE TABLE rec(seq INTEGER PRIMARY KEY, name BLOB, key BLOB, err INTEGER, "
                        "file INTEGER, off INTEGER, len INTEGER, raw INTEGER)")
             db.execute("CREATE TABLE inp(pos INTEGER PRIMARY KEY, name BLOB)")
-            file_ids: dict[Path, int] = {}
-            batch: list = []
-            for seq, (path, number, record, off, length, line) in enumerate(self._located_records()):
-                if not isinstance(settings, dict):  # an old manifest: the first record sets the standard
-                    settings = settings_of(record)
-                    standard = plain(settings)
-                if settings_of(record) != standard:  # equal settings have no differences: the common case
-                    self._check_record(
-                        path, number, record, settings, then="in the part", now="in the manifest",
-                        hint=f"rerun that shard with the directory's settings (delete {path.name} first), "
-                        "or merge only parts made the same way",
-                    )
-                try:
-                    key = key_of_record(record)
-                except KeyError as exc:
-                    raise UsageError(f"{path} line {number} is not a blip2 `{self.command}` record "
-                                     f"(no {exc.args[0]!r})") from None
-                if path not in file_ids:
-                    file_ids[path] = len(files)
-                    files.append(path)
-                try:
-                    raw = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape") == line
-                except UnicodeEncodeError:  # written the slow way (which says what is wrong)
-                    raw = False
-                key = "s" + key if isinstance(key, str) else json.dumps(key, ensure_ascii=False)  # grouped as text
-                batch.append((seq, _blob(record["path"]), _blob(key),
-                              1 if record.get("error") else 0, file_ids[path], off, length, raw))
-                if len(batch) >= 50_000:
-                    db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
-                    batch = []
-            db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
-            with open(self.parts / "inputs.jsonl", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-                batch, pos = [], 0
-                for text in f:
-                    if text.rstrip("\n"):
-                        batch.append((pos, _blob(json.loads(text))))
-                        pos += 1
-                        if len(batch) >= 10_000:
-                            db.executemany("INSERT INTO inp VALUES (?, ?)", batch)
-                            batch = []
-                db.executemany("INSERT INTO inp VALUES (?, ?)", batch)
+            files = self._index_records(db, key_of_record, settings, standard)
+            self._index_inputs(db)
             # per (input, key): where its key first appears, and the record that wins
             db.execute(f"CREATE TABLE grp AS SELECT name, MIN(seq) AS first, MIN(err * {1 << 40} + seq) AS best "
                        "FROM rec GROUP BY name, key")
@@ -354,6 +314,58 @@ class PartsDir:
                 db.close()
             os.unlink(db_path)
         return written, missing
+
+    def _index_records(self, db, key_of_record: Callable, settings, standard) -> list[Path]:
+        """Fill ``rec`` with every part's records (checking each one's settings); returns the
+        part files, indexed by ``rec.file``."""
+        from .resume import plain, settings_of
+
+        files: list[Path] = []
+        file_ids: dict[Path, int] = {}
+        batch: list = []
+        for seq, (path, number, record, off, length, line) in enumerate(self._located_records()):
+            if not isinstance(settings, dict):  # an old manifest: the first record sets the standard
+                settings = settings_of(record)
+                standard = plain(settings)
+            if settings_of(record) != standard:  # equal settings have no differences: the common case
+                self._check_record(
+                    path, number, record, settings, then="in the part", now="in the manifest",
+                    hint=f"rerun that shard with the directory's settings (delete {path.name} first), "
+                    "or merge only parts made the same way",
+                )
+            try:
+                key = key_of_record(record)
+            except KeyError as exc:
+                raise UsageError(f"{path} line {number} is not a blip2 `{self.command}` record "
+                                 f"(no {exc.args[0]!r})") from None
+            if path not in file_ids:
+                file_ids[path] = len(files)
+                files.append(path)
+            try:
+                raw = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape") == line
+            except UnicodeEncodeError:  # written the slow way (which says what is wrong)
+                raw = False
+            key = "s" + key if isinstance(key, str) else json.dumps(key, ensure_ascii=False)  # grouped as text
+            batch.append((seq, _blob(record["path"]), _blob(key),
+                          1 if record.get("error") else 0, file_ids[path], off, length, raw))
+            if len(batch) >= 50_000:
+                db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
+                batch = []
+        db.executemany("INSERT INTO rec VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
+        return files
+
+    def _index_inputs(self, db) -> None:
+        """Fill ``inp`` with the input list, in order."""
+        with open(self.parts / "inputs.jsonl", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            batch, pos = [], 0
+            for text in f:
+                if text.rstrip("\n"):
+                    batch.append((pos, _blob(json.loads(text))))
+                    pos += 1
+                    if len(batch) >= 10_000:
+                        db.executemany("INSERT INTO inp VALUES (?, ?)", batch)
+                        batch = []
+            db.executemany("INSERT INTO inp VALUES (?, ?)", batch)
 
     def _write_final(self, rows, files: list[Path]) -> tuple[int, list[str]]:
         """Copy the chosen records (re-serialised as ``merge`` always wrote them) into
