@@ -9,7 +9,7 @@ import typer
 
 from .. import options as o
 from ..ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, DEFAULT_TEMPLATE
-from .common import check_output_path, finish, handles_errors, html_output, load_options, resolve_items, sidecar_policy
+from .common import check_output_path, configure_job, finish, handles_errors, html_output, load_options, resolve_items, sidecar_policy
 from .questions import gather_questions
 
 EXAMPLES = """
@@ -106,13 +106,7 @@ def ask(
                    seed=dec.seed, html=html)
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"
-    from ..webdataset import configure
-
-    configure(job, carry, src.ext, image_column)
-    job.check()
-    from ..failedlist import wrapper as failed_wrapper
-
-    job.wrappers += [w for w in (failed_wrapper(running.failed_list, null=src.null),) if w]
+    configure_job(job, carry=carry, src=src, image_column=image_column, failed_list=running.failed_list)
     if not running.dry_run and not job.parts_mode():
         check_output_path(output)
     items, total = resolve_items(inputs, command="ask", **vars(src))

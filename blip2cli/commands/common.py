@@ -237,6 +237,17 @@ def sidecar_policy(sidecar, sidecar_ext, output_dir, existing, prefix, suffix, s
 
 
 # The summary's verb per command ("captioned 120 images in 14.2 s ...").
+def configure_job(job, *, carry, src, image_column, failed_list) -> None:
+    """The input readers' options (--carry, --ext, --image-column), the Job's own checks,
+    then the --failed-list writer: what caption, ask and embed do before ``job.run``."""
+    from ..failedlist import wrapper as failed_wrapper
+    from ..webdataset import configure
+
+    configure(job, carry, src.ext, image_column)
+    job.check()
+    job.wrappers += [w for w in (failed_wrapper(failed_list, null=src.null),) if w]
+
+
 VERBS = {"caption": "captioned", "ask": "answered questions about", "embed": "embedded"}
 
 

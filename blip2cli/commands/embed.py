@@ -16,7 +16,7 @@ from .. import options as o
 from ..choices import EmbedFormat, Features, Pool, StoreDtype  # declared once, in the core
 from ..embed import EmbedTask, model_key
 from ..embedstore import StoreOutput, store_settings
-from .common import check_output_path, finish, handles_errors, load_options, resolve_items
+from .common import check_output_path, configure_job, finish, handles_errors, load_options, resolve_items
 
 FEATURES_PANEL = "Features"
 
@@ -174,11 +174,8 @@ def embed(
         output if to_store else None, loading.model, loading.revision, features.value, pool.value if pool is not None else None
     )
     items, total = resolve_items(inputs, command="embed", **vars(src)) if have_images else ([], 0)
-    if to_store:
-        _refuse_store_as_input(inputs, output)
-    if to_store or texts:
-        _refuse_for_store_or_texts(items if total is not None else [], failed_list if texts else None, resume,
-                                   shard, fail_fast)
+    _refuse_mixes(inputs, output, items if total is not None else [], to_store=to_store, texts=texts,
+                  failed_list=failed_list, resume=resume, shard=shard, fail_fast=fail_fast)
     opts = check_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline,
                               loading.allow_pickle, features=features_name, need_text=bool(texts))
     job = _embed_job(
@@ -188,13 +185,7 @@ def embed(
         shard=shard,
         store=_store_output(output, model, revision, pool_name, store_dtype, prune, compact) if to_store else None,
     )
-    from ..webdataset import configure
-
-    configure(job, carry, src.ext, image_column)
-    job.check()
-    from ..failedlist import wrapper as failed_wrapper
-
-    job.wrappers += [w for w in (failed_wrapper(failed_list, null=src.null),) if w]
+    configure_job(job, carry=carry, src=src, image_column=image_column, failed_list=failed_list)
     result = job.run(items, total)
     if not have_images:
         raise typer.Exit(0)
@@ -256,6 +247,14 @@ def _texts(text, texts_file, inputs, files_from, to_store: bool) -> tuple[list[s
             hint="blip2 embed photos/ -o vectors.safetensors   or   blip2 embed --text 'a cat'",
         )
     return texts, have_images
+
+
+def _refuse_mixes(inputs, output, items, *, to_store: bool, texts, failed_list, resume, shard, fail_fast) -> None:
+    """What a vector store (or a run with --text) cannot be given."""
+    if to_store:
+        _refuse_store_as_input(inputs, output)
+    if to_store or texts:
+        _refuse_for_store_or_texts(items, failed_list if texts else None, resume, shard, fail_fast)
 
 
 def _refuse_for_store_or_texts(items, failed_list, resume, shard, fail_fast) -> None:
