@@ -67,14 +67,10 @@ def bench(
 
     from ..bench import baseline as run_baseline, environment, parse_size, qformer_dtype as qformer_dtype_of
     from ..bench import parse_batch_sizes, rows_to_json, run_config, set_qformer_dtype
-    from ..caption import GenerationOptions
     from ..gpudecode import choose as choose_decode
 
     _check_flags(task, decode, qformer_dtype, from_config, loading)
-    gen = GenerationOptions(max_new_tokens=max_new_tokens,
-                            min_new_tokens=max_new_tokens if min_new_tokens is None else min_new_tokens,
-                            num_beams=num_beams, static_cache=compile_)
-    gen.validate()
+    gen = _generation(max_new_tokens, min_new_tokens, num_beams, compile_)
     wh = parse_size(size)
     tmp = Path(tempfile.mkdtemp(prefix="blip2-bench-"))
     paths, source = _bench_images(images, synthetic, wh, tmp)
@@ -92,12 +88,7 @@ def bench(
             if baseline and task == "caption" else None)
     meta = environment({
         "model": from_config and f"{from_config} (random weights: the text is meaningless)" or model,
-        "images": source, "task": task,
-        "generation": f"beams {gen.num_beams}, new tokens {gen.min_new_tokens}-{gen.max_new_tokens}"
-                      + (", static KV cache (--compile)" if compile_ else ""),
-        "repeats": f"median of {repeat} timed runs after {warmup} warm-up batch(es)",
-        "decode": "gpu (nvJPEG)" if gpu_decode else "cpu (Pillow, draft mode)",
-        "qformer_dtype": ", ".join(sorted({r.qformer_dtype for r in rows})),
+        "images": source, "task": task, **_run_notes(gen, compile_, repeat, warmup, gpu_decode, rows),
     })
     if as_json:
         typer.echo(rows_to_json(rows, meta, base))
@@ -127,6 +118,28 @@ def _check_flags(task: str, decode: str, qformer_dtype: str, from_config: str | 
         from ..loader import resolve_device
 
         choose_decode(decode, resolve_device(loading.device))
+
+
+def _generation(max_new_tokens: int, min_new_tokens: int | None, num_beams: int, compile_: bool):
+    """The generation options, checked (``min_new_tokens`` defaults to ``max_new_tokens``)."""
+    from ..caption import GenerationOptions
+
+    gen = GenerationOptions(max_new_tokens=max_new_tokens,
+                            min_new_tokens=max_new_tokens if min_new_tokens is None else min_new_tokens,
+                            num_beams=num_beams, static_cache=compile_)
+    gen.validate()
+    return gen
+
+
+def _run_notes(gen, compile_: bool, repeat: int, warmup: int, gpu_decode: bool, rows) -> dict[str, str]:
+    """How the runs were made, for the report's header."""
+    return {
+        "generation": f"beams {gen.num_beams}, new tokens {gen.min_new_tokens}-{gen.max_new_tokens}"
+                      + (", static KV cache (--compile)" if compile_ else ""),
+        "repeats": f"median of {repeat} timed runs after {warmup} warm-up batch(es)",
+        "decode": "gpu (nvJPEG)" if gpu_decode else "cpu (Pillow, draft mode)",
+        "qformer_dtype": ", ".join(sorted({r.qformer_dtype for r in rows})),
+    }
 
 
 def _bench_images(images: Path | None, synthetic: int, wh: tuple[int, int], tmp: Path) -> tuple[list[Path], str]:

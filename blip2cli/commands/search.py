@@ -75,6 +75,33 @@ def _check_flags(query, *, have_images: bool, index, top_k: int, rerank, ann: bo
                              hint=f"embed images into it first: blip2 embed PHOTOS -o {index}")
 
 
+def _check_paths(output, image, index) -> None:
+    """No file of the store (nor the query image) is the output; the query image exists."""
+    from ..errors import InputError
+
+    store_files = list(Path(index).iterdir()) if index is not None and Path(index).is_dir() else []
+    check_output_path(output, inputs=[image, index, *store_files])  # no file of the store is the output
+    if image is not None and not Path(image).is_file():
+        raise InputError(f"--image {image}: no such file")
+
+
+def _images(inputs, src, output):
+    """(the items to search, their count or None): the inputs resolved, the output never among them."""
+    from ..guard import screen_inputs
+
+    items, total = resolve_items(inputs, command="search", **vars(src))
+    return screen_inputs(items, total, [output]), total  # an output is never one of the inputs
+
+
+def _exit(stats) -> None:
+    """Exit 1 when images failed to embed (the others were searched), else 0."""
+    if stats is not None and stats.failed:
+        console.message(f"{stats.failed} of {stats.total} images failed (see the messages above); "
+                        "the others were searched")
+        raise typer.Exit(1)
+    raise typer.Exit(0)
+
+
 def _write(records, fmt_name: str, output) -> None:
     from ..embed import search_schema
     from ..writers import Sink, make_writer
@@ -147,7 +174,6 @@ def search(
     (--image: cosine of the mean-pooled embeddings). The model defaults to the one
     that built --index, else Salesforce/blip2-itm-vit-g."""
     from ..embed import Embedder
-    from ..errors import InputError
     from ..retrieval import search_images
 
     query, inputs = _split_arguments(arguments, image)
@@ -156,17 +182,8 @@ def search(
     model, revision, wanted_features, pool = store_settings(index, loading.model, loading.revision, features.value, None)
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "search")
-    store_files = list(Path(index).iterdir()) if index is not None and Path(index).is_dir() else []
-    check_output_path(output, inputs=[image, index, *store_files])  # no file of the store is the output
-    if image is not None and not Path(image).is_file():
-        raise InputError(f"--image {image}: no such file")
-    items, total = (None, 0)
-    if have_images:
-        items, total = resolve_items(inputs, command="search", **vars(src))
-        from ..guard import screen_inputs
-
-        items = screen_inputs(items, total, [output])  # an output is never one of the inputs
-
+    _check_paths(output, image, index)
+    items, total = _images(inputs, src, output) if have_images else (None, 0)
     loaded = load_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline, loading.allow_pickle,
                                features=wanted_features, task="search", need_text=query is not None,
                                need_itm=rerank is not None)
@@ -177,12 +194,7 @@ def search(
                           total=total, model=model, revision=revision, pool=pool, top_k=top_k, rerank_k=rerank,
                           ann=ann, prune=prune, batch_size=batch, workers=workers or o.default_workers(), quiet=quiet)
     _write(found.records, fmt_name, output)
-    stats = found.stats
-    if stats is not None and stats.failed:
-        console.message(f"{stats.failed} of {stats.total} images failed (see the messages above); "
-                        "the others were searched")
-        raise typer.Exit(1)
-    raise typer.Exit(0)
+    _exit(found.stats)
 
 
 search.__doc__ = inspect.cleandoc(search.__doc__ or "") + EXAMPLES
