@@ -289,10 +289,25 @@ def _config(kind: str, processor, num_query_tokens: int):
         qformer_kwargs.update(vocab_size=vocab_size, use_qformer_text_input=True, pad_token_id=tok.pad_token_id)
         text_config = None
         extra["image_text_hidden_size"] = PROJECTION_DIM
-    elif kind == "opt":
+    else:
+        text_config = _text_config(kind, tok, vocab_size)
+
+    return Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=Blip2QFormerConfig(**qformer_kwargs).to_dict(),
+        text_config=text_config.to_dict() if text_config is not None else None,
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_id,
+        **extra,
+    )
+
+
+def _text_config(kind: str, tok, vocab_size: int):
+    """The language model's config of a tiny ``opt`` or ``t5`` checkpoint."""
+    if kind == "opt":
         from transformers import OPTConfig
 
-        text_config = OPTConfig(
+        return OPTConfig(
             vocab_size=vocab_size,
             hidden_size=TEXT_HIDDEN,
             word_embed_proj_dim=TEXT_HIDDEN,
@@ -313,10 +328,10 @@ def _config(kind: str, processor, num_query_tokens: int):
             pad_token_id=tok.pad_token_id,  # 1
             tie_word_embeddings=True,
         )
-    elif kind == "t5":
+    if kind == "t5":
         from transformers import T5Config
 
-        text_config = T5Config(  # type: ignore[call-arg, assignment]  # T5Config takes **kwargs
+        return T5Config(  # type: ignore[call-arg]  # T5Config takes **kwargs
             vocab_size=vocab_size,
             d_model=TEXT_HIDDEN,
             d_kv=TEXT_HIDDEN // NUM_HEADS,
@@ -334,17 +349,7 @@ def _config(kind: str, processor, num_query_tokens: int):
             decoder_start_token_id=tok.pad_token_id,  # 0
             bos_token_id=1,  # missing from v5 T5 configs; prompt-less generate needs it
         )
-    else:  # pragma: no cover - checked by the caller
-        raise ValueError(kind)
-
-    return Blip2Config(
-        vision_config=vision.to_dict(),
-        qformer_config=Blip2QFormerConfig(**qformer_kwargs).to_dict(),
-        text_config=text_config.to_dict() if text_config is not None else None,
-        num_query_tokens=num_query_tokens,
-        image_token_index=image_token_id,
-        **extra,
-    )
+    raise ValueError(kind)  # pragma: no cover - checked by the caller
 
 
 def _generation_config(kind: str, processor):
