@@ -186,6 +186,9 @@ class _Batcher:
             prepared, error = None, f"cannot read this image ({type(exc).__name__}: {exc})"
         self.stats.stage_seconds["wait_decode"] += time.perf_counter() - t0
         self.batch.append((item, prepared, error))
+        # Held by the batch only: a failed future's traceback holds this frame, whose locals
+        # would keep the item (and the bytes it holds) alive until a garbage collection.
+        item = future = None
         if error is None:
             self.ready += 1
         return error
