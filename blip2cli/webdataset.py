@@ -348,32 +348,7 @@ class SampleReader:
                         sample = _Sample(key, position, key in seen)
                         seen.add(key)
                     sample.members.append(member.name)
-                    ext = ext.lower()
-                    is_image = ext in self.image_exts
-                    if not is_image and ext not in self.carry:
-                        continue
-                    if ext in sample.data or ext in sample.problems:
-                        continue  # the same extension twice in one sample: the first wins
-                    sample.names[ext] = member.name
-                    why = _kind(member)
-                    if why is not None:
-                        sample.problems[ext] = f"the member {member.name!r} is {why}: not followed"
-                        continue
-                    limit = self.max_image if is_image else self.max_carry
-                    if limit is not None and member.size > limit:
-                        sample.problems[ext] = (f"the member {member.name!r} is too large "
-                                                f"({megabytes(member.size)}; the limit is {megabytes(limit)})")
-                        continue
-                    self.budget.take(member.size)
-                    sample.reserved += member.size
-                    sample.data[ext] = _read_member(tf.extractfile(member), member.size)
-                    if is_image and member.size > (1 << 20):
-                        problem = _check_head(sample.data[ext])
-                        if problem:
-                            del sample.data[ext]
-                            sample.problems[ext] = problem
-                            continue
-                    # (no local variable holds the bytes: the sample, then its item, alone do)
+                    self._read_into(sample, tf, member, ext.lower())
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                 # What was read before the break stands; the sample cut in two is dropped.
                 if sample is not None and sample.reserved:
@@ -383,6 +358,34 @@ class SampleReader:
                 return
             if sample is not None:
                 yield self._item(path, sample)
+
+    def _read_into(self, sample: _Sample, tf, member, ext: str) -> None:
+        """Read ``member`` (extension ``ext``) into ``sample`` when it is an image or a carried
+        file: its bytes, or the problem that kept them out (a link, too large, a bad head)."""
+        is_image = ext in self.image_exts
+        if not is_image and ext not in self.carry:
+            return
+        if ext in sample.data or ext in sample.problems:
+            return  # the same extension twice in one sample: the first wins
+        sample.names[ext] = member.name
+        why = _kind(member)
+        if why is not None:
+            sample.problems[ext] = f"the member {member.name!r} is {why}: not followed"
+            return
+        limit = self.max_image if is_image else self.max_carry
+        if limit is not None and member.size > limit:
+            sample.problems[ext] = (f"the member {member.name!r} is too large "
+                                    f"({megabytes(member.size)}; the limit is {megabytes(limit)})")
+            return
+        self.budget.take(member.size)
+        sample.reserved += member.size
+        sample.data[ext] = _read_member(tf.extractfile(member), member.size)
+        if is_image and member.size > (1 << 20):
+            problem = _check_head(sample.data[ext])
+            if problem:
+                del sample.data[ext]
+                sample.problems[ext] = problem
+        # (no local variable holds the bytes: the sample, then its item, alone do)
 
     def shard_error(self, path: str, message: str) -> Item:
         fields = {"shard": path, "key": None, **{carry_field(c): None for c in self.carry}}
