@@ -188,7 +188,7 @@ class _Batcher:
         self.batch.append((item, prepared, error))
         # Held by the batch only: a failed future's traceback holds this frame, whose locals
         # would keep the item (and the bytes it holds) alive until a garbage collection.
-        item = future = None
+        del item, future
         if error is None:
             self.ready += 1
         return error

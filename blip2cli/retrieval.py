@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from . import console
 from .embed import EmbedTask, model_key
@@ -84,10 +84,10 @@ def _embed_into(store_path, items, total, task: EmbedTask, embedder, *, model: s
     meta = StoreMeta(model=model_key(model), revision=revision, features=embedder.features, pool=pool,
                      dims=embedder.dims, normalized=embedder.normalized)
     with StoreUpdate(store_path, meta, prune=prune, dtype_given=False) as update:
-        selected = update.select(remember(items))
+        selected: Iterable[Any] = update.select(remember(items))
         if total is not None:
-            selected = list(selected)
-            total = len(selected)
+            listed = list(selected)
+            selected, total = listed, len(listed)
         stats = embed_into_store(selected, update, task, total=total, batch_size=batch_size,
                                  workers=workers, quiet=quiet)
         if summarize and not quiet:
