@@ -19,6 +19,9 @@ from .embed import EmbedTask, model_key
 from .embedstore import embed_into_store, store_summary
 
 
+SLOW_NOTE = "exact search over {rows:,} rows; approximate search (ann=True) is faster"
+
+
 @dataclass
 class SearchResult:
     """What :func:`search_images` found: the records, best first, and the embed run's Stats
@@ -95,7 +98,12 @@ def _embed_into(store_path, items, total, task: EmbedTask, embedder, *, model: s
     return wanted, stats
 
 
-def _rank(store, qvec, mode: str, *, k: int, ann: bool, rows, quiet: bool):
+def ann_fits(meta) -> bool:
+    """Whether approximate search can rank a store by an image: one unit vector per row."""
+    return len(meta.dims) == 1 and bool(meta.normalized)
+
+
+def _rank(store, qvec, mode: str, *, k: int, ann: bool, rows, quiet: bool, slow_note: str):
     """The ``k`` best rows of ``store`` (of ``rows`` when given) for the query vector."""
     from .errors import UsageError
     from .store import top_k as store_top_k
@@ -103,12 +111,12 @@ def _rank(store, qvec, mode: str, *, k: int, ann: bool, rows, quiet: bool):
     if ann:
         from . import ann as ann_search
 
-        if mode == "image" and (len(store.meta.dims) > 1 or not store.meta.normalized):
-            raise UsageError("--ann with --image needs a store of one unit vector per image (--pool mean, "
-                             "itc features)", hint="drop --ann")
+        if mode == "image" and not ann_fits(store.meta):
+            raise UsageError("ann=True with a query image needs a store of one unit vector per row (pool='mean', "
+                             "itc features)", hint="drop ann", params=["ann", "pool"])
         return ann_search.search(store, ann_search.load_or_build(store, quiet=quiet), qvec, k)
     if store.rows >= 10_000_000 and not quiet:
-        console.message(f"exact search over {store.rows:,} rows; --ann is faster (approximate)")
+        console.message(slow_note.format(rows=store.rows))
     return store_top_k(store, qvec, k, mode=mode, rows=rows)
 
 
@@ -131,13 +139,14 @@ def _records(hits, store, names: dict[int, str], itm: dict[int, float | None] | 
 def search_images(*, task: EmbedTask, embedder, query: str | None, image=None, index=None, items=None,
                   total=None, model: str, revision, pool, top_k: int = 10, rerank_k: int | None = None,
                   ann: bool = False, prune: bool = False, batch_size: int, workers: int,
-                  quiet: bool = False) -> SearchResult:
+                  quiet: bool = False, slow_note: str = SLOW_NOTE) -> SearchResult:
     """Rank images by similarity to ``query`` (a text) or to ``image`` (a file).
 
     ``items`` (the resolved inputs, or None) are embedded first: into the vector store
     ``index`` when given (added and kept), else into a temporary store. Without items the
     whole store ``index`` is searched. ``rerank_k``: re-score that many best with ITM and
-    rank by its probability. Returns the ``top_k`` records, best first."""
+    rank by its probability. ``slow_note``: said before an exact search of 10,000,000+ rows
+    (``{rows}``: their number). Returns the ``top_k`` records, best first."""
     qvec, mode = query_vector(embedder, task, query, image)
     stats = None
     with tempfile.TemporaryDirectory(prefix="blip2-search-") as tmp:
@@ -159,7 +168,7 @@ def search_images(*, task: EmbedTask, embedder, query: str | None, image=None, i
                 if row is not None:
                     names[row] = name
             rows = sorted(names)
-        hits = _rank(store, qvec, mode, k=rerank_k or top_k, ann=ann, rows=rows, quiet=quiet)
+        hits = _rank(store, qvec, mode, k=rerank_k or top_k, ann=ann, rows=rows, quiet=quiet, slow_note=slow_note)
         itm: dict[int, float | None] | None = None
         if rerank_k is not None:
             probs = rerank(hits, store, query, task, embedder, batch_size)  # type: ignore[arg-type]  # needs a query

@@ -47,6 +47,7 @@ def _split_arguments(arguments, image) -> tuple[str | None, list[str]]:
 def _check_flags(query, *, have_images: bool, index, top_k: int, rerank, ann: bool) -> None:
     """Refuse the combinations of flags that cannot run (before any model is loaded)."""
     from ..errors import UsageError
+    from ..retrieval import ann_fits
     from ..store import VectorStore, is_store_path
 
     if rerank is not None and query is None:
@@ -66,13 +67,16 @@ def _check_flags(query, *, have_images: bool, index, top_k: int, rerank, ann: bo
                          hint='blip2 search "a cat" photos/   or   blip2 search "a cat" --index vectors.safetensors')
     if index is not None and not have_images:
         opened = VectorStore.open(index)  # raises if there is no store to search
-        empty = opened.rows == 0
+        empty, meta = opened.rows == 0, opened.meta
         opened.close()
         if ann and empty:
             from ..storefiles import StoreError
 
             raise StoreError(f"the vector store {str(index)!r} is empty: there is nothing to search",
                              hint=f"embed images into it first: blip2 embed PHOTOS -o {index}")
+        if ann and query is None and not ann_fits(meta):
+            raise UsageError("--ann with --image needs a store of one unit vector per image (--pool mean, "
+                             "itc features)", hint="drop --ann")
 
 
 def _check_paths(output, image, index) -> None:
@@ -192,7 +196,8 @@ def search(
     task = EmbedTask(loaded, embedder, preprocess.value, identity=True)
     found = search_images(task=task, embedder=embedder, query=query, image=image, index=index, items=items,
                           total=total, model=model, revision=revision, pool=pool, top_k=top_k, rerank_k=rerank,
-                          ann=ann, prune=prune, batch_size=batch, workers=workers or o.default_workers(), quiet=quiet)
+                          ann=ann, prune=prune, batch_size=batch, workers=workers or o.default_workers(), quiet=quiet,
+                          slow_note="exact search over {rows:,} rows; --ann is faster (approximate)")
     _write(found.records, fmt_name, output)
     _exit(found.stats)
 
