@@ -635,14 +635,14 @@ class _Recorded:
 
 def shard_output(name: str, fmt: str) -> str:
     """The file name of a shard's output in ``-o DIR``: its stem, then the format's extension."""
-    from .webdataset import shard_stem
+    from .shardfiles import shard_stem
 
     return shard_stem(name) + (".parquet" if fmt == "parquet" else ".jsonl")
 
 
 def shard_part(state, name: str) -> Path:
     """Where a shard's records go while it runs (not beside manifest.json, inputs.jsonl)."""
-    from .webdataset import shard_stem
+    from .shardfiles import shard_stem
 
     return state.parts / "parts" / f"{shard_stem(name)}.jsonl"
 

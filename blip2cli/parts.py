@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 
 from .errors import UsageError
 from .fsutil import atomic_write
+from .shardfiles import shard_stem
 from .tasks import final_names, record_keys
 
 PARTS = ".parts"
@@ -436,7 +437,7 @@ def merge_shard_outputs(root: Path) -> tuple[Path, int, list[str]]:
     final = state.final
     outputs, missing = [], []
     for name in names:
-        stem = _shard_stem(name)
+        stem = shard_stem(name)
         found = [root / f"{stem}{ext}" for ext in (".jsonl", ".parquet") if (root / f"{stem}{ext}").exists()]
         if not found:
             missing.append(name)
@@ -490,12 +491,3 @@ def _records_of(path: Path, settings: dict | None = None) -> Iterable[dict]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
-
-
-def _shard_stem(name: str) -> str:
-    """As ``webdataset.shard_stem`` (not imported: webdataset imports this module)."""
-    base = os.path.basename(name)
-    for suffix in (".tar", ".tar.gz", ".tgz", ".parquet"):
-        if base.lower().endswith(suffix):
-            return base[: -len(suffix)]
-    return base

@@ -14,7 +14,7 @@ One resolver for every command. An argument is
   (``**`` crosses directories), matches in the same order as a walk,
   filtered by extension;
 * otherwise, a name with a brace group (``shards/{00000..00099}.tar``,
-  ``{a,b}.jpg``): expanded by the tool (``webdataset.expand_braces``: zero-padded
+  ``{a,b}.jpg``): expanded by the tool (``shardfiles.expand_braces``: zero-padded
   numeric ranges and comma lists), each name then taken as above;
 * otherwise, a path that does not exist: it becomes an item that fails with a
   clear error, so the rest of the run goes on.
@@ -47,6 +47,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator
 
+from .shardfiles import PARQUET_SUFFIXES
+
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 # Magic numbers of the formats we accept as raw bytes on stdin.
@@ -61,7 +63,6 @@ _MAGIC = (
 )
 
 STDIN_NAME = "-"
-PARQUET_SUFFIXES = (".parquet",)
 
 
 @dataclass(frozen=True)
@@ -105,20 +106,20 @@ def _has_magic(arg: str) -> bool:
 
 def _is_shard(path: str) -> bool:
     """A shard file: a tar (WebDataset) or a Parquet file (img2dataset), read as samples."""
-    from .webdataset import is_shard_path
+    from .shardfiles import is_shard_path
 
     return is_shard_path(path) or path.lower().endswith(PARQUET_SUFFIXES)
 
 
 def _has_braces(arg: str) -> bool:
-    from .webdataset import has_braces
+    from .shardfiles import has_braces
 
     return has_braces(arg)
 
 
 def _expand_braces(arg: str) -> Iterator[str]:
-    """Lazily, after refusing a pattern that stands for too many names (``webdataset.MAX_BRACE_NAMES``)."""
-    from .webdataset import iter_braces
+    """Lazily, after refusing a pattern that stands for too many names (``shardfiles.MAX_BRACE_NAMES``)."""
+    from .shardfiles import iter_braces
 
     return iter_braces(arg)
 
@@ -299,7 +300,7 @@ class InputResolver:
         if path.lower().endswith(PARQUET_SUFFIXES):  # only those holding image bytes (not blip2's outputs)
             if not self.parquet:
                 return False
-            from .webdataset import holds_image_bytes
+            from .shardfiles import holds_image_bytes
 
             return holds_image_bytes(path)
         return ext in self.extensions or (self.shards and _is_shard(path))

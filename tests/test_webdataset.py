@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from blip2cli.cli import app
 from blip2cli.sources import InputResolver
-from blip2cli.webdataset import SampleReader, expand_braces, split_name
+from blip2cli.shardfiles import expand_braces
+from blip2cli.webdataset import SampleReader, split_name
 
 runner = CliRunner()
 FAST = ["--max-new-tokens", "3", "--num-beams", "1"]
@@ -253,7 +254,7 @@ def test_brace_product_is_bounded_up_front_and_expanded_lazily(tmp_path):
     import time
 
     from blip2cli.errors import UsageError
-    from blip2cli.webdataset import MAX_BRACE_NAMES, count_braces, iter_braces
+    from blip2cli.shardfiles import MAX_BRACE_NAMES, count_braces, iter_braces
 
     for pattern in ("s-{0..9999999}{0..9}.tar", "{0..999}{0..999}"):
         t0 = time.perf_counter()

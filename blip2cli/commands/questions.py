@@ -62,7 +62,7 @@ def gather_questions(arguments: list[str], flags: list[str], questions_file: str
 
 def _is_image_name(path: str) -> bool:
     from ..sources import DEFAULT_EXTENSIONS, PARQUET_SUFFIXES
-    from ..webdataset import is_shard_path
+    from ..shardfiles import is_shard_path
 
     lower = path.lower()
     return (lower.rsplit(".", 1)[-1] in DEFAULT_EXTENSIONS or is_shard_path(lower)
