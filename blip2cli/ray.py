@@ -1,0 +1,366 @@
+"""Ray Data adapters: caption, ask and embed a ``ray.data.Dataset`` with ``map_batches``.
+
+::
+
+    import ray, blip2cli.ray
+
+    ds = ray.data.read_binary_files("s3://bucket/photos/", include_paths=True)
+    ds = ds.map_batches(blip2cli.ray.Captioner,
+                        fn_constructor_kwargs={"model": "Salesforce/blip2-opt-2.7b", "num_beams": 1},
+                        concurrency=4, num_gpus=1, batch_size=64)
+    ds.write_parquet("captions/")
+
+* one model per actor, loaded in the actor's constructor on the device Ray gave
+  it (``cuda`` when the actor holds a GPU, else ``cpu``; ``device=`` wins);
+* the image column is found by name (``image``: the arrays of ``read_images``;
+  ``bytes``: ``read_binary_files``; img2dataset's ``jpg``/``png``/``webp``;
+  ``path``: files the workers can read) or named with ``column=``;
+* the task's columns are added (``caption``, ``captions``, ``error`` and the
+  settings the CLI's records carry; ``question``, ``answer``, ``answers`` for
+  :class:`Asker`; ``dims``, ``vector`` for :class:`Embedder`); ``error`` is null
+  when the row is fine and says why when its image is not: a bad image is an
+  error row, never an exception, so one corrupt file cannot abort the job;
+* every other input column passes through unchanged; ``drop_image=True`` drops
+  the image column (the bytes are rarely wanted in the output); a task column
+  whose name an input column already has (img2dataset's ``caption``) is written
+  as ``blip2_<name>`` (``blip2_caption``) and the input column is kept;
+* the options are the library's keyword options (``num_beams``, ``prompt``,
+  ``batch_size``, ``pool``, ...); for the same images and settings the values
+  are the CLI's records (``generation`` is a JSON string, as ``--format parquet``
+  writes it).
+
+The classes take numpy, pandas and pyarrow batches (``batch_format=``) and
+return the same kind. Nothing here imports Ray: the same classes serve Spark's
+``mapInPandas`` and Daft (see README, "Scale out").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+__all__ = ["IMAGE_COLUMNS", "Asker", "Captioner", "Embedder", "actor_device"]
+
+#: Where an image is looked for when ``column=`` is not given, in this order.
+IMAGE_COLUMNS = ("image", "bytes", "jpg", "png", "webp", "path")
+
+# Keys of a record that say which input it came from: the row itself says that here.
+_INPUT_KEYS = ("path", "path_bytes", "original_path", "id")
+# What load() takes; every other keyword is the task's option.
+_LOAD_KEYS = ("device", "dtype", "quantize", "revision", "offline", "allow_pickle")
+_PREFIX = "blip2_"
+
+
+def actor_device() -> str:
+    """``"cuda"`` in a Ray worker that holds a GPU (Ray sets ``CUDA_VISIBLE_DEVICES``
+    to it), ``"cpu"`` in one that holds none, ``"auto"`` outside Ray."""
+    try:
+        import ray
+    except ImportError:
+        return "auto"
+    try:
+        if not ray.is_initialized():
+            return "auto"
+        return "cuda" if ray.get_gpu_ids() else "cpu"
+    except Exception:  # noqa: BLE001 - not in a worker: the library's own choice
+        return "auto"
+
+
+# -- batches: numpy dicts, pandas frames, Arrow tables ---------------------------------
+def _kind(batch) -> str:
+    if isinstance(batch, dict):
+        return "numpy"
+    if hasattr(batch, "schema") and hasattr(batch, "column_names"):
+        return "pyarrow"
+    if hasattr(batch, "columns") and hasattr(batch, "iloc"):
+        return "pandas"
+    raise TypeError(f"a batch must be a dict of numpy arrays, a pandas DataFrame or a pyarrow Table, "
+                    f"got {type(batch).__name__}")
+
+
+def _names(batch, kind: str) -> list[str]:
+    if kind == "numpy":
+        return list(batch)
+    if kind == "pyarrow":
+        return list(batch.column_names)
+    return [str(c) for c in batch.columns]
+
+
+def _rows(batch, kind: str) -> int:
+    if kind == "numpy":
+        return len(next(iter(batch.values()))) if batch else 0
+    return batch.num_rows if kind == "pyarrow" else len(batch)
+
+
+def _values(batch, kind: str, name: str) -> list:
+    """One column as a list of Python values (an image as bytes, a path or an array)."""
+    if kind == "numpy":
+        return list(batch[name])
+    if kind == "pandas":
+        column = batch[name]
+        try:
+            return list(column.to_numpy())
+        except Exception:  # noqa: BLE001 - an extension type without to_numpy
+            return list(column)
+    column = batch.column(name)
+    import pyarrow as pa
+
+    if isinstance(column.type, pa.ExtensionType):  # Ray's tensor columns (read_images)
+        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        return list(array.to_numpy(zero_copy_only=False))
+    return column.to_pylist()
+
+
+def _is_null(value) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, float) and value != value  # pandas' NaN for a missing value
+
+
+# -- the adapters ------------------------------------------------------------------------
+class _Adapter:
+    task = ""
+
+    def __init__(self, model: Any, *, column: str | None = None, drop_image: bool = False, **options):
+        from .api import Model, load
+
+        load_options = {k: options.pop(k) for k in _LOAD_KEYS if k in options}
+        if isinstance(model, Model):
+            if load_options:
+                raise TypeError(f"{', '.join(load_options)}: a loaded Model is used as it is; pass a checkpoint "
+                                f"name to have each worker load it")
+            self.model = model
+        else:
+            device = load_options.pop("device", None) or actor_device()
+            self.model = load(model, device=device, **load_options)
+        self.column = column
+        self.drop_image = drop_image
+        self.options = options
+        self._check_options()
+
+    # what a subclass supplies
+    def _check_options(self) -> None:
+        list(self._records([], 0))  # the library validates options before any image
+
+    def _records(self, images: list, start: int) -> Iterable[dict]:
+        raise NotImplementedError
+
+    def _batch_records(self, batch, kind: str, images: list) -> list[dict]:
+        return list(self._records(images, 0))
+
+    # the Ray face
+    def image_column(self, names: Sequence[str]) -> str:
+        if self.column is not None:
+            if self.column not in names:
+                raise KeyError(f"column={self.column!r} is not a column of the dataset "
+                               f"(columns: {', '.join(names)})")
+            return self.column
+        for name in IMAGE_COLUMNS:
+            if name in names:
+                return name
+        raise KeyError(f"no image column among {', '.join(names)}: expected one of {', '.join(IMAGE_COLUMNS)}; "
+                       f"name it with column=")
+
+    def __call__(self, batch):
+        kind = _kind(batch)
+        names = _names(batch, kind)
+        column = self.image_column(names)
+        images = _values(batch, kind, column)
+        n = _rows(batch, kind)
+        records: list[dict | None] = [None] * n
+        good = [i for i, image in enumerate(images) if not _is_null(image)]
+        done = self._batch_records(batch, kind, [images[i] for i in good]) if good else []
+        for i, record in zip(good, done):
+            records[i] = record
+        template = done[0] if done else self._empty_record()
+        for i in range(n):
+            if records[i] is None:
+                records[i] = {**_blank(template), "error": f"no image in column {column!r} (null)"}
+        return self._join(batch, kind, names, column, records)  # type: ignore[arg-type]
+
+    def _empty_record(self) -> dict:
+        """A record's keys when the batch has no image at all (every row null)."""
+        from .tasks import task
+
+        return dict.fromkeys(task(self.task).record_keys)
+
+    def _join(self, batch, kind: str, names: list[str], column: str, records: list[dict]):
+        keys: list[str] = []
+        for record in records:
+            keys += [k for k in record if k not in keys and k not in _INPUT_KEYS]
+        kept = [n for n in names if not (self.drop_image and n == column)]
+        out_names = {k: (_PREFIX + k if k in kept else k) for k in keys}
+        columns = {out_names[k]: [_cell(r.get(k)) for r in records] for k in keys}
+        if kind == "numpy":
+            import numpy as np
+
+            out = {n: batch[n] for n in kept}
+            for name, values in columns.items():
+                array = np.empty(len(values), dtype=object)
+                array[:] = values
+                out[name] = array
+            return out
+        if kind == "pandas":
+            out = batch[kept].copy() if len(kept) != len(names) else batch.copy()
+            for name, values in columns.items():
+                out[name] = values
+            return out
+        out = batch.select(kept) if len(kept) != len(names) else batch
+        for name, values in columns.items():
+            out = out.append_column(name, _arrow(values))
+        return out
+
+
+def _blank(record: dict) -> dict:
+    return {k: (v if k not in ("caption", "captions", "answer", "answers", "dims", "vector", "error") else None)
+            for k, v in record.items()} | {k: [] for k in ("captions", "answers") if k in record}
+
+
+def _cell(value):
+    """A record value as a column holds it: nested settings (``generation``) as JSON, as Parquet has them."""
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return value
+
+
+def _arrow(values: list):
+    import pyarrow as pa
+
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, list) for v in present):
+        inner = [x for v in present for x in v]
+        if inner and all(isinstance(x, float) for x in inner):
+            return pa.array(values, type=pa.list_(pa.float32()))
+        if not inner or all(isinstance(x, str) for x in inner):
+            return pa.array(values, type=pa.list_(pa.string()))
+    if not present:
+        return pa.array(values, type=pa.string())
+    return pa.array(values)
+
+
+class Captioner(_Adapter):
+    """``map_batches(Captioner, fn_constructor_kwargs={"model": ..., **caption_options})``.
+
+    Adds ``caption`` (the best caption), ``captions`` (all of them), ``error`` and the
+    settings (``model``, ``revision``, ``dtype``, ``quantize``, ``preprocess``,
+    ``generation``). Options: those of :meth:`blip2cli.Model.caption` (``prompt``,
+    ``num_beams``, ``max_new_tokens``, ``num_captions``, ``sample``, ``seed``,
+    ``batch_size``, ...) and of :func:`blip2cli.load` (``dtype``, ``quantize``, ``device``).
+    """
+
+    task = "caption"
+
+    def _records(self, images, start):
+        return _call(self.model, "caption_records", images, **self.options)
+
+
+class Embedder(_Adapter):
+    """``map_batches(Embedder, fn_constructor_kwargs={"model": ..., "pool": "mean"})``.
+
+    Adds ``dims``, ``vector`` (flat float32, row-major), ``error`` and the settings
+    (``preprocess``, ``features``, ``pool`` beside the model's). Options: those of
+    :meth:`blip2cli.Model.embed_images` (``pool``, ``features``, ``batch_size``).
+    """
+
+    task = "embed"
+
+    def _records(self, images, start):
+        return _call(self.model, "embed_records", images, **self.options)
+
+
+class Asker(_Adapter):
+    """``map_batches(Asker, fn_constructor_kwargs={"model": ..., "question": "what is it?"})``.
+
+    One question for every row (``question=``) or each row's own (``question_column=``);
+    one output row per input row. Adds ``question``, ``answer``, ``answers``, ``error``
+    and the settings. Options: those of :meth:`blip2cli.Model.ask`.
+    """
+
+    task = "ask"
+
+    def __init__(self, model: Any, *, question: str | None = None, question_column: str | None = None, **options):
+        if (question is None) == (question_column is None):
+            raise TypeError("Asker needs question= (one question for every row) or question_column= (not both)")
+        if question is not None and not isinstance(question, str):
+            raise TypeError("question= is one question (a str); use question_column= for one per row")
+        self.question = question
+        self.question_column = question_column
+        super().__init__(model, **options)
+
+    def _check_options(self) -> None:
+        list(_call(self.model, "ask_records", [], self.question or "?", **self.options))
+
+    def _batch_records(self, batch, kind, images):
+        if self.question is not None:
+            return list(_call(self.model, "ask_records", images, self.question, **self.options))
+        names = _names(batch, kind)
+        if self.question_column not in names:
+            raise KeyError(f"question_column={self.question_column!r} is not a column (columns: {', '.join(names)})")
+        column = self.image_column(names)
+        all_images = _values(batch, kind, column)
+        questions = [q for q, image in zip(_values(batch, kind, self.question_column), all_images)
+                     if not _is_null(image)]
+        out: list[dict | None] = [None] * len(images)
+        by_question: dict[str, list[int]] = {}
+        for i, q in enumerate(questions):
+            if isinstance(q, str) and q.strip():
+                by_question.setdefault(q, []).append(i)
+        for q, rows in by_question.items():
+            for i, record in zip(rows, _call(self.model, "ask_records", [images[i] for i in rows], q, **self.options)):
+                out[i] = record
+        template = next((r for r in out if r is not None), None) or self._empty_record()
+        for i, record in enumerate(out):
+            if record is None:
+                out[i] = {**_blank(template), "question": questions[i] if isinstance(questions[i], str) else None,
+                          "error": f"no question in column {self.question_column!r}"}
+        return out  # type: ignore[return-value]
+
+
+# -- until the library's per-item records land (h/library): the same records, public API only --
+def _call(model, name: str, images: list, *args, **options):
+    method = getattr(model, name, None)
+    if method is not None:
+        return method(images, *args, **options)
+    return _fallback(model, name, images, *args, **options)
+
+
+def _fallback(model, name, images, *args, **options):
+    from .api import ImageError
+    from .ask import answer_record
+    from .caption import GenerationOptions, caption_record
+    from .embed import image_record
+
+    images = list(images)
+    errors: dict[int, str] = {}
+    while True:
+        alive = [i for i in range(len(images)) if i not in errors]
+        try:
+            if name == "caption_records":
+                out = model.caption([images[i] for i in alive], batch_size=max(1, len(alive)), **options)
+            elif name == "ask_records":
+                out = model.ask([images[i] for i in alive], args[0], batch_size=max(1, len(alive)), **options)
+            else:
+                out = model.embed_images([images[i] for i in alive], batch_size=max(1, len(alive)), **options)
+            break
+        except ImageError as exc:
+            errors[alive[getattr(exc, "index")]] = str(exc)
+    got = dict(zip(alive, out))
+    gen_keys = ("prompt", "max_new_tokens", "min_new_tokens", "num_beams", "sample", "temperature", "top_p",
+                "repetition_penalty", "seed")
+    settings = {**model.settings(), "preprocess": options.get("preprocess", "fast")}
+    if name == "embed_records":
+        settings.update(features=options.get("features", "auto"), pool=options.get("pool", "none"))
+    else:
+        gen = GenerationOptions(**{k: v for k, v in options.items() if k in gen_keys})
+        settings["generation"] = gen.describe()
+    records = []
+    for i in range(len(images)):
+        value, error = got.get(i), errors.get(i)
+        if name == "caption_records":
+            records.append(caption_record(None, None if value is None else [value], error) | settings)
+        elif name == "ask_records":
+            records.append(answer_record(None, args[0], None if value is None else [value], error) | settings)
+        else:
+            records.append(image_record(None, value, error) | settings)
+    return records

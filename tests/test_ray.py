@@ -1,0 +1,139 @@
+"""blip2cli.ray on a local Ray: Dataset.map_batches(Captioner / Embedder) over
+read_binary_files, read_images and img2dataset-style Parquet, equal to the CLI's records.
+
+One local Ray per module (2 CPUs, no dashboard); the actors load the tiny checkpoints
+on the CPU. These tests are heavy (Ray starts workers): keep them few.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from helpers import FAST, cli, jsonl
+
+ray = pytest.importorskip("ray")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+OPTIONS = {"max_new_tokens": 5, "num_beams": 1}  # = FAST
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             ignore_reinit_error=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.verbose_progress = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def folder(tmp_path, example_images):
+    """4 photos, a truncated JPEG and a text file named .png."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for image in example_images:
+        shutil.copy(image, root / image.name)
+    data = example_images[3].read_bytes()
+    (root / "corrupt.jpg").write_bytes(data[: len(data) // 3])
+    (root / "notes.png").write_text("not an image\n")
+    return root
+
+
+def cli_captions(tiny, paths) -> dict[str, str]:
+    result = cli("caption", *paths, "-m", tiny, *FAST, "-f", "jsonl")
+    assert result.exit_code == 0, result.output
+    return {r["path"].rsplit("/", 1)[-1]: r["caption"] for r in jsonl(result.stdout)}
+
+
+def test_read_binary_files_gives_a_row_per_file_and_error_rows(tiny_opt, folder, example_images):
+    import blip2cli.ray
+
+    ds = ray.data.read_binary_files(str(folder), include_paths=True)
+    ds = ds.map_batches(blip2cli.ray.Captioner, fn_constructor_kwargs={"model": str(tiny_opt), **OPTIONS},
+                        concurrency=1, batch_size=4, batch_format="numpy")
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in ds.take_all()}
+    assert len(rows) == 6
+    errors = {name for name, r in rows.items() if r["error"] is not None}
+    assert errors == {"corrupt.jpg", "notes.png"}
+    assert all(rows[name]["caption"] is None for name in errors)
+    expected = cli_captions(tiny_opt, example_images)
+    assert {name: rows[name]["caption"] for name in expected} == expected
+    row = rows["rocket.jpg"]
+    assert list(row["captions"]) == [row["caption"]]
+    assert isinstance(row["bytes"], bytes) and row["bytes"] == example_images[3].read_bytes()  # passed through
+    assert row["model"] and row["preprocess"] == "fast"
+    assert '"num_beams":1' in row["generation"] and '"max_new_tokens":5' in row["generation"]
+
+
+def test_read_images_gives_the_same_captions_in_every_batch_format(tiny_opt, tmp_path, example_images):
+    import blip2cli.ray
+
+    pngs = [p for p in example_images if p.suffix == ".png"]
+    root = tmp_path / "png"
+    root.mkdir()
+    for p in pngs:
+        shutil.copy(p, root / p.name)
+    expected = cli_captions(tiny_opt, pngs)
+    for batch_format in ("numpy", "pandas", "pyarrow"):
+        ds = ray.data.read_images(str(root), include_paths=True, mode="RGB")
+        ds = ds.map_batches(blip2cli.ray.Captioner,
+                            fn_constructor_kwargs={"model": str(tiny_opt), "drop_image": True, **OPTIONS},
+                            concurrency=1, batch_size=2, batch_format=batch_format)
+        rows = ds.take_all()
+        assert {r["path"].rsplit("/", 1)[-1]: r["caption"] for r in rows} == expected, batch_format
+        assert all(r["error"] is None for r in rows)
+        assert "image" not in rows[0]  # drop_image
+
+
+def test_img2dataset_parquet_keeps_every_row_and_column(tiny_opt, tmp_path, example_images):
+    import blip2cli.ray
+
+    jpgs = [p.read_bytes() for p in example_images] + [b"\xff\xd8broken", None]
+    table = pa.table({
+        "key": [f"{i:09d}" for i in range(len(jpgs))],
+        "jpg": pa.array(jpgs, type=pa.binary()),
+        "caption": [f"alt text {i}" for i in range(len(jpgs))],
+        "url": [f"https://example.com/{i}.jpg" for i in range(len(jpgs))],
+    })
+    pq.write_table(table, tmp_path / "00000.parquet")
+    ds = ray.data.read_parquet(str(tmp_path / "00000.parquet"))
+    ds = ds.map_batches(blip2cli.ray.Captioner,
+                        fn_constructor_kwargs={"model": str(tiny_opt), "column": "jpg", **OPTIONS},
+                        concurrency=1, batch_size=3, batch_format="pyarrow")
+    out = tmp_path / "out"
+    ds.write_parquet(str(out))
+    back = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("*.parquet"))]).sort_by("key")
+    assert back.num_rows == len(jpgs)
+    for name in ("key", "jpg", "caption", "url"):  # every input column as it was
+        assert back.column(name).to_pylist() == table.column(name).to_pylist(), name
+    rows = back.to_pylist()
+    errors = [r["key"] for r in rows if r["error"] is not None]
+    assert errors == ["000000004", "000000005"]
+    expected = cli_captions(tiny_opt, example_images)
+    got = {p.name: r["blip2_caption"] for p, r in zip(example_images, rows)}  # img2dataset's caption kept
+    assert got == expected
+
+
+def test_embedder_mean_vectors_equal_the_cli(tiny_itm, example_images):
+    import numpy as np
+
+    import blip2cli.ray
+
+    result = cli("embed", *example_images, "-m", tiny_itm, "--pool", "mean", "-f", "jsonl")
+    assert result.exit_code == 0, result.output
+    expected = {r["path"].rsplit("/", 1)[-1]: np.asarray(r["vector"], dtype=np.float32)
+                for r in jsonl(result.stdout)}
+    ds = ray.data.from_items([{"path": str(p)} for p in example_images])
+    ds = ds.map_batches(blip2cli.ray.Embedder, fn_constructor_kwargs={"model": str(tiny_itm), "pool": "mean"},
+                        concurrency=1, batch_size=4)
+    rows = ds.take_all()
+    assert len(rows) == 4
+    for row in rows:
+        assert row["error"] is None and row["pool"] == "mean"
+        got = np.asarray(row["vector"], dtype=np.float32)
+        want = expected[row["path"].rsplit("/", 1)[-1]]
+        assert got.shape == want.shape and float(np.abs(got - want).max()) < 1e-4
