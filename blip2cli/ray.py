@@ -37,8 +37,9 @@ return the same kind. Nothing here imports Ray: the same classes serve Spark's
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Iterable, Sequence
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 __all__ = ["IMAGE_COLUMNS", "Asker", "Captioner", "Embedder", "actor_device"]
 
@@ -115,7 +116,7 @@ def _values(batch, kind: str, name: str) -> list:
 def _is_null(value) -> bool:
     if value is None:
         return True
-    return isinstance(value, float) and value != value  # pandas' NaN for a missing value
+    return isinstance(value, float) and math.isnan(value)  # pandas' NaN for a missing value
 
 
 # -- the adapters ------------------------------------------------------------------------
@@ -344,7 +345,7 @@ def _fallback(model, name, images, *args, **options):
                 out = model.embed_images([images[i] for i in alive], batch_size=max(1, len(alive)), **options)
             break
         except ImageError as exc:
-            errors[alive[getattr(exc, "index")]] = str(exc)
+            errors[alive[exc.index]] = str(exc)  # type: ignore[attr-defined]
     got = dict(zip(alive, out))
     gen_keys = ("prompt", "max_new_tokens", "min_new_tokens", "num_beams", "sample", "temperature", "top_p",
                 "repetition_penalty", "seed")
