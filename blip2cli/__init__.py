@@ -24,6 +24,7 @@ _EXPORTS = {
     "ImageInput": "api",
     "caption_files": "api",
     "ask_files": "api",
+    "record_schema": "api",
     "GenerationOptions": "caption",
     "ImageError": "images",
     "Blip2Error": "errors",
@@ -35,7 +36,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time, __getattr__ below
-    from .api import Chat, ImageInput, Model, ask_files, caption_files, load
+    from .api import Chat, ImageInput, Model, ask_files, caption_files, load, record_schema
     from .caption import GenerationOptions
     from .errors import Blip2Error, DeviceError, ModelError, OptionError
     from .images import ImageError

@@ -35,7 +35,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union
 
 from .ask import ASK_MAX_NEW_TOKENS, ASK_MIN_NEW_TOKENS, CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPLATE, PAIRS_PER_IMAGE
-from .caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, GenerationOptions
+from .caption import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_NEW_TOKENS, GenerationOptions, check_integer
 from .choices import Preprocess, names
 from .defaults import default_batch_size, default_workers
 from .embed import FEATURES, POOLS
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 ImageInput = Union["PILImage.Image", str, "os.PathLike[str]", bytes, bytearray, memoryview, "np.ndarray"]
 PREPROCESS = names(Preprocess)
 
-__all__ = ["Chat", "ImageInput", "Model", "ask_files", "caption_files", "load"]
+__all__ = ["Chat", "ImageInput", "Model", "ask_files", "caption_files", "load", "record_schema"]
 
 
 # -- load -------------------------------------------------------------------------
@@ -174,6 +174,8 @@ def _source(image: Any, index: int):
         shape, dtype = tuple(getattr(image, "shape", ())), str(image.dtype)
         if dtype != "uint8" or len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
             raise ImageError(f"expected an HxWx3 uint8 array, got {dtype} of shape {shape}")
+        if 0 in shape[:2]:
+            raise ImageError(f"empty image: an array of shape {shape} has no pixels")
         from PIL import Image
 
         import numpy as np
@@ -206,17 +208,20 @@ def _prepare(stage, image: Any, index: int):
 
 # -- defaults (the CLI's, in options.py) ----------------------------------------------
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise OptionError(f"{name} must be one of {', '.join(map(repr, choices))} (got {value!r})", params=[name])
     return value
 
 
 def _check_batch_size(batch_size: int | None) -> None:
+    check_integer("batch_size", batch_size, optional=True)
     if batch_size is not None and batch_size < 1:
         raise OptionError("batch_size must be at least 1", params=["batch_size"])
 
 
 def _check_template(template: str | None) -> str | None:
+    if template is not None and not isinstance(template, str):
+        raise OptionError(f"template must be a string or None (got {template!r})", params=["template"])
     if template is not None and "{question}" not in template:
         raise OptionError(f"template must contain {{question}} (got {template!r})",
                           hint='for example template="Question: {question} Short answer:"', params=["template"])
@@ -225,6 +230,9 @@ def _check_template(template: str | None) -> str | None:
 
 def _questions(questions: str | Sequence[str]) -> tuple[bool, list[str]]:
     single = isinstance(questions, str)
+    if not single and (isinstance(questions, (bytes, bytearray)) or not isinstance(questions, Iterable)):
+        raise OptionError(f"questions must be a string or a list of strings (got {questions!r})",
+                          params=["questions"])
     listed = [questions] if single else list(questions)  # type: ignore[list-item]
     if not listed:
         raise OptionError("questions is empty: ask at least one question", params=["questions"])
@@ -475,6 +483,7 @@ class Model:
         if template is None:
             raise OptionError("template must contain {question} (got None)", params=["template"])
         _check_template(template)
+        check_integer("context_tokens", context_tokens, optional=True)
         if context_tokens is not None and context_tokens < 1:
             raise OptionError("context_tokens must be at least 1", params=["context_tokens"])
         session = ChatSession(Asker(self.loaded, gen), self._stage(preprocess), template=template,
@@ -593,6 +602,133 @@ class Model:
         return probabilities[0] if single else probabilities
 
 
+    # -- per-item records: the CLI's records for in-memory data -----------------------------------
+    def caption_records(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        ids: Iterable[Any] | None = None,
+        *,
+        prompt: str | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        min_new_tokens: int = DEFAULT_MIN_NEW_TOKENS,
+        num_beams: int | None = None,
+        num_captions: int = 1,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        preprocess: str = "fast",
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> Iterator[dict]:
+        """One ``blip2 caption -f jsonl`` record per image, in order; a bad image is an error record.
+
+        Args:
+            images: images of any kind :meth:`caption` takes (paths, bytes, PIL images,
+                ``HxWx3`` uint8 arrays), mixed freely.
+            ids: one value per image (a row key, a URL, ...), put first in its record as ``id``.
+            prompt, ..., batch_size: as for :meth:`caption`.
+            workers: decode threads (the CLI's ``--workers`` default).
+
+        Yields:
+            ``{"id"?, "path", "caption", "captions", "error", "model", "revision", "dtype",
+            "quantize", "preprocess", "generation"}`` per image: ``path`` is the path for a
+            path and ``None`` otherwise; an image that cannot be decoded gives
+            ``error`` (a reason) and ``caption=None``, and the rest go on. Images are decoded
+            in the CLI's worker threads and batched as the CLI batches; captions equal
+            :meth:`caption`'s.
+
+        Raises (before the first record):
+            OptionError: an impossible option, or ``ids`` of another length than ``images``.
+
+        Example:
+            >>> for r in model.caption_records([b"...jpeg bytes...", pil_image], ids=["k1", "k2"]):
+            ...     print(r["id"], r["caption"] or r["error"])
+        """
+        make_task, settings, size = _caption_job(
+            self, prompt=prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+            num_captions=num_captions, sample=sample, temperature=temperature, top_p=top_p, seed=seed,
+            repetition_penalty=repetition_penalty, preprocess=preprocess, batch_size=batch_size)
+        return _run_memory(self, images, ids, make_task, settings, size=size, workers=workers, seed=seed)
+
+    def ask_records(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        questions: str | Sequence[str],
+        ids: Iterable[Any] | None = None,
+        *,
+        template: str | None = DEFAULT_TEMPLATE,
+        max_new_tokens: int = ASK_MAX_NEW_TOKENS,
+        min_new_tokens: int = ASK_MIN_NEW_TOKENS,
+        num_beams: int | None = None,
+        num_answers: int = 1,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        preprocess: str = "fast",
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> Iterator[dict]:
+        """``blip2 ask -f jsonl`` records: one per (image, question), image-major, in order.
+
+        Args:
+            images, ids, workers: as for :meth:`caption_records` (each of an image's
+                records carries its ``id``).
+            questions: one question or a list; every question is asked of every image.
+            template, ..., batch_size: as for :meth:`ask`.
+
+        Yields:
+            ``{"id"?, "path", "question", "answer", "answers", "error", ...settings}``;
+            an image that cannot be decoded gives an error record per question.
+        """
+        make_task, settings, size = _ask_job(
+            self, questions, template=template, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            num_beams=num_beams, num_answers=num_answers, sample=sample, temperature=temperature, top_p=top_p,
+            seed=seed, repetition_penalty=repetition_penalty, preprocess=preprocess, batch_size=batch_size)
+        return _run_memory(self, images, ids, make_task, settings, size=size, workers=workers, seed=seed)
+
+    def embed_records(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        ids: Iterable[Any] | None = None,
+        *,
+        pool: str = "none",
+        features: str = "auto",
+        preprocess: str = "fast",
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> Iterator[dict]:
+        """``blip2 embed -f jsonl`` records: one per image, in order.
+
+        Args:
+            images, ids, workers: as for :meth:`caption_records`.
+            pool, features, preprocess, batch_size: as for :meth:`embed_images`.
+
+        Yields:
+            ``{"id"?, "path", "dims", "vector", "error", ...settings, "features", "pool"}``:
+            ``vector`` the float32 values flat (row-major, a list of floats), ``dims`` their
+            shape (``[32, 256]`` or ``[256]`` for ITC); ``None`` both with ``error`` set for
+            an image that cannot be decoded.
+        """
+        make_task, settings, size = _embed_job(self, features=features, pool=pool, preprocess=preprocess,
+                                               batch_size=batch_size)
+        return _run_memory(self, images, ids, make_task, settings, size=size, workers=workers, seed=None)
+
+    def record_schema(self, task: str, *, id_type: Any = None, features: str = "auto", pool: str = "none"):
+        """The ``pyarrow.Schema`` of this model's ``*_records`` for ``task`` (``"caption"``,
+        ``"ask"``, ``"embed"``): :func:`record_schema` with the vector length of ``embed``
+        (``features``, ``pool``) filled in."""
+        size = None
+        if task == "embed":
+            import math
+
+            size = math.prod(self._embedder(features, pool).dims)
+        return record_schema(task, id_type=id_type, vector_size=size)
+
+
 class Chat:
     """A conversation about one image at a time (from :meth:`Model.chat`).
 
@@ -644,6 +780,67 @@ class Chat:
     def transcript(self) -> list[dict]:
         """Every turn so far as the CLI's chat records (``turn``, ``image``, ``question``, ``answer``, ``error``)."""
         return [turn.record() for turn in self.session.transcript]
+
+
+# -- the Arrow schema of the records ----------------------------------------------------------------
+RECORD_TASKS = ("caption", "ask", "embed")
+
+
+def record_schema(task: str, *, id_type: Any = None, vector_size: int | None = None):
+    """The ``pyarrow.Schema`` of a task's records, the one ``--format parquet`` writes for them.
+
+    For engines that want a schema before the first record (Ray Data, Spark, Daft,
+    ``pyarrow.dataset``): the columns of ``blip2 caption|ask|embed --format parquet``
+    (results, ``path_bytes`` for a path that is not valid UTF-8, ``error``, then the
+    settings: ``model``, ``revision``, ``dtype``, ``quantize``, ``preprocess`` and the
+    task's own: ``generation`` as a JSON string, ``template``, ``features``, ``pool``).
+
+    Args:
+        task: ``"caption"``, ``"ask"`` or ``"embed"``.
+        id_type: the type of the ``id`` column that ``*_records(..., ids=...)`` puts
+            first: ``str``, ``int``, ``float`` or a ``pyarrow.DataType``; ``None``: no ``id``.
+        vector_size: ``embed``: values per vector (``32 * 256`` for ITC without pooling,
+            256 with ``pool="mean"``), a ``fixed_size_list<float32>``; ``None``: a plain
+            ``list<float32>``. :meth:`Model.record_schema` knows it.
+
+    Example:
+        >>> blip2cli.record_schema("caption").names[:5]
+        ['path', 'path_bytes', 'caption', 'captions', 'error']
+    """
+    from .parquet import arrow_schema, require_pyarrow
+
+    require_pyarrow()
+    import pyarrow as pa
+
+    if task not in RECORD_TASKS:
+        raise OptionError(f"task must be one of {', '.join(map(repr, RECORD_TASKS))} (got {task!r})", params=["task"])
+    check_integer("vector_size", vector_size, optional=True)
+    settings: dict = {"model": "m", "revision": "r", "dtype": "float32", "quantize": "none", "preprocess": "fast"}
+    if task == "caption":
+        from .caption import caption_record
+
+        record = {**caption_record("a.jpg", ["a"], None), **settings, "generation": {"num_beams": 5}}
+    elif task == "ask":
+        from .ask import answer_record
+
+        record = {**answer_record("a.jpg", "q", ["a"], None), **settings, "template": "{question}",
+                  "generation": {"num_beams": 5}}
+    else:
+        vector = [0.0] * vector_size if vector_size else None
+        record = {"path": "a.jpg", "dims": [vector_size] if vector else None, "vector": vector, "error": None,
+                  **settings, "features": "itc", "pool": "none"}
+    id_field = None
+    if id_type is not None:
+        types = {str: pa.string(), int: pa.int64(), float: pa.float64()}
+        id_field = types.get(id_type, id_type)
+        if not isinstance(id_field, pa.DataType):
+            raise OptionError(f"id_type must be str, int, float or a pyarrow type (got {id_type!r})",
+                              params=["id_type"])
+        record = {"id": None, **record}
+    schema = arrow_schema([record])
+    if id_field is not None:
+        schema = schema.set(schema.get_field_index("id"), pa.field("id", id_field))
+    return schema
 
 
 # -- the *_files iterators: the CLI's pipeline ------------------------------------------
@@ -717,6 +914,128 @@ def _pipeline_records(items: Iterable, task, *, settings: dict, batch_size: int,
             thread.join()
 
 
+class _InMemory:
+    """A pipeline task over the items of a ``*_records`` call: in the decode worker
+    thread each item's image (a path, bytes, a PIL image, an array) becomes what the
+    decode takes; each record gets the item's ``id`` first when ids were given."""
+
+    def __init__(self, task, with_ids: bool):
+        self.task = task
+        self.with_ids = with_ids
+
+    def prepare(self, item):
+        from dataclasses import replace
+
+        try:
+            source = _source(item.source, 0)
+        except TypeError:
+            raise ImageError(f"expected a PIL image, a path, bytes or an HxWx3 uint8 array, "
+                             f"got {type(item.source).__name__}") from None
+        return self.task.prepare(replace(item, source=source))
+
+    def run_batch(self, prepared):
+        return self.task.run_batch(prepared)
+
+    def record(self, item, result, error):
+        made = self.task.record(item, result, error)
+        records = made if isinstance(made, list) else [made]
+        if self.with_ids:
+            records = [{"id": item.fields["id"], **record} for record in records]
+        return records
+
+
+def _memory_items(images: Any, ids: Iterable | None) -> list:
+    """One ``sources.Item`` per image, in order: ``name`` is the path for a path
+    (``None`` otherwise), ``source`` the image as given, ``fields["id"]`` its id."""
+    from .sources import Item
+
+    _, listed = _as_list(images)
+    if ids is not None:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise OptionError(f"ids must be a list with one id per image (got {type(ids).__name__})", params=["ids"])
+        ids = list(ids)
+        if len(ids) != len(listed):
+            raise OptionError(f"ids has {len(ids)} values for {len(listed)} images: give one id per image",
+                              params=["ids", "images"])
+    items = []
+    for index, image in enumerate(listed):
+        name = None
+        if isinstance(image, (str, os.PathLike)):
+            name = os.fspath(image)
+            name = name if isinstance(name, str) else os.fsdecode(name)
+        items.append(Item(name=name, source=image, fields={"id": ids[index] if ids is not None else None}))  # type: ignore[arg-type]
+    return items
+
+
+def _run_memory(model: "Model", images, ids, make_task: Callable[[], Any], settings: dict, *, size: int,
+                workers: int | None, seed: int | None) -> Iterator[dict]:
+    check_integer("workers", workers, optional=True)
+    if workers is not None and workers < 1:
+        raise OptionError("workers must be at least 1", params=["workers"])
+    items = _memory_items(images, ids)
+    task = _InMemory(make_task(), ids is not None)
+    return _pipeline_records(items, task, settings={**model.settings(), **settings}, batch_size=size,
+                             workers=workers or default_workers(), seed=seed)
+
+
+# -- what each task needs: its options checked, the task, the settings its records carry ----------
+def _caption_job(model: "Model", *, prompt, max_new_tokens, min_new_tokens, num_beams, num_captions, sample,
+                 temperature, top_p, seed, repetition_penalty, preprocess, batch_size) -> tuple:
+    """(make_task, settings, batch size) of a caption run, as ``blip2 caption`` builds them."""
+    from .caption import CaptionTask, Captioner
+
+    model._generative("caption")
+    gen = GenerationOptions(prompt=prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                            num_beams=num_beams, num_captions=num_captions, sample=sample, temperature=temperature,
+                            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    gen.validate()
+    _check_choice("preprocess", preprocess, PREPROCESS)
+    size = model._batch_size(batch_size)
+
+    def make_task():
+        return CaptionTask(model.loaded, Captioner(model.loaded, gen), preprocess)
+
+    return make_task, {"preprocess": preprocess, "generation": gen.describe()}, size
+
+
+def _ask_job(model: "Model", questions, *, template, max_new_tokens, min_new_tokens, num_beams, num_answers,
+             sample, temperature, top_p, seed, repetition_penalty, preprocess, batch_size) -> tuple:
+    """(make_task, settings, batch size) of an ask run, as ``blip2 ask`` builds them."""
+    from .ask import AskTask, Asker, generation_settings  # generation_settings: num_answers, as ask's records
+    from .images import ImageStage
+
+    model._generative("ask")
+    gen = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                            num_captions=num_answers, sample=sample, temperature=temperature, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    gen.validate(count_name="num_answers")
+    template = _check_template(template)
+    _, listed_questions = _questions(questions)
+    _check_choice("preprocess", preprocess, PREPROCESS)
+    size = model._batch_size(batch_size)
+
+    def make_task():
+        return AskTask(Asker(model.loaded, gen, pairs_per_call=size * PAIRS_PER_IMAGE),
+                       ImageStage(model.loaded, preprocess), listed_questions, template)
+
+    settings = {"preprocess": preprocess, "template": template, "generation": generation_settings(gen)}
+    return make_task, settings, size
+
+
+def _embed_job(model: "Model", *, features, pool, preprocess, batch_size) -> tuple:
+    """(make_task, settings, batch size) of an embed run, as ``blip2 embed -f jsonl`` builds them."""
+    from .embed import EmbedTask
+
+    embedder = model._embedder(features, pool)
+    _check_choice("preprocess", preprocess, PREPROCESS)
+    size = model._batch_size(batch_size)
+
+    def make_task():
+        return EmbedTask(model.loaded, embedder, preprocess)
+
+    return make_task, {"preprocess": preprocess, "features": features, "pool": pool}, size
+
+
 def _items(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], recursive: bool,
            extensions: Iterable[str] | None) -> Iterator:
     from .sources import InputResolver
@@ -730,6 +1049,7 @@ def _items(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], re
 def _run_files(model: Model, inputs, make_task: Callable[[], Any], extra_settings: dict, *, recursive: bool,
                extensions, batch_size: int | None, workers: int | None, seed: int | None) -> Iterator[dict]:
     size = model._batch_size(batch_size)
+    check_integer("workers", workers, optional=True)
     if workers is not None and workers < 1:
         raise OptionError("workers must be at least 1", params=["workers"])
     items = _items(inputs, recursive, extensions)
@@ -778,20 +1098,12 @@ def caption_files(
         >>> for record in blip2cli.caption_files(["photos/"], model=model, num_beams=1):
         ...     print(record["path"], record["caption"] or record["error"])
     """
-    from .caption import CaptionTask, Captioner
-
-    model._generative("caption")
-    gen = GenerationOptions(prompt=prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                            num_beams=num_beams, num_captions=num_captions, sample=sample, temperature=temperature,
-                            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
-    gen.validate()
-    _check_choice("preprocess", preprocess, PREPROCESS)
-
-    def make_task():
-        return CaptionTask(model.loaded, Captioner(model.loaded, gen), preprocess)
-
-    return _run_files(model, inputs, make_task, {"preprocess": preprocess, "generation": gen.describe()},
-                      recursive=recursive, extensions=extensions, batch_size=batch_size, workers=workers, seed=seed)
+    make_task, settings, size = _caption_job(
+        model, prompt=prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+        num_captions=num_captions, sample=sample, temperature=temperature, top_p=top_p, seed=seed,
+        repetition_penalty=repetition_penalty, preprocess=preprocess, batch_size=batch_size)
+    return _run_files(model, inputs, make_task, settings, recursive=recursive, extensions=extensions,
+                      batch_size=size, workers=workers, seed=seed)
 
 
 def ask_files(
@@ -831,23 +1143,9 @@ def ask_files(
         >>> for r in blip2cli.ask_files("photos/", ["is it blurry?"], model=model):
         ...     print(r["path"], r["answer"])
     """
-    from .ask import AskTask, Asker, generation_settings  # generation_settings: num_answers, as ask's records
-    from .images import ImageStage
-
-    model._generative("ask")
-    gen = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                            num_captions=num_answers, sample=sample, temperature=temperature, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed)
-    gen.validate(count_name="num_answers")
-    template = _check_template(template)
-    _, listed_questions = _questions(questions)
-    _check_choice("preprocess", preprocess, PREPROCESS)
-    size = model._batch_size(batch_size)
-
-    def make_task():
-        return AskTask(Asker(model.loaded, gen, pairs_per_call=size * PAIRS_PER_IMAGE),
-                       ImageStage(model.loaded, preprocess), listed_questions, template)
-
-    settings = {"preprocess": preprocess, "template": template, "generation": generation_settings(gen)}
+    make_task, settings, size = _ask_job(
+        model, questions, template=template, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+        num_beams=num_beams, num_answers=num_answers, sample=sample, temperature=temperature, top_p=top_p,
+        seed=seed, repetition_penalty=repetition_penalty, preprocess=preprocess, batch_size=batch_size)
     return _run_files(model, inputs, make_task, settings, recursive=recursive, extensions=extensions,
                       batch_size=size, workers=workers, seed=seed)

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .caption import GenerationOptions, eos_ids, prompt_ids, trim_at_eos
+from .caption import GenerationOptions, check_new_tokens, eos_ids, prompt_ids, trim_at_eos
 from .errors import OptionError
 from .images import ImageStage
 from .writers import Schema
@@ -267,6 +267,9 @@ class AskTask:
         self.stage = stage
         self.questions = list(questions)
         self.prompts = [render_prompt(q, template) for q in self.questions]
+        if self.prompts:  # the longest prompt and max_new_tokens must fit the context
+            longest = max(len(asker.prompt_ids(p)) for p in self.prompts)
+            check_new_tokens(asker.loaded, longest, asker.options.max_new_tokens)
 
     def prepare(self, item):
         return self.stage.prepare(item.source, key=item.name)

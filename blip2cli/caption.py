@@ -10,6 +10,7 @@ decoder-only output is sliced after the prompt.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -63,6 +64,7 @@ class GenerationOptions:
         parameters; ``count_name`` is what the how-many parameter is called
         (``num_answers`` for ask)."""
         noun = count_name.removeprefix("num_")
+        self.check_types(count_name)
         if self.max_new_tokens < 1:
             raise OptionError("max_new_tokens must be at least 1", params=["max_new_tokens"])
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
@@ -89,6 +91,24 @@ class GenerationOptions:
         if self.repetition_penalty <= 0:
             raise OptionError("repetition_penalty must be greater than 0", params=["repetition_penalty"])
 
+    def check_types(self, count_name: str = "num_captions") -> None:
+        """Raise OptionError naming the parameter for a value of the wrong type
+        (``num_beams="5"``, ``num_beams=2.5``, ``prompt=5``, ``seed="x"``)."""
+        for name, value, optional in (("max_new_tokens", self.max_new_tokens, False),
+                                      ("min_new_tokens", self.min_new_tokens, False),
+                                      ("num_beams", self.num_beams, True),
+                                      (count_name, self.num_captions, False),
+                                      ("seed", self.seed, True)):
+            check_integer(name, value, optional=optional)
+        for name, value in (("temperature", self.temperature), ("top_p", self.top_p),
+                            ("repetition_penalty", self.repetition_penalty)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise OptionError(f"{name} must be a number (got {value!r})", params=[name])
+        if not isinstance(self.sample, bool):
+            raise OptionError(f"sample must be True or False (got {self.sample!r})", params=["sample"])
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise OptionError(f"prompt must be a string or None (got {self.prompt!r})", params=["prompt"])
+
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
@@ -114,6 +134,34 @@ class GenerationOptions:
         return {k: v for k, v in values.items() if v is not None and k != "static_cache"}
 
 
+def check_integer(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise OptionError naming ``name`` unless ``value`` is an integer (``None`` too if ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        wanted = "an integer or None" if optional else "an integer"
+        raise OptionError(f"{name} must be {wanted} (got {value!r})", params=[name])
+
+
+def check_new_tokens(loaded, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise OptionError (naming ``max_new_tokens``) when the prompt (image tokens
+    included) and ``max_new_tokens`` do not fit the language model's positions
+    (OPT's ``max_position_embeddings``; T5's relative positions have no such bound)."""
+    if loaded.is_encoder_decoder:
+        return
+    limit = getattr(loaded.model.config.text_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    room = limit - prompt_tokens
+    if max_new_tokens > room:
+        raise OptionError(
+            f"max_new_tokens {max_new_tokens} is beyond the model's context: it holds {limit} tokens "
+            f"and the prompt takes {prompt_tokens} (the image's included), so at most {max(room, 0)} new tokens",
+            hint=f"use max_new_tokens={max(room, 1)} or less",
+            params=["max_new_tokens"],
+        )
+
+
 def prompt_ids(loaded, prompt: str | None) -> list[int]:
     """Token ids of ``[<image>]*N + prompt``, exactly as Blip2Processor/generate build them."""
     config = loaded.model.config
@@ -135,6 +183,7 @@ class Captioner:
         self.options = options
         self.kwargs = options.generate_kwargs()
         self._ids = prompt_ids(loaded, options.prompt)
+        check_new_tokens(loaded, len(self._ids), options.max_new_tokens)
         self._eos = eos_ids(loaded)
 
     def generate_ids(self, pixel_values) -> list[list[int]]:

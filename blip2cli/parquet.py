@@ -55,6 +55,47 @@ def _known_types(pa) -> dict:
     }
 
 
+def column_types(rows: list[dict], columns=()) -> tuple:
+    """``(pyarrow.Schema, {column: converter})`` for these records, as ``--format parquet`` types them.
+
+    Columns in the order the records first show them (``columns`` when there are no
+    records), ``path_bytes`` right after ``path``; the known result columns get their
+    fixed types, ``vector`` a ``fixed_size_list<float32>`` as long as the first vector
+    (a plain ``list<float32>`` without one), anything else is typed from its values
+    (``_infer``: bool, int64, float64, nested values as one JSON string, else string).
+    """
+    import pyarrow as pa
+
+    known = _known_types(pa)
+    names: list[str] = list(columns)
+    for row in rows:
+        for key in row:
+            if key not in names:
+                names.append(key)
+    if "path" in names and "path_bytes" not in names:
+        names.insert(names.index("path") + 1, "path_bytes")
+    fields, convert = [], {}
+    for name in names:
+        values = [r.get(name) for r in rows if r.get(name) is not None]
+        if name == "vector":
+            size = len(values[0]) if values else 0
+            typ = pa.list_(pa.float32(), size) if size else pa.list_(pa.float32())
+            convert[name] = _vector(size)
+        elif name in known:
+            typ = known[name]
+            convert[name] = _as(typ, pa)
+        else:
+            typ, convert[name] = _infer(values, pa)
+        fields.append(pa.field(name, typ))
+    return pa.schema(fields), convert
+
+
+def arrow_schema(records: list[dict], columns=()):
+    """The ``pyarrow.Schema`` ``--format parquet`` writes for a file whose first row
+    group holds ``records`` (see :func:`column_types`)."""
+    return column_types(records, columns)[0]
+
+
 class _Memory(io.RawIOBase):
     """Where pyarrow writes one row group (a whole small file) in memory."""
 
@@ -267,29 +308,8 @@ class ParquetWriter:
         self._since = time.monotonic()
 
     def _make_schema(self, rows: list[dict]):
-        pa = self.pa
-        known = _known_types(pa)
-        names: list[str] = [] if rows else list(self.columns)
-        for row in rows:
-            for key in row:
-                if key not in names:
-                    names.append(key)
-        if "path" in names and "path_bytes" not in names:
-            names.insert(names.index("path") + 1, "path_bytes")
-        fields = []
-        for name in names:
-            values = [r.get(name) for r in rows if r.get(name) is not None]
-            if name == "vector":
-                size = len(values[0]) if values else 0
-                typ = pa.list_(pa.float32(), size) if size else pa.list_(pa.float32())
-                self._convert[name] = _vector(size)
-            elif name in known:
-                typ = known[name]
-                self._convert[name] = _as(typ, pa)
-            else:
-                typ, self._convert[name] = _infer(values, pa)
-            fields.append(pa.field(name, typ))
-        return pa.schema(fields)
+        schema, self._convert = column_types(rows, columns=() if rows else self.columns)
+        return schema
 
     def _write_group(self, rows: list[dict]) -> None:
         pa, pq = self.pa, self.pq
