@@ -41,7 +41,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["IMAGE_COLUMNS", "Asker", "Captioner", "Embedder", "actor_device"]
+__all__ = ["IMAGE_COLUMNS", "Asker", "Captioner", "Embedder", "actor_device", "output_schema", "task_fields"]
 
 #: Where an image is looked for when ``column=`` is not given, in this order.
 IMAGE_COLUMNS = ("image", "bytes", "jpg", "png", "webp", "path")
@@ -139,83 +139,112 @@ class _Adapter:
         self.drop_image = drop_image
         self.options = options
         self._check_options()
+        self.fields = task_fields(self.task, self._record_schema())
 
     # what a subclass supplies
     def _check_options(self) -> None:
-        list(self._records([], 0))  # the library validates options before any image
+        list(self._records([]))  # the library checks the options before any image
 
-    def _records(self, images: list, start: int) -> Iterable[dict]:
+    def _record_schema(self):
+        return self.model.record_schema(self.task)
+
+    def _records(self, images: list) -> Iterable[dict]:
         raise NotImplementedError
 
     def _batch_records(self, batch, kind: str, images: list) -> list[dict]:
-        return list(self._records(images, 0))
+        return list(self._records(images))
 
     # the Ray face
     def image_column(self, names: Sequence[str]) -> str:
-        if self.column is not None:
-            if self.column not in names:
-                raise KeyError(f"column={self.column!r} is not a column of the dataset "
-                               f"(columns: {', '.join(names)})")
-            return self.column
-        for name in IMAGE_COLUMNS:
-            if name in names:
-                return name
-        raise KeyError(f"no image column among {', '.join(names)}: expected one of {', '.join(IMAGE_COLUMNS)}; "
-                       f"name it with column=")
+        """The column the images are read from: ``column=``, else the first of :data:`IMAGE_COLUMNS`."""
+        return _image_column(names, self.column)
+
+    def schema(self, input_schema):
+        """The ``pyarrow.Schema`` of the batches this returns for batches of ``input_schema``
+        (Spark's ``mapInPandas`` wants it up front)."""
+        return _output_schema(self.fields, input_schema, self.image_column(input_schema.names), self.drop_image)
 
     def __call__(self, batch):
         kind = _kind(batch)
         names = _names(batch, kind)
         column = self.image_column(names)
         images = _values(batch, kind, column)
-        n = _rows(batch, kind)
-        records: list[dict | None] = [None] * n
-        good = [i for i, image in enumerate(images) if not _is_null(image)]
-        done = self._batch_records(batch, kind, [images[i] for i in good]) if good else []
-        for i, record in zip(good, done):
-            records[i] = record
-        template = done[0] if done else self._empty_record()
-        for i in range(n):
-            if records[i] is None:
-                records[i] = {**_blank(template), "error": f"no image in column {column!r} (null)"}
-        return self._join(batch, kind, names, column, records)  # type: ignore[arg-type]
-
-    def _empty_record(self) -> dict:
-        """A record's keys when the batch has no image at all (every row null)."""
-        from .tasks import task
-
-        return dict.fromkeys(task(self.task).record_keys)
+        missing = [i for i, image in enumerate(images) if _is_null(image)]
+        for i in missing:
+            images[i] = b""  # an error record with the run's settings; its reason is set below
+        records = self._batch_records(batch, kind, images)
+        for i in missing:
+            records[i] = {**records[i], "error": f"no image in column {column!r} (null)"}
+        return self._join(batch, kind, names, column, records)
 
     def _join(self, batch, kind: str, names: list[str], column: str, records: list[dict]):
-        keys: list[str] = []
-        for record in records:
-            keys += [k for k in record if k not in keys and k not in _INPUT_KEYS]
         kept = [n for n in names if not (self.drop_image and n == column)]
-        out_names = {k: (_PREFIX + k if k in kept else k) for k in keys}
-        columns = {out_names[k]: [_cell(r.get(k)) for r in records] for k in keys}
+        columns = {(_PREFIX + f.name if f.name in kept else f.name): (f, [_cell(r.get(f.name)) for r in records])
+                   for f in self.fields}
         if kind == "numpy":
             import numpy as np
 
             out = {n: batch[n] for n in kept}
-            for name, values in columns.items():
+            for name, (_, values) in columns.items():
                 array = np.empty(len(values), dtype=object)
                 array[:] = values
                 out[name] = array
             return out
         if kind == "pandas":
             out = batch[kept].copy() if len(kept) != len(names) else batch.copy()
-            for name, values in columns.items():
+            for name, (_, values) in columns.items():
                 out[name] = values
             return out
+        import pyarrow as pa
+
         out = batch.select(kept) if len(kept) != len(names) else batch
-        for name, values in columns.items():
-            out = out.append_column(name, _arrow(values))
+        for name, (field, values) in columns.items():
+            out = out.append_column(pa.field(name, field.type), pa.array(values, type=field.type))
         return out
 
 
-def _blank(record: dict) -> dict:
-    return {k: (v if k not in ("caption", "captions", "answer", "answers", "dims", "vector", "error") else None)
-            for k, v in record.items()} | {k: [] for k in ("captions", "answers") if k in record}
+def _image_column(names: Sequence[str], column: str | None) -> str:
+    if column is not None:
+        if column not in names:
+            raise KeyError(f"column={column!r} is not a column of the dataset (columns: {', '.join(names)})")
+        return column
+    for name in IMAGE_COLUMNS:
+        if name in names:
+            return name
+    raise KeyError(f"no image column among {', '.join(names)}: expected one of {', '.join(IMAGE_COLUMNS)}; "
+                   f"name it with column=")
+
+
+def task_fields(task: str, record_schema=None) -> list:
+    """The columns an adapter adds for ``task`` (``caption``, ``ask``, ``embed``): the fields
+    of :func:`blip2cli.record_schema` but those naming the input (``path``, ``id``)."""
+    if record_schema is None:
+        from .api import record_schema as schema_of
+
+        record_schema = schema_of(task)
+    return [f for f in record_schema if f.name not in _INPUT_KEYS]
+
+
+def _output_schema(fields: list, input_schema, column: str, drop_image: bool):
+    import pyarrow as pa
+
+    kept = [f for f in input_schema if not (drop_image and f.name == column)]
+    names = {f.name for f in kept}
+    return pa.schema([*kept, *(pa.field(_PREFIX + f.name if f.name in names else f.name, f.type) for f in fields)])
+
+
+def output_schema(task: str, input_schema, *, column: str | None = None, drop_image: bool = False,
+                  vector_size: int | None = None):
+    """The ``pyarrow.Schema`` an adapter for ``task`` returns for batches of ``input_schema``
+    (without loading a model: for Spark's ``mapInPandas``, Daft's ``return_dtype``).
+
+    ``vector_size``: ``embed``'s values per vector (256 with ``pool="mean"`` on ITC);
+    ``None``: a plain ``list<float32>``.
+    """
+    from .api import record_schema
+
+    fields = task_fields(task, record_schema(task, vector_size=vector_size))
+    return _output_schema(fields, input_schema, _image_column(input_schema.names, column), drop_image)
 
 
 def _cell(value):
@@ -223,21 +252,6 @@ def _cell(value):
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return value
-
-
-def _arrow(values: list):
-    import pyarrow as pa
-
-    present = [v for v in values if v is not None]
-    if present and all(isinstance(v, list) for v in present):
-        inner = [x for v in present for x in v]
-        if inner and all(isinstance(x, float) for x in inner):
-            return pa.array(values, type=pa.list_(pa.float32()))
-        if not inner or all(isinstance(x, str) for x in inner):
-            return pa.array(values, type=pa.list_(pa.string()))
-    if not present:
-        return pa.array(values, type=pa.string())
-    return pa.array(values)
 
 
 class Captioner(_Adapter):
@@ -252,8 +266,8 @@ class Captioner(_Adapter):
 
     task = "caption"
 
-    def _records(self, images, start):
-        return _call(self.model, "caption_records", images, **self.options)
+    def _records(self, images):
+        return self.model.caption_records(images, **self.options)
 
 
 class Embedder(_Adapter):
@@ -266,8 +280,12 @@ class Embedder(_Adapter):
 
     task = "embed"
 
-    def _records(self, images, start):
-        return _call(self.model, "embed_records", images, **self.options)
+    def _records(self, images):
+        return self.model.embed_records(images, **self.options)
+
+    def _record_schema(self):
+        features, pool = self.options.get("features", "auto"), self.options.get("pool", "none")
+        return self.model.record_schema("embed", features=features, pool=pool)
 
 
 class Asker(_Adapter):
@@ -290,78 +308,26 @@ class Asker(_Adapter):
         super().__init__(model, **options)
 
     def _check_options(self) -> None:
-        list(_call(self.model, "ask_records", [], self.question or "?", **self.options))
+        list(self.model.ask_records([], self.question or "?", **self.options))
 
     def _batch_records(self, batch, kind, images):
         if self.question is not None:
-            return list(_call(self.model, "ask_records", images, self.question, **self.options))
+            return list(self.model.ask_records(images, self.question, **self.options))
         names = _names(batch, kind)
         if self.question_column not in names:
             raise KeyError(f"question_column={self.question_column!r} is not a column (columns: {', '.join(names)})")
-        column = self.image_column(names)
-        all_images = _values(batch, kind, column)
-        questions = [q for q, image in zip(_values(batch, kind, self.question_column), all_images)
-                     if not _is_null(image)]
+        questions = _values(batch, kind, self.question_column)
         out: list[dict | None] = [None] * len(images)
         by_question: dict[str, list[int]] = {}
         for i, q in enumerate(questions):
             if isinstance(q, str) and q.strip():
                 by_question.setdefault(q, []).append(i)
         for q, rows in by_question.items():
-            for i, record in zip(rows, _call(self.model, "ask_records", [images[i] for i in rows], q, **self.options)):
+            for i, record in zip(rows, self.model.ask_records([images[i] for i in rows], q, **self.options)):
                 out[i] = record
-        template = next((r for r in out if r is not None), None) or self._empty_record()
-        for i, record in enumerate(out):
-            if record is None:
-                out[i] = {**_blank(template), "question": questions[i] if isinstance(questions[i], str) else None,
-                          "error": f"no question in column {self.question_column!r}"}
+        unasked = [i for i, record in enumerate(out) if record is None]
+        if unasked:  # an error record with the run's settings
+            blank = next(iter(self.model.ask_records([b""], "?", **self.options)))
+            for i in unasked:
+                out[i] = {**blank, "question": None, "error": f"no question in column {self.question_column!r}"}
         return out  # type: ignore[return-value]
-
-
-# -- until the library's per-item records land (h/library): the same records, public API only --
-def _call(model, name: str, images: list, *args, **options):
-    method = getattr(model, name, None)
-    if method is not None:
-        return method(images, *args, **options)
-    return _fallback(model, name, images, *args, **options)
-
-
-def _fallback(model, name, images, *args, **options):
-    from .api import ImageError
-    from .ask import answer_record
-    from .caption import GenerationOptions, caption_record
-    from .embed import image_record
-
-    images = list(images)
-    errors: dict[int, str] = {}
-    while True:
-        alive = [i for i in range(len(images)) if i not in errors]
-        try:
-            if name == "caption_records":
-                out = model.caption([images[i] for i in alive], batch_size=max(1, len(alive)), **options)
-            elif name == "ask_records":
-                out = model.ask([images[i] for i in alive], args[0], batch_size=max(1, len(alive)), **options)
-            else:
-                out = model.embed_images([images[i] for i in alive], batch_size=max(1, len(alive)), **options)
-            break
-        except ImageError as exc:
-            errors[alive[exc.index]] = str(exc)  # type: ignore[attr-defined]
-    got = dict(zip(alive, out))
-    gen_keys = ("prompt", "max_new_tokens", "min_new_tokens", "num_beams", "sample", "temperature", "top_p",
-                "repetition_penalty", "seed")
-    settings = {**model.settings(), "preprocess": options.get("preprocess", "fast")}
-    if name == "embed_records":
-        settings.update(features=options.get("features", "auto"), pool=options.get("pool", "none"))
-    else:
-        gen = GenerationOptions(**{k: v for k, v in options.items() if k in gen_keys})
-        settings["generation"] = gen.describe()
-    records = []
-    for i in range(len(images)):
-        value, error = got.get(i), errors.get(i)
-        if name == "caption_records":
-            records.append(caption_record(None, None if value is None else [value], error) | settings)
-        elif name == "ask_records":
-            records.append(answer_record(None, args[0], None if value is None else [value], error) | settings)
-        else:
-            records.append(image_record(None, value, error) | settings)
-    return records

@@ -17,6 +17,7 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 OPTIONS = {"max_new_tokens": 5, "num_beams": 1}  # = FAST
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -137,3 +138,22 @@ def test_embedder_mean_vectors_equal_the_cli(tiny_itm, example_images):
         got = np.asarray(row["vector"], dtype=np.float32)
         want = expected[row["path"].rsplit("/", 1)[-1]]
         assert got.shape == want.shape and float(np.abs(got - want).max()) < 1e-4
+
+
+def test_asker_per_row_questions_and_the_declared_schema(tiny_opt, example_images):
+    """The adapters are plain callables (Spark, Daft): an Arrow batch in, an Arrow batch out,
+    of the schema output_schema() declares without a model."""
+    import blip2cli
+    import blip2cli.ray
+
+    model = blip2cli.load(str(tiny_opt), device="cpu")
+    asker = blip2cli.ray.Asker(model, question_column="q", **OPTIONS)
+    table = pa.table({"path": [str(p) for p in example_images[:3]], "q": ["what is it?", None, "where is it?"]})
+    out = asker(table)
+    assert out.schema == asker.schema(table.schema) == blip2cli.ray.output_schema("ask", table.schema)
+    rows = out.to_pylist()
+    assert [r["path"] for r in rows] == table.column("path").to_pylist()
+    assert rows[1]["error"] and rows[1]["answer"] is None and rows[1]["template"] == rows[0]["template"]
+    assert rows[0]["error"] is None and rows[2]["error"] is None
+    assert rows[0]["answer"] == model.ask(example_images[0], "what is it?", **OPTIONS)
+    assert rows[2]["answer"] == model.ask(example_images[2], "where is it?", **OPTIONS)
