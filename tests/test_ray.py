@@ -20,7 +20,7 @@ OPTIONS = {"max_new_tokens": 5, "num_beams": 1}  # = FAST
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              ignore_reinit_error=True)
@@ -50,7 +50,7 @@ def cli_captions(tiny, paths) -> dict[str, str]:
     return {r["path"].rsplit("/", 1)[-1]: r["caption"] for r in jsonl(result.stdout)}
 
 
-def test_read_binary_files_gives_a_row_per_file_and_error_rows(tiny_opt, folder, example_images):
+def test_read_binary_files_gives_a_row_per_file_and_error_rows(local_ray, tiny_opt, folder, example_images):
     import blip2cli.ray
 
     ds = ray.data.read_binary_files(str(folder), include_paths=True)
@@ -70,7 +70,7 @@ def test_read_binary_files_gives_a_row_per_file_and_error_rows(tiny_opt, folder,
     assert '"num_beams":1' in row["generation"] and '"max_new_tokens":5' in row["generation"]
 
 
-def test_read_images_gives_the_same_captions_in_every_batch_format(tiny_opt, tmp_path, example_images):
+def test_read_images_gives_the_same_captions_in_every_batch_format(local_ray, tiny_opt, tmp_path, example_images):
     import blip2cli.ray
 
     pngs = [p for p in example_images if p.suffix == ".png"]
@@ -90,7 +90,7 @@ def test_read_images_gives_the_same_captions_in_every_batch_format(tiny_opt, tmp
         assert "image" not in rows[0]  # drop_image
 
 
-def test_img2dataset_parquet_keeps_every_row_and_column(tiny_opt, tmp_path, example_images):
+def test_img2dataset_parquet_keeps_every_row_and_column(local_ray, tiny_opt, tmp_path, example_images):
     import blip2cli.ray
 
     jpgs = [p.read_bytes() for p in example_images] + [b"\xff\xd8broken", None]
@@ -119,7 +119,7 @@ def test_img2dataset_parquet_keeps_every_row_and_column(tiny_opt, tmp_path, exam
     assert got == expected
 
 
-def test_embedder_mean_vectors_equal_the_cli(tiny_itm, example_images):
+def test_embedder_mean_vectors_equal_the_cli(local_ray, tiny_itm, example_images):
     import numpy as np
 
     import blip2cli.ray
@@ -157,3 +157,25 @@ def test_asker_per_row_questions_and_the_declared_schema(tiny_opt, example_image
     assert rows[0]["error"] is None and rows[2]["error"] is None
     assert rows[0]["answer"] == model.ask(example_images[0], "what is it?", **OPTIONS)
     assert rows[2]["answer"] == model.ask(example_images[2], "where is it?", **OPTIONS)
+
+
+def test_declared_schema_without_a_model_and_no_ray_import():
+    """output_schema names the columns (img2dataset's caption kept, blip2's beside it) and
+    picks the image column by name; importing blip2cli.ray imports neither Ray nor torch."""
+    import subprocess
+    import sys
+
+    import blip2cli.ray
+
+    source = pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string()), ("url", pa.string())])
+    schema = blip2cli.ray.output_schema("caption", source, drop_image=True)
+    assert schema.names == ["key", "caption", "url", "blip2_caption", "captions", "error", "model", "revision",
+                            "dtype", "quantize", "preprocess", "generation"]
+    assert schema.field("captions").type == pa.list_(pa.string()) and schema.field("generation").type == pa.string()
+    embed = blip2cli.ray.output_schema("embed", pa.schema([("path", pa.string())]), vector_size=256)
+    assert embed.names[:3] == ["path", "dims", "vector"] and embed.field("vector").type.list_size == 256
+    with pytest.raises(KeyError, match="column="):
+        blip2cli.ray.output_schema("caption", pa.schema([("key", pa.string())]))
+    code = "import sys, blip2cli.ray; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
