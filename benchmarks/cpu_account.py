@@ -40,7 +40,7 @@ def build(layers: int, vision_layers: int, dtype):
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
 
     from blip2cli.bench import build_random
-    from blip2cli.images import ImageSpec
+    from blip2cli.imagespec import ImageSpec
     from blip2cli.loader import Checkpoint, LoadedModel, LoadOptions
     from blip2cli.testing import build_tiny_checkpoint
 

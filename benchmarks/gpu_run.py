@@ -193,7 +193,8 @@ def group_decode(rec: Recorder, work: Path):
     from PIL import Image
 
     from blip2cli import gpudecode
-    from blip2cli.images import ImageSpec, prepare
+    from blip2cli.images import prepare
+    from blip2cli.imagespec import ImageSpec
 
     with_stand_in()
     dev = torch.device(device())

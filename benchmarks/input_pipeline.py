@@ -58,7 +58,9 @@ def main() -> None:
     from PIL import Image
     from transformers import BlipImageProcessorPil
 
-    from blip2cli.images import ImageSpec, prepare, to_pixel_values
+    from blip2cli.images import prepare
+    from blip2cli.imagespec import ImageSpec
+    from blip2cli.pixels import to_pixel_values
     from blip2cli.options import default_workers
 
     torch.set_num_threads(1)

@@ -86,7 +86,8 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from blip2cli.cli import app
-    from blip2cli.images import ImageSpec, prepare
+    from blip2cli.images import prepare
+    from blip2cli.imagespec import ImageSpec
     from blip2cli.sources import InputResolver
     from blip2cli.testing import build_tiny_checkpoint
     from blip2cli.webdataset import SampleReader

@@ -25,8 +25,9 @@ _EXPORTS = {
     "caption_files": "api",
     "ask_files": "api",
     "record_schema": "api",
+    "quiet": "api",
     "GenerationOptions": "caption",
-    "ImageError": "images",
+    "ImageError": "decode",
     "Blip2Error": "errors",
     "ModelError": "errors",
     "DeviceError": "errors",
@@ -36,10 +37,10 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time, __getattr__ below
-    from .api import Chat, ImageInput, Model, ask_files, caption_files, load, record_schema
+    from .api import Chat, ImageInput, Model, ask_files, caption_files, load, quiet, record_schema
     from .caption import GenerationOptions
+    from .decode import ImageError
     from .errors import Blip2Error, DeviceError, ModelError, OptionError
-    from .images import ImageError
 
 
 def __getattr__(name: str) -> Any:

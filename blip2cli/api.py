@@ -40,7 +40,7 @@ from .choices import Preprocess, names
 from .defaults import default_batch_size, default_workers
 from .embed import FEATURES, POOLS
 from .errors import Blip2Error, Interrupted, ModelError, OptionError, UsageError
-from .images import ImageError
+from .decode import ImageError
 from .loader import ALL_ARCHITECTURES, DEFAULT_MODEL, DTYPES, GENERATIVE, QUANTIZE, RETRIEVAL
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 ImageInput = Union["PILImage.Image", str, "os.PathLike[str]", bytes, bytearray, memoryview, "np.ndarray"]
 PREPROCESS = names(Preprocess)
 
-__all__ = ["Chat", "ImageInput", "Model", "ask_files", "caption_files", "load", "record_schema"]
+__all__ = ["Chat", "ImageInput", "Model", "ask_files", "caption_files", "load", "quiet", "record_schema"]
 
 
 # -- load -------------------------------------------------------------------------
@@ -117,6 +117,21 @@ def load(
     return Model(loaded, load_plan)
 
 
+def quiet() -> None:
+    """Quiet the libraries under blip2 as the CLI does: an opt-in for library users.
+
+    ``load()`` and every call leave the host's logging (levels, handlers,
+    ``propagate``), warnings filters and environment as they were. Call this to get
+    the CLI's quiet instead: transformers' and huggingface_hub's info and warnings
+    hidden (errors still show), Python warnings once per message, bitsandbytes and
+    accelerate log records once per message, download progress bars on a terminal
+    only. It changes those process-wide settings (``BLIP2_DEBUG=1`` keeps everything).
+    """
+    from .loader import quiet_libraries
+
+    quiet_libraries()
+
+
 def _library_wording(exc: Blip2Error) -> Blip2Error:
     """The loader's errors already name parameters (``allow_pickle=True``); an impossible
     value becomes an ``OptionError``, a ``ValueError`` for library callers."""
@@ -162,7 +177,7 @@ def _label(image: Any, index: int) -> str:
 
 
 def _source(image: Any, index: int):
-    """What ``images.open_image`` decodes: a path, bytes or a PIL image (arrays become one)."""
+    """What ``decode.open_image`` decodes: a path, bytes or a PIL image (arrays become one)."""
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         return os.path.expanduser(path) if isinstance(path, str) else os.fsdecode(path)

@@ -356,7 +356,7 @@ class ChatSession:
 
     def set_image(self, source, name: str | None = None) -> None:
         """Switch to an image (a path or bytes): one image pass, a fresh context.
-        Raises images.ImageError for an unreadable image (the current one is kept)."""
+        Raises decode.ImageError for an unreadable image (the current one is kept)."""
         prepared = self.stage.prepare(source)
         self._features = self.asker.image_features(self.stage.pixels([prepared]))
         self.image = name if name is not None else str(source)

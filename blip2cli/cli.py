@@ -98,6 +98,11 @@ def _root(
     ] = None,
 ) -> None:
     """Salesforce BLIP-2 vision-language models at a shell prompt."""
+    # The CLI's choice, not the library's: library chatter (transformers, huggingface_hub,
+    # bitsandbytes, Python warnings) is quieted for our users (BLIP2_DEBUG=1 shows it).
+    from .loader import quiet_on_load
+
+    quiet_on_load()
 
 
 # The one-line summaries of `blip2 --help` (and of shell completion): short

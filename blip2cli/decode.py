@@ -8,7 +8,7 @@ JPEG, "not an image file (looks like HTML)", image too large, permission denied)
   from the header, after a JPEG's draft) before any pixel is decoded, apply EXIF
   orientation, convert every mode (16-bit, palette, alpha on white) to RGB.
 
-Pillow is imported on first use (``_pil``), with its plugins registered once.
+Pillow is imported on first use (``pil``), with its plugins registered once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import math
 import os
 import stat
 import threading
+
+from .errors import EXIT_ITEMS_FAILED, Blip2Error
 
 __all__ = ["ImageError", "MAX_DECODE_BYTES", "open_image", "read_image_file"]
 
@@ -41,34 +43,34 @@ MAX_DECODE_BYTES: int | None = 500_000_000
 _DRAFTABLE = ("JPEG", "MPO")
 
 
-class ImageError(Exception):
+class ImageError(Blip2Error):
     """A per-image failure with a message a user understands.
 
     The message is a reason only (``"empty file (0 bytes)"``, ``"truncated JPEG
     file (the data ends early)"``, ``"not an image file (looks like HTML)"``, ...);
-    the caller adds the file name.
+    the caller adds the file name. A ``Blip2Error`` (``except blip2cli.Blip2Error``
+    catches every error of ours); in a run it becomes an error record, and one that
+    reaches the CLI's top exits 1, as a failed item does.
     """
 
-
-ImageError.__module__ = "blip2cli.images"  # its public home (also blip2cli.ImageError), as before the split
+    exit_code = EXIT_ITEMS_FAILED
 
 
 _init_lock = threading.Lock()
 _initialised = False
 
 
-def _pil():
-    """Import Pillow once: register all plugins (thread-safe) and silence the
-    decompression-bomb *warning* (the error threshold, 2x MAX_IMAGE_PIXELS, stays)."""
+def pil():
+    """Import Pillow once and register all plugins (thread-safe). Pillow's
+    decompression-bomb *warning* is left to the host's warnings filters (the CLI
+    hides it: ``loader.quiet_on_load``); the error threshold, 2x MAX_IMAGE_PIXELS,
+    stays, and the decode budget refuses such images from their header anyway."""
     global _initialised
     from PIL import Image
 
     if not _initialised:
         with _init_lock:
             if not _initialised:
-                import warnings
-
-                warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
                 Image.init()
                 _initialised = True
     return Image
@@ -139,7 +141,7 @@ def _sniff(head: bytes) -> str:
     return "not an image file (unrecognised format)"
 
 
-def _megabytes(n: int) -> str:
+def megabytes(n: int) -> str:
     return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.1f} MB"
 
 
@@ -167,12 +169,12 @@ def _decode_bytes(im) -> int:
     else:
         extra = 4
     # (A PNG's getexif() decodes the image to look for EXIF after the pixels: not here.)
-    if not (im.format == "PNG" and "exif" not in im.info) and _orientation(im) != 1:
+    if not (im.format == "PNG" and "exif" not in im.info) and orientation(im) != 1:
         extra += stored  # exif_transpose makes the turned copy before it drops the first
     return w * h * (stored + extra)
 
 
-def _check_decode_budget(im) -> None:
+def check_decode_budget(im) -> None:
     """Refuse an image whose decode would take more than ``MAX_DECODE_BYTES``, from its header."""
     limit = MAX_DECODE_BYTES
     if limit is None:
@@ -182,11 +184,11 @@ def _check_decode_budget(im) -> None:
         w, h = im.size
         raise ImageError(
             f"image too large to decode: {w}x{h} pixels (mode {im.mode}) would take about "
-            f"{_megabytes(need)} of memory; the limit is {_megabytes(limit)} per image"
+            f"{megabytes(need)} of memory; the limit is {megabytes(limit)} per image"
         )
 
 
-def _decode_error(exc: BaseException, fmt: str | None) -> ImageError:
+def decode_error(exc: BaseException, fmt: str | None) -> ImageError:
     from PIL import Image
 
     if isinstance(exc, Image.DecompressionBombError):
@@ -208,7 +210,7 @@ def _decode_error(exc: BaseException, fmt: str | None) -> ImageError:
     return ImageError(f"corrupt or unsupported {name} image ({detail})")
 
 
-def _orientation(im) -> int:
+def orientation(im) -> int:
     try:
         value = im.getexif().get(_EXIF_ORIENTATION, 1)
         return int(value) if value in (1, 2, 3, 4, 5, 6, 7, 8) else 1
@@ -244,7 +246,7 @@ def _scale_to_uint8(arr, *, integer_16bit: bool):
 
 
 def _composite_on_white(im):
-    Image = _pil()
+    Image = pil()
     rgba = im.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
@@ -259,7 +261,7 @@ def _to_rgb(im):
     if mode.startswith("I") or mode == "F":
         import numpy as np
 
-        Image = _pil()
+        Image = pil()
         arr = np.asarray(im)
         grey = _scale_to_uint8(arr, integer_16bit=mode.startswith("I;16"))
         out = Image.fromarray(np.ascontiguousarray(grey), mode="L")
@@ -275,32 +277,68 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+def open_header(fp):
+    """``PIL.Image.open(fp)``: the header read, no pixel decoded; every failure an
+    :class:`ImageError` (a file Pillow does not know says what it looks like).
+
+    Pillow's own ``Image.open`` warns (``DecompressionBombWarning``) above
+    ``MAX_IMAGE_PIXELS``; hiding that would take a global warnings filter, and the
+    library changes none of its host's. So the plugins are tried here as
+    ``Image.open`` tries them (every plugin registered, in Pillow's order), and only
+    the decompression-bomb *error* (over 2x ``MAX_IMAGE_PIXELS``) is kept; the decode
+    budget (``check_decode_budget``) bounds the memory anyway."""
+    import struct
+
+    Image = pil()
+    try:
+        fp.seek(0)
+        prefix = fp.read(16)
+        for fmt in list(Image.ID):
+            factory, accept = Image.OPEN[fmt]
+            try:
+                result = not accept or accept(prefix)
+                if not result or isinstance(result, str):
+                    continue
+                fp.seek(0)
+                im = factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue  # not this format (as Image.open goes on to the next plugin)
+            _bomb_check(im.size)
+            return im
+    except ImageError:
+        raise
+    except Exception as e:
+        raise decode_error(e, None) from None
+    try:
+        fp.seek(0)
+        head = fp.read(4096)
+    except Exception:
+        head = b""
+    raise ImageError(_sniff(head))
+
+
+def _bomb_check(size) -> None:
+    """Pillow's decompression-bomb error (over 2x ``MAX_IMAGE_PIXELS``), as an ImageError."""
+    Image = pil()
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = size
+    if limit and max(1, w) * max(1, h) > 2 * limit:
+        raise ImageError(f"image too large: {w}x{h} pixels exceeds the decompression-bomb limit of "
+                         f"{2 * limit} pixels")
+
+
 def _open_and_load(fp, draft_size):
     """Image.open + optional draft + load + EXIF transpose + RGB -> an RGB image."""
-    Image = _pil()
     from PIL import ImageOps
 
     fmt = None
-    try:
-        im = Image.open(fp)
-    except Image.DecompressionBombError as e:
-        raise ImageError(_bomb_message(e)) from None
-    except Image.UnidentifiedImageError:
-        try:
-            fp.seek(0)
-            head = fp.read(4096)
-        except Exception:
-            head = b""
-        raise ImageError(_sniff(head)) from None
-    except Exception as e:
-        raise _decode_error(e, None) from None
-
+    im = open_header(fp)
     try:
         fmt = im.format
         draft_info = None
         if draft_size is not None and fmt in ("JPEG", "MPO"):
             dw, dh = int(draft_size[0]), int(draft_size[1])
-            if _orientation(im) in _SWAPPING_ORIENTATIONS:
+            if orientation(im) in _SWAPPING_ORIENTATIONS:
                 dw, dh = dh, dw  # the draft applies to the stored (pre-rotation) pixels
             # Ask for DRAFT_MARGIN x the target: the final resize then still
             # downsamples by >= 1.5x, which keeps the result close to a full decode.
@@ -311,7 +349,7 @@ def _open_and_load(fp, draft_size):
                 im.draft("RGB", (rw, rh))
                 if im.size != original:
                     draft_info = {"original_size": original, "decoded_size": im.size}
-        _check_decode_budget(im)  # from the header (after the draft): no pixel decoded yet
+        check_decode_budget(im)  # from the header (after the draft): no pixel decoded yet
         im.load()
         try:
             ImageOps.exif_transpose(im, in_place=True)
@@ -321,7 +359,7 @@ def _open_and_load(fp, draft_size):
     except ImageError:
         raise
     except Exception as e:
-        raise _decode_error(e, fmt) from None
+        raise decode_error(e, fmt) from None
     if draft_info is not None:
         out.info["blip2_draft"] = draft_info
     return out
@@ -349,7 +387,7 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
     """
     import io
 
-    _pil()
+    pil()
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
@@ -358,10 +396,12 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
 
     if hasattr(source, "mode") and hasattr(source, "getbands") and hasattr(source, "size"):
         # already a PIL image: just normalise it (never modified in place)
+        if 0 in tuple(source.size):
+            raise ImageError(f"empty image: {source.size[0]}x{source.size[1]} pixels")
         try:
             source.load()
             im = source
-            if _orientation(source) != 1:
+            if orientation(source) != 1:
                 from PIL import ImageOps
 
                 im = ImageOps.exif_transpose(source)
@@ -369,9 +409,9 @@ def open_image(source, *, draft_size: tuple[int, int] | None = None):
         except ImageError:
             raise
         except Exception as e:
-            raise _decode_error(e, getattr(source, "format", None)) from None
+            raise decode_error(e, getattr(source, "format", None)) from None
 
-    f, _ = _open_regular(source)
+    f, _ = open_regular(source)
     with f:
         try:
             return _open_and_load(f, draft_size)
@@ -405,7 +445,7 @@ def _not_regular(st: os.stat_result) -> ImageError | None:
     return ImageError("not a regular file")
 
 
-def _open_regular(source):
+def open_regular(source):
     """``(binary file, its fstat)`` of an image path, or :class:`ImageError`.
 
     Only regular files are opened: a named pipe, socket or device is refused from
@@ -483,28 +523,18 @@ def read_image_file(source, *, max_bytes: int | None = None) -> tuple[bytes, os.
     decompression-bomb limit or, for formats decoded at full size, over
     ``MAX_DECODE_BYTES``, and a file larger than ``max_bytes`` (default
     ``MAX_DECODE_BYTES``). The decode of the bytes checks the rest."""
-    Image = _pil()
+    pil()
     limit = MAX_DECODE_BYTES if max_bytes is None else max_bytes
-    f, st = _open_regular(source)
+    f, st = open_regular(source)
     with f:
         try:
-            try:
-                im = Image.open(f)
-            except Image.DecompressionBombError as e:
-                raise ImageError(_bomb_message(e)) from None
-            except Image.UnidentifiedImageError:
-                f.seek(0)
-                raise ImageError(_sniff(f.read(4096))) from None
-            except ImageError:
-                raise
-            except Exception as e:
-                raise _decode_error(e, None) from None
+            im = open_header(f)
             if im.format not in _DRAFTABLE:  # a JPEG's decoded size is settled by the draft
-                _check_decode_budget(im)
+                check_decode_budget(im)
             if limit is not None and st.st_size > limit:
                 raise ImageError(
-                    f"file too large to read as one image ({_megabytes(st.st_size)}; "
-                    f"the limit is {_megabytes(limit)})"
+                    f"file too large to read as one image ({megabytes(st.st_size)}; "
+                    f"the limit is {megabytes(limit)})"
                 )
             f.seek(0)
             # read() allocates what it is asked for first: ask for the file's size (+1 to see growth)
@@ -514,5 +544,5 @@ def read_image_file(source, *, max_bytes: int | None = None) -> tuple[bytes, os.
     if not data:
         raise ImageError("empty file (0 bytes)")
     if limit is not None and len(data) > limit:  # grew while read
-        raise ImageError(f"file too large to read as one image (the limit is {_megabytes(limit)})")
+        raise ImageError(f"file too large to read as one image (the limit is {megabytes(limit)})")
     return data, st

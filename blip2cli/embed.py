@@ -339,7 +339,7 @@ class EmbedTask:
     _decode = decode  # the name blip2 search used before
 
     def prepare(self, item):
-        from .images import ImageError
+        from .decode import ImageError
 
         if not self.identity:
             return self.decode(item.source), None
@@ -348,7 +348,7 @@ class EmbedTask:
                              "files); pass paths, or use -f jsonl")
         import hashlib
 
-        from .images import read_image_file
+        from .decode import read_image_file
 
         # Not a regular file, not an image, a header over the budget: refused before it is read whole.
         data, st = read_image_file(item.source)

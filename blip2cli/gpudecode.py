@@ -16,7 +16,7 @@ A drop-in for ``images.ImageStage`` (same ``prepare(source, key=None)`` /
   .interpolate(antialias=True)`` (bicubic or bilinear: the filters whose antialiased
   torch kernels follow Pillow's, a=-0.5 for bicubic), rounds to uint8 like Pillow,
   then rescales and normalises with the same lookup table as the CPU path
-  (``images._apply_lut``).
+  (``pixels.apply_lut``).
 
 Not bit-identical to Pillow: nvJPEG's chroma upsampling and IDCT differ from
 libjpeg's, the resize runs in float32 (Pillow rounds to uint8 between its two
@@ -142,11 +142,10 @@ def pillow_decoder(datas: list, device) -> list:
 # -- header -------------------------------------------------------------------------
 def inspect_jpeg(data: bytes) -> tuple[JpegBytes | None, str | None]:
     """``(JpegBytes, None)`` for a JPEG the GPU path takes, else ``(None, reason)``."""
-    from . import images
+    from . import decode
 
-    Image = images._pil()
     try:
-        im = Image.open(io.BytesIO(data))
+        im = decode.open_header(io.BytesIO(data))
     except Exception:  # noqa: BLE001 - the CPU path says what is wrong with it
         return None, "header not readable"
     with im:
@@ -159,10 +158,10 @@ def inspect_jpeg(data: bytes) -> tuple[JpegBytes | None, str | None]:
         if not data.rstrip(b"\x00").endswith(_EOI):
             return None, "no end-of-image marker (truncated, or data after it)"
         w, h = im.size
-        limit = getattr(images, "MAX_DECODE_BYTES", None)
+        limit = decode.MAX_DECODE_BYTES
         if limit is not None and w * h * 4 > limit:
             return None, "over the decode-size limit"
-        return JpegBytes(data, w, h, images._orientation(im)), None
+        return JpegBytes(data, w, h, decode.orientation(im)), None
 
 
 def _read(source) -> bytes | None:
@@ -316,11 +315,11 @@ class GpuImageStage:
         return torch.stack(out)
 
     def pixels(self, prepared: list):
-        from .images import _apply_lut, _lut
+        from .pixels import apply_lut, lut
 
         batch = self.uint8_batch(prepared)  # (B, 3, H, W)
-        lut = _lut(self.spec, self.device)
-        values = _apply_lut(batch.permute(0, 2, 3, 1), lut)  # _apply_lut takes (B, H, W, 3)
+        table = lut(self.spec, self.device)
+        values = apply_lut(batch.permute(0, 2, 3, 1), table)  # apply_lut takes (B, H, W, 3)
         return values.to(self.loaded.dtype)
 
     def describe(self) -> str:

@@ -376,7 +376,8 @@ def kind_of(record: dict) -> str:
 
 def _sheet_thumbnail(path: str, size: int):
     """Decode one image for ``blip2 sheet``: a Thumbnail, or the reason there is none."""
-    from .images import ImageError, make_thumbnail, open_image
+    from .decode import ImageError, open_image
+    from .images import make_thumbnail
 
     try:
         return make_thumbnail(open_image(path, draft_size=(size, size)), size)

@@ -1,7 +1,7 @@
 """The image stage for BLIP-2: decode + resize on CPU threads, normalise on the device.
 
-The stages live in their own modules; this one puts them together and re-exports
-their names (``from blip2cli.images import open_image`` keeps working):
+The stages live in their own modules (import their names from there); this one
+puts them together:
 
 * :mod:`blip2cli.decode` -- the safe decode (``open_image``, ``read_image_file``,
   :class:`ImageError`, the decode budget ``MAX_DECODE_BYTES``);
@@ -29,40 +29,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import decode as _decode_module
-from .decode import (  # noqa: F401 - re-exported
-    DRAFT_MARGIN,
-    ImageError,
-    _check_decode_budget,
-    _decode_error,
-    _megabytes,
-    _open_regular,
-    _orientation,
-    _pil,
-    open_image,
-    read_image_file,
-)
-from .imagespec import BLIP_DEFAULT_SIZE, CLIP_MEAN, CLIP_STD, ImageSpec  # noqa: F401 - re-exported
-from .pixels import _apply_lut, _lut, reference_pixel_values, to_pixel_values  # noqa: F401 - re-exported
+from .decode import ImageError, decode_error, open_image, pil
+from .imagespec import ImageSpec
+from .pixels import reference_pixel_values, to_pixel_values
 
-__all__ = [
-    "ImageError",
-    "ImageSpec",
-    "open_image",
-    "prepare",
-    "make_thumbnail",
-    "Thumbnail",
-    "to_pixel_values",
-    "reference_pixel_values",
-]
-
-
-def __getattr__(name: str):
-    """``MAX_DECODE_BYTES`` is read live from :mod:`blip2cli.decode`, where the
-    decode checks it (set it there: ``blip2cli.decode.MAX_DECODE_BYTES = ...``)."""
-    if name == "MAX_DECODE_BYTES":
-        return _decode_module.MAX_DECODE_BYTES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["ImageStage", "Thumbnail", "make_thumbnail", "prepare"]
 
 
 # Contact-sheet thumbnails (``--format html``): longest side and JPEG quality.
@@ -91,7 +62,7 @@ def make_thumbnail(im, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUAL
     ``im`` is not modified: the model's input is made from it as if no thumbnail were taken."""
     import io
 
-    Image = _pil()
+    Image = pil()
     w, h = im.size
     scale = min(1.0, size / max(w, h, 1))
     tw, th = max(1, round(w * scale)), max(1, round(h * scale))
@@ -120,7 +91,7 @@ def prepare(source, spec: ImageSpec, *, fast: bool = True, thumbnail: int | None
         try:
             im = im.resize((spec.width, spec.height), resample=spec.resample)
         except Exception as e:
-            raise _decode_error(e, None) from None
+            raise decode_error(e, None) from None
     arr = np.asarray(im)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:  # pragma: no cover - defensive
         raise ImageError(f"unexpected decoded image layout {arr.shape} {arr.dtype}")

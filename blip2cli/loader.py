@@ -91,7 +91,7 @@ class LoadedModel:
     dtype: Any  # torch.dtype
     quantize: str
     options: LoadOptions
-    image_spec: Any = None  # images.ImageSpec
+    image_spec: Any = None  # imagespec.ImageSpec
     extra: dict = field(default_factory=dict)
 
     @property
@@ -219,7 +219,8 @@ def _hub_config(repo_id: str, revision: str | None, offline: bool) -> tuple[Path
         RevisionNotFoundError,
     )
 
-    quiet_libraries(hub_only=True)
+    if _quiet_requested:  # the CLI's choice (quiet_on_load); a library call changes nothing
+        quiet_libraries(hub_only=True)
     download_hint = _download_hint(repo_id, revision)
     unreachable = False
     if not offline:
@@ -466,7 +467,8 @@ def load(
     opts = load_plan.options  # the model's short name resolved
     ckpt, device, dtype, qconfig = load_plan.checkpoint, load_plan.device, load_plan.dtype, load_plan.qconfig
 
-    quiet_libraries()
+    if _quiet_requested:  # the CLI's choice (quiet_on_load); a library call changes nothing
+        quiet_libraries()
     from transformers import AutoProcessor
 
     from .console import status
@@ -698,9 +700,45 @@ def _stderr_handler():
     return handler
 
 
+# Set by quiet_on_load() (the CLI, at its entry): the loader then quiets the libraries
+# as it imports them. A library user's process is left as it was unless it asks
+# (blip2cli.quiet()): the library is a guest.
+_quiet_requested = False
+
+
+def quiet_on_load() -> None:
+    """The CLI's choice, made at its entry: Python's warnings and the bitsandbytes /
+    accelerate loggers quieted now (cheap: nothing is imported), transformers and
+    huggingface_hub when the loader imports them (:func:`quiet_libraries`)."""
+    global _quiet_requested
+    _quiet_requested = True
+    _quiet_python()
+
+
+def _quiet_python() -> None:
+    """Python warnings once per message (Pillow's decompression-bomb warning never:
+    the decode refuses such images itself), bitsandbytes/accelerate records once."""
+    import logging
+    import warnings
+
+    if os.environ.get("BLIP2_DEBUG"):
+        return
+    # Filters are added on every call (idempotent): a warnings.catch_warnings()
+    # block around us (a test runner, a notebook cell) restores the old list.
+    warnings.filterwarnings("once", append=True)
+    warnings.filterwarnings("ignore", message="Image size .* could be decompression bomb DOS attack")
+    for name in _ONCE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(h.get_name() == "blip2-once" for h in logger.handlers):
+            logger.addHandler(_stderr_handler())
+            logger.propagate = False
+
+
 def quiet_libraries(*, hub_only: bool = False) -> None:
     """Library chatter is not for our users: each library warning is shown once.
 
+    The CLI's choice (:func:`quiet_on_load`), and ``blip2cli.quiet()`` for a library
+    user who wants the same; ``blip2cli.load()`` alone never calls it.
     transformers' and huggingface_hub's info and warnings are hidden (errors show;
     huggingface_hub's connection retries are among them), Python warnings are shown
     once per message, and bitsandbytes/accelerate log records once per message.
@@ -710,22 +748,13 @@ def quiet_libraries(*, hub_only: bool = False) -> None:
 
     if os.environ.get("BLIP2_DEBUG"):
         return
-    import logging
-
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.set_verbosity_error()
     if hub_only:
         _download_bars()
         return
-    # Filters are added on every call (idempotent): a warnings.catch_warnings()
-    # block around us (a test runner, a notebook cell) restores the old list.
-    warnings.filterwarnings("once", append=True)
-    for name in _ONCE_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(h.get_name() == "blip2-once" for h in logger.handlers):
-            logger.addHandler(_stderr_handler())
-            logger.propagate = False
+    _quiet_python()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -2,15 +2,20 @@
 
 Columns are typed from what the records hold: ``captions``/``answers`` are
 ``list<string>``, an embedding's ``vector`` is ``fixed_size_list<float32>`` (its
-length the first vector's), ``dims`` ``list<int32>``, numbers int64/float64, the
-settings a record carries (nested, like ``generation``) a JSON string each. The
-schema is fixed by the first row group: a column first seen later is dropped.
+length the first vector's; a record without one, an error, gets that many nulls),
+``dims`` ``list<int32>``, numbers int64/float64, the settings a record carries
+(nested, like ``generation``) a JSON string each. The schema is fixed by the first
+row group: a column first seen later is dropped.
 
-Records are buffered and written as a row group every ``rows`` records or
-``seconds`` seconds (whichever comes first), and the file's footer is written
-again after each one. So the file is a valid Parquet file after every row group:
-a run stopped by Ctrl-C, SIGTERM (or a ``kill -9`` outside the moment a group is
-written) leaves the records up to the last row group, readable by pyarrow,
+The file is a valid Parquet file from the moment it is opened (an empty one with
+the task's columns) and after every row group. Records are buffered and written
+as row groups early and then regularly: the first as soon as a record without an
+error is in (its types fix the schema), then groups of 2, 4, 8, ... records up to
+``rows`` (1000), or whatever is buffered after ``seconds`` (10 s). The file's
+footer is written again after each group. A run stopped by Ctrl-C or SIGTERM
+keeps every finished record (the buffer is written as a last group when the
+run's sink closes), one stopped by ``kill -9`` or a full disk keeps the records
+up to the last row group (all but the newest few early on): readable by pyarrow,
 pandas, DuckDB and ``datasets``. How: each group is written by pyarrow's own
 writer into memory, as if it started at the end of the data already in the file
 (so its offsets are absolute), its bytes replace the old footer, and the footer
@@ -283,16 +288,56 @@ class ParquetWriter:
         self._first = None  # the first group's footer bytes: the base of every footer
         self._data_end = len(MAGIC)
         self._footer = b""
+        self._due = 1  # records in the next row group: 1, 2, 4, ... up to ``rows``
         self.records = 0
         self._write_at(0, MAGIC)
         self.fh.truncate(len(MAGIC))
+        self._write_empty()
+        self._flush_when_closed(stream)
+
+    def _write_empty(self) -> None:
+        """A valid empty file (the known columns, no rows) until the first group: a
+        run stopped before it leaves a file every Parquet reader opens."""
+        schema, _ = column_types([], self.columns)
+        memory = _Memory()
+        self.pq.ParquetWriter(memory, schema).close()
+        footer = bytes(memory.data)[len(MAGIC):]  # the footer, its length, PAR1
+        self._write_at(len(MAGIC), footer)
+        self.fh.truncate(len(MAGIC) + len(footer))
+        self._footer = footer  # what a failed first group puts back
+
+    def _flush_when_closed(self, stream) -> None:
+        """The records still buffered go out as a last row group when the sink closes.
+
+        A run that is interrupted (Ctrl-C, SIGTERM) or fails does not close its
+        writer (an HTML page is left without its closing tags), but it always closes
+        its sink: so the finished records in the buffer survive any stop but
+        ``kill -9`` and a full disk."""
+        close = getattr(stream, "close", None)
+        if close is None:
+            return
+
+        def close_after_flush(*args, quiet: bool = False, **kwargs):
+            try:
+                if self._buffer and not getattr(stream, "failed", False):
+                    self.flush()
+            except Exception:
+                if not quiet:
+                    close(*args, quiet=True, **kwargs)
+                    raise
+            return close(*args, quiet=quiet, **kwargs)
+
+        stream.close = close_after_flush
 
     # -- the writer face ------------------------------------------------------
     def write(self, record: dict) -> None:
         from .utf8 import safe_record
 
         self._buffer.append(safe_record(record))
-        if len(self._buffer) >= self.rows or time.monotonic() - self._since >= self.seconds:
+        if time.monotonic() - self._since >= self.seconds or len(self._buffer) >= self.rows:
+            self.flush()
+        elif len(self._buffer) >= self._due and (self._schema is not None or not record.get("error")):
+            # The first group waits for a record without an error: its values type the columns.
             self.flush()
 
     def close(self) -> None:
@@ -305,6 +350,7 @@ class ParquetWriter:
         if self._buffer:
             rows, self._buffer = self._buffer, []
             self._write_group(rows)
+            self._due = min(self.rows, self._due * 2)
         self._since = time.monotonic()
 
     def _make_schema(self, rows: list[dict]):
@@ -397,9 +443,13 @@ def _plain(value, typ, pa):
 
 def _vector(size: int):
     def convert(value):
-        if value is None or (size and len(value) != size):
-            return None  # another length cannot share the column's fixed size
-        return [float(x) for x in value]
+        if size and (value is None or len(value) != size):
+            # No vector (an error record), or another length, which cannot share the
+            # column's fixed size: ``size`` nulls. A null fixed-size list cannot be read
+            # back from Parquet (pyarrow 25: "Expected all lists to be of size=N"), so
+            # one such row would make the whole file unreadable.
+            return [None] * size
+        return None if value is None else [float(x) for x in value]
 
     return convert
 

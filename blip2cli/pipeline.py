@@ -12,7 +12,7 @@ being decoded and the source has nothing new, the partial batch is run.
 A task is anything with three methods:
 
 * ``prepare(item)`` runs in a worker thread and returns what the model needs
-  (raises ``images.ImageError`` for a bad image);
+  (raises ``decode.ImageError`` for a bad image);
 * ``run_batch(prepared_list)`` runs the model on the main thread and returns
   one result per input;
 * ``record(item, result, error)`` makes the output record (or a list of
@@ -161,7 +161,7 @@ class DecodePool:
 
 def _prepare(task: Task, item: Item, stats: Stats) -> Any:
     if item.error is not None:
-        from .images import ImageError
+        from .decode import ImageError
 
         raise ImageError(item.error)
     t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def run(
     queue_size: int = 4096,
 ) -> Stats:
     """``queue_size``: items the source may read ahead (tar shard samples hold their bytes)."""
-    from .images import ImageError
+    from .decode import ImageError
 
     stats = Stats()
     started = time.perf_counter()

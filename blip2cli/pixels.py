@@ -3,7 +3,7 @@
 ``to_pixel_values`` stacks a batch and does rescale + normalise on the target
 device, moving ``uint8`` (4x less data than float32) before converting. Rescale
 and normalise are a per-channel function of the uint8 value, so they are a 3x256
-lookup table computed with transformers' own numpy arithmetic (``_lut``): the
+lookup table computed with transformers' own numpy arithmetic (``lut``): the
 result is bit-identical to ``BlipImageProcessorPil`` for the same decoded pixels,
 on any device. ``reference_pixel_values`` runs the checkpoint's own processor
 (``preprocess="reference"``).
@@ -46,7 +46,7 @@ _lut_device_cache: dict = {}
 _lut_device_lock = threading.Lock()
 
 
-def _lut(spec: ImageSpec, device):
+def lut(spec: ImageSpec, device):
     key = (spec.do_rescale, float(spec.rescale_factor), spec.do_normalize, tuple(spec.mean), tuple(spec.std))
     lut = _lut_cpu(*key)
     if device.type == "cpu":
@@ -87,10 +87,10 @@ def to_pixel_values(arrays, spec: ImageSpec, *, device="cpu", dtype=None):
             )
     stacked = np.stack(arrays)  # (B, H, W, 3) uint8, fresh and writable
     dev = torch.device(device)
-    lut = _lut(spec, dev)  # (3, 256) float32 on dev
+    lookup = lut(spec, dev)  # (3, 256) float32 on dev
     if dev.type == "cpu":
         # numpy fancy indexing with uint8 indices: no index conversion, one pass
-        table = lut.numpy()
+        table = lookup.numpy()
         out_np = np.empty((stacked.shape[0], 3) + stacked.shape[1:3], dtype=np.float32)
         for c in range(3):
             out_np[:, c] = table[c][stacked[..., c]]
@@ -101,13 +101,13 @@ def to_pixel_values(arrays, spec: ImageSpec, *, device="cpu", dtype=None):
             batch = batch.pin_memory().to(dev, non_blocking=True)
         else:
             batch = batch.to(dev)
-        out = _apply_lut(batch, lut)
+        out = apply_lut(batch, lookup)
     if dtype is not None:
         out = out.to(dtype)
     return out
 
 
-def _apply_lut(batch, lut):
+def apply_lut(batch, lut):
     """(B, H, W, 3) uint8 tensor -> (B, 3, H, W) float32 via the (3, 256) table,
     on the tensors' device (the accelerator path of ``to_pixel_values``)."""
     import torch

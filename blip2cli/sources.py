@@ -164,7 +164,7 @@ class InputResolver:
         stream = self._stdin_stream()
         head = stream.read(12)
         if looks_like_image_bytes(head):
-            from .images import MAX_DECODE_BYTES, _megabytes
+            from .decode import MAX_DECODE_BYTES, megabytes
 
             # Bounded: a stream that never ends is not held in memory whole.
             limit = MAX_DECODE_BYTES
@@ -179,7 +179,7 @@ class InputResolver:
             del chunks
             if limit is not None and len(data) > limit:
                 yield Item(name=STDIN_NAME, source=STDIN_NAME,
-                           error=f"image on stdin too large (more than {_megabytes(limit)})")
+                           error=f"image on stdin too large (more than {megabytes(limit)})")
                 return
             yield Item(name=STDIN_NAME, source=data)
             return

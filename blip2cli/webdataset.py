@@ -127,7 +127,7 @@ def _kind(member: tarfile.TarInfo) -> str | None:
 
 
 def _megabytes(n: int) -> str:
-    from .images import _megabytes as mb
+    from .decode import megabytes as mb
 
     return mb(n)
 
@@ -158,7 +158,7 @@ class SampleReader:
     @property
     def max_image(self) -> int | None:
         if self._max_image == -1:
-            from .images import MAX_DECODE_BYTES
+            from .decode import MAX_DECODE_BYTES
 
             return MAX_DECODE_BYTES
         return self._max_image
@@ -173,10 +173,10 @@ class SampleReader:
     # -- one shard -----------------------------------------------------------
     def samples(self, path: str) -> Iterator[Item]:
         """The samples of one tar, in order; errors as items that fail (see the module doc)."""
-        from .images import ImageError, _open_regular
+        from .decode import ImageError, open_regular
 
         try:
-            fh, _ = _open_regular(path)
+            fh, _ = open_regular(path)
         except ImageError as exc:
             yield self._shard_error(path, f"cannot read this shard: {exc}")
             return
@@ -269,13 +269,12 @@ def _carried(ext: str, data: bytes | None):
 
 def _check_head(data: bytes) -> str | None:
     """A large image member's header against the decode budget, before it is queued."""
-    from .images import ImageError, _check_decode_budget, _pil
+    from .decode import ImageError, check_decode_budget, open_header
 
-    Image = _pil()
     try:
-        im = Image.open(io.BytesIO(data))
+        im = open_header(io.BytesIO(data))
         if im.format != "JPEG":  # a JPEG's decoded size is settled by the draft
-            _check_decode_budget(im)
+            check_decode_budget(im)
     except ImageError as exc:
         return str(exc)
     except Exception:  # noqa: BLE001 - the decode says what is wrong with it

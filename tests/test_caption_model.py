@@ -26,7 +26,8 @@ runner = CliRunner()
 
 
 def our_tokens(loaded, images, gen: GenerationOptions):
-    from blip2cli.images import prepare, to_pixel_values
+    from blip2cli.images import prepare
+    from blip2cli.pixels import to_pixel_values
 
     arrays = [prepare(p, loaded.image_spec) for p in images]
     pixels = to_pixel_values(arrays, loaded.image_spec, device=loaded.device, dtype=loaded.dtype)

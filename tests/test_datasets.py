@@ -89,7 +89,8 @@ def test_embed_parquet_vectors_are_fixed_size_float32(tiny_itm, photos, tmp_path
 
 
 def test_parquet_interrupted_run_keeps_the_row_groups_written(tiny_opt, photos, tmp_path, monkeypatch):
-    """Ctrl-C after the 3rd image, row groups of 2: the file is valid Parquet with the first 2."""
+    """Ctrl-C after the 3rd image, row groups of at most 2: the file is valid Parquet with
+    every finished record (issue 19, #5: finished records survive any stop)."""
     import pyarrow.parquet as pq
 
     from blip2cli import caption as caption_core
@@ -110,9 +111,9 @@ def test_parquet_interrupted_run_keeps_the_row_groups_written(tiny_opt, photos, 
     res = cli("caption", photos, "--model", tiny_opt, "-o", out, "-b", "1", *FAST)
     assert res.exit_code == 130, res.output
     table = pq.read_table(out)  # valid: the footer of the groups so far is there
-    assert table.num_rows == 2
-    assert pq.ParquetFile(out).metadata.num_row_groups == 1
-    assert [os.path.relpath(p, photos) for p in table.column("path").to_pylist()] == IMAGES[:2]
+    assert table.num_rows == 3
+    assert pq.ParquetFile(out).metadata.num_row_groups == 2  # the first record alone, then 2
+    assert [os.path.relpath(p, photos) for p in table.column("path").to_pylist()] == IMAGES[:3]
 
 
 def test_parquet_row_groups_stream_and_every_prefix_is_a_valid_file(tmp_path):
@@ -134,7 +135,7 @@ def test_parquet_row_groups_stream_and_every_prefix_is_a_valid_file(tmp_path):
     sink.close()
     table = pq.read_table(path)
     assert table.column("path").to_pylist() == [f"p{i}" for i in range(10)]
-    assert pq.ParquetFile(path).metadata.num_row_groups == 4
+    assert pq.ParquetFile(path).metadata.num_row_groups == 5  # 1, 2, then groups of 3 (rows), 1
 
 
 def test_parquet_without_pyarrow_names_the_extra(tiny_opt, photos, tmp_path, monkeypatch):

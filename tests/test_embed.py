@@ -56,7 +56,8 @@ def ref_outputs(reference, image_path, text, itm: bool):
 
 
 def our_pixels(loaded, paths):
-    from blip2cli.images import prepare, to_pixel_values
+    from blip2cli.images import prepare
+    from blip2cli.pixels import to_pixel_values
 
     return to_pixel_values([prepare(p, loaded.image_spec) for p in paths], loaded.image_spec,
                            device=loaded.device, dtype=loaded.dtype)

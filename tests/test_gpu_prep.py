@@ -16,7 +16,10 @@ from typer.testing import CliRunner
 from blip2cli import gpudecode
 from blip2cli.cli import app
 from blip2cli.errors import UsageError
-from blip2cli.images import ImageError, ImageSpec, prepare, to_pixel_values
+from blip2cli.decode import ImageError
+from blip2cli.images import prepare
+from blip2cli.imagespec import ImageSpec
+from blip2cli.pixels import to_pixel_values
 
 runner = CliRunner()
 torch = pytest.importorskip("torch")

@@ -31,9 +31,8 @@ from pathlib import Path
 import pytest
 
 import blip2cli.decode as safe_decode
-import blip2cli.images as images
+from blip2cli.decode import ImageError, open_image
 from blip2cli.errors import Interrupted, sigterm_as_interrupt
-from blip2cli.images import ImageError, open_image
 from blip2cli.pipeline import run
 from blip2cli.sources import InputResolver, Item
 
@@ -271,7 +270,7 @@ def test_fifo_and_device_are_refused_without_being_opened(tmp_path, monkeypatch)
         with pytest.raises(ImageError, match="named pipe") as info:
             open_image(fifo)
         with pytest.raises(ImageError, match="named pipe"):
-            images.read_image_file(fifo)
+            safe_decode.read_image_file(fifo)
         with pytest.raises(ImageError, match="named pipe"):
             open_image(fifo, draft_size=(224, 224))
     assert not seen["opened"]
@@ -282,7 +281,7 @@ def test_fifo_and_device_are_refused_without_being_opened(tmp_path, monkeypatch)
         with pytest.raises(ImageError, match="character device"):
             open_image(dev)
         with pytest.raises(ImageError, match="character device"):
-            images.read_image_file(dev)
+            safe_decode.read_image_file(dev)
 
 
 def test_a_file_swapped_for_a_pipe_after_the_stat_does_not_block(tmp_path, monkeypatch, example_images):
@@ -397,11 +396,11 @@ def test_read_image_file_refuses_from_the_header(tmp_path, example_images):
     jpeg = sparse(tmp_path / "long.jpg", example_images[3].read_bytes())
     with traced_peak() as peak:
         with pytest.raises(ImageError, match=r"13000x13000.*too large|too large.*13000x13000"):
-            images.read_image_file(claim)
+            safe_decode.read_image_file(claim)
         with pytest.raises(ImageError, match="file too large"):
-            images.read_image_file(jpeg)
+            safe_decode.read_image_file(jpeg)
     assert peak["bytes"] < 50e6
-    data, st = images.read_image_file(example_images[3])
+    data, st = safe_decode.read_image_file(example_images[3])
     assert data == example_images[3].read_bytes() and st.st_size == len(data)
 
 

@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 
 from blip2cli.cli import app
 from blip2cli.html import Sheet, Thumbnails, link_for, read_records
-from blip2cli.images import ImageSpec, Thumbnail, make_thumbnail, open_image, prepare
+from blip2cli.decode import open_image
+from blip2cli.images import Thumbnail, make_thumbnail, prepare
+from blip2cli.imagespec import ImageSpec
 from blip2cli.writers import HtmlWriter, Sink, make_writer
 
 runner = CliRunner()

@@ -24,16 +24,10 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2cli.images import (
-    ImageError,
-    ImageSpec,
-    _apply_lut,
-    _lut,
-    open_image,
-    prepare,
-    reference_pixel_values,
-    to_pixel_values,
-)
+from blip2cli.decode import ImageError, open_image
+from blip2cli.images import prepare
+from blip2cli.imagespec import ImageSpec
+from blip2cli.pixels import apply_lut, lut, reference_pixel_values, to_pixel_values
 
 ROOT = Path(__file__).parents[1]
 PHOTOS_DIR = ROOT / "examples" / "images"
@@ -218,7 +212,7 @@ def test_to_pixel_values_device_path_and_dtype(spec):
     arrays = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
     cpu = to_pixel_values(arrays, spec)
     # the accelerator path (uint8 moved first, table lookup on the device), run on the CPU
-    dev_path = _apply_lut(torch.from_numpy(np.stack(arrays)), _lut(spec, torch.device("cpu")))
+    dev_path = apply_lut(torch.from_numpy(np.stack(arrays)), lut(spec, torch.device("cpu")))
     assert torch.equal(cpu, dev_path)
     assert dev_path.is_contiguous()
     half = to_pixel_values(arrays, spec, dtype=torch.bfloat16)
@@ -424,7 +418,7 @@ def test_bomb_warning_is_silent_but_limit_kept(tmp_path):
     p = tmp_path / "warn.png"
     p.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IEND", b""))
     code = (
-        "import sys; from blip2cli.images import open_image, ImageError\n"
+        "import sys; from blip2cli.decode import open_image, ImageError\n"
         "try:\n    open_image(sys.argv[1])\nexcept ImageError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(p)], cwd=ROOT, capture_output=True, text=True, check=True)

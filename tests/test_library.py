@@ -253,6 +253,20 @@ def test_a_bad_image_raises_image_error_naming_the_input(model, example_images, 
         (lambda m, img: m.embed_images(img, pool="max"), "pool must be one of"),
         (lambda m, img: blip2cli.load("x", dtype="float8"), "dtype must be one of"),
         (lambda m, img: blip2cli.load("x", quantize="2bit"), "quantize must be None, '8bit' or '4bit'"),
+        # values of the wrong type name the parameter too (issue 19, #17)
+        (lambda m, img: m.caption(img, num_beams="5"), "num_beams must be an integer or None (got '5')"),
+        (lambda m, img: m.caption(img, num_beams=2.5), "num_beams must be an integer or None (got 2.5)"),
+        (lambda m, img: m.caption(img, prompt=5), "prompt must be a string or None (got 5)"),
+        (lambda m, img: m.caption(img, seed="x"), "seed must be an integer or None (got 'x')"),
+        (lambda m, img: m.caption(img, max_new_tokens=True), "max_new_tokens must be an integer (got True)"),
+        (lambda m, img: m.caption(img, temperature="hot", sample=True), "temperature must be a number"),
+        (lambda m, img: m.caption(img, batch_size=1.5), "batch_size must be an integer or None"),
+        (lambda m, img: m.ask(img, 42), "questions must be a string or a list of strings (got 42)"),
+        (lambda m, img: m.ask(img, "q", num_answers="2"), "num_answers must be an integer (got '2')"),
+        (lambda m, img: m.caption_records([img], workers="4"), "workers must be an integer or None"),
+        # beyond the model's positions (issue 19, #16)
+        (lambda m, img: m.caption(img, max_new_tokens=100000), "max_new_tokens 100000 is beyond the model's context"),
+        (lambda m, img: m.ask(img, "q", max_new_tokens=100000), "max_new_tokens 100000 is beyond the model's context"),
     ],
 )
 def test_errors_are_value_errors_naming_the_parameter(model, example_images, call, words):
@@ -261,6 +275,30 @@ def test_errors_are_value_errors_naming_the_parameter(model, example_images, cal
     assert words in str(info.value)
     assert isinstance(info.value, blip2cli.OptionError)
     assert "--" not in str(info.value)  # parameters, not the CLI's flags
+    assert words.split()[0] in info.value.params or words.startswith(("num_captions", "min_new"))
+
+
+def test_an_empty_array_is_an_image_error(model):
+    with pytest.raises(blip2cli.ImageError, match=r"image 0 \(ndarray\): empty image"):
+        model.caption(np.zeros((0, 0, 3), np.uint8), num_beams=1)
+    from PIL import Image
+
+    with pytest.raises(blip2cli.ImageError, match="empty image"):
+        model.caption(Image.new("RGB", (0, 0)), num_beams=1)
+
+
+def test_max_new_tokens_beyond_the_context_is_a_usage_error_naming_the_flag(tiny_opt, model, example_images):
+    limit = model.loaded.model.config.text_config.max_position_embeddings
+    room = limit - model.loaded.model.config.num_query_tokens - 1  # the image's tokens and bos
+    assert model.caption(example_images[0], num_beams=1, max_new_tokens=room, min_new_tokens=room) is not None
+    with pytest.raises(blip2cli.OptionError, match=f"so at most {room} new tokens"):
+        model.caption(example_images[0], num_beams=1, max_new_tokens=room + 1)
+    for command in (["caption"], ["ask", "-q", "what?"]):
+        result = runner.invoke(app, [command[0], str(example_images[0]), *command[1:], "--model", str(tiny_opt),
+                                     "--max-new-tokens", "100000"])
+        assert result.exit_code == 2, result.output
+        assert "--max-new-tokens 100000 is beyond the model's context" in result.stderr
+        assert f"it holds {limit} tokens" in result.stderr and result.stdout == ""
 
 
 def test_the_hint_names_parameters_and_the_cli_names_flags(tiny_opt, model, example_images):
@@ -305,7 +343,7 @@ def test_import_is_light_and_names_resolve_lazily():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    assert got == {"before": [], "after": [], "dir": True, "image_error": "blip2cli.images"}
+    assert got == {"before": [], "after": [], "dir": True, "image_error": "blip2cli.decode"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         blip2cli.nope  # noqa: B018
 

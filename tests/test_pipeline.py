@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from blip2cli.images import ImageError
+from blip2cli.decode import ImageError
 from blip2cli.pipeline import run
 from blip2cli.sources import Item
 

@@ -97,7 +97,7 @@ class ChatLoop:
 
     def command(self, name: str, arg: str) -> bool:
         from ..ask import transcript_lines
-        from ..images import ImageError
+        from ..decode import ImageError
 
         session = self.session
         if name in ("/quit", "/exit", "/q"):
@@ -276,7 +276,8 @@ def chat(
     from ..ask import Asker, ChatSession, check_template
     from ..caption import GenerationOptions
     from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, InputError, UsageError
-    from ..images import ImageError, ImageStage, open_image
+    from ..decode import ImageError, open_image
+    from ..images import ImageStage
     from ..loader import load
 
     gen = GenerationOptions(**vars(dec))

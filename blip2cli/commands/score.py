@@ -43,7 +43,7 @@ def score(
 
     from ..embed import Embedder, itc_similarity, score_schema
     from ..errors import UsageError
-    from ..images import ImageError
+    from ..decode import ImageError
     from ..writers import Sink, make_writer
 
     texts = list(texts or [])

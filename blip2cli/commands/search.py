@@ -41,7 +41,7 @@ Examples:
 
 def _rerank(hits, store, query: str, task: EmbedTask, embedder, batch_size: int) -> dict[int, float | None]:
     """ITM match probability for each hit (decoded again from its file); None if it cannot be read."""
-    from ..images import ImageError
+    from ..decode import ImageError
 
     probs: dict[int, float | None] = {}
     for start in range(0, len(hits), batch_size):
@@ -123,7 +123,7 @@ def search(
 
     from ..embed import Embedder, pooled_query, search_schema
     from ..errors import InputError, UsageError
-    from ..images import ImageError
+    from ..decode import ImageError
     from ..store import StoreMeta, VectorStore, is_store_path, top_k as store_top_k
 
     args = list(arguments or [])
