@@ -54,8 +54,8 @@ _PREFIX = "blip2_"
 
 
 def actor_device() -> str:
-    """``"cuda"`` in a Ray worker that holds a GPU (Ray sets ``CUDA_VISIBLE_DEVICES``
-    to it), ``"cpu"`` in one that holds none, ``"auto"`` outside Ray."""
+    """``"cuda"`` in a Ray actor or task that holds a GPU (Ray sets ``CUDA_VISIBLE_DEVICES``
+    to it), ``"cpu"`` in one that holds none, ``"auto"`` elsewhere (a Ray driver, Spark, Daft)."""
     try:
         import ray
     except ImportError:
@@ -63,6 +63,9 @@ def actor_device() -> str:
     try:
         if not ray.is_initialized():
             return "auto"
+        context = ray.get_runtime_context()
+        if context.get_actor_id() is None and context.get_task_id() is None:
+            return "auto"  # the driver: Ray assigned it nothing
         return "cuda" if ray.get_gpu_ids() else "cpu"
     except Exception:  # noqa: BLE001 - not in a worker: the library's own choice
         return "auto"

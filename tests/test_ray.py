@@ -68,6 +68,9 @@ def test_read_binary_files_gives_a_row_per_file_and_error_rows(local_ray, tiny_o
     assert isinstance(row["bytes"], bytes) and row["bytes"] == example_images[3].read_bytes()  # passed through
     assert row["model"] and row["preprocess"] == "fast"
     assert '"num_beams":1' in row["generation"] and '"max_new_tokens":5' in row["generation"]
+    # the device: what Ray gave the worker (no GPU here: the CPU); the driver keeps the library's auto
+    assert ray.get(ray.remote(num_gpus=0)(blip2cli.ray.actor_device).remote()) == "cpu"
+    assert blip2cli.ray.actor_device() == "auto"
 
 
 def test_read_images_gives_the_same_captions_in_every_batch_format(local_ray, tiny_opt, tmp_path, example_images):
