@@ -1,4 +1,4 @@
-"""README's Spark and Daft recipes ("Scale out"), run as written on img2dataset-style Parquet:
+"""README's Spark and Daft recipes ("Scale out"), the same code on img2dataset-style Parquet and a tiny checkpoint:
 the same per-item records as ``blip2 caption``, every row back, a broken image an error row.
 
 Daft runs in process (fast tier with the model tests); Spark needs a JVM and starts one
