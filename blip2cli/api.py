@@ -959,6 +959,13 @@ class _InMemory:
         return records
 
 
+def _plain_id(value: Any) -> Any:
+    """A numpy scalar id (a Ray or pandas batch's column) as the Python value it holds."""
+    if not isinstance(value, (str, bytes)) and type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def _memory_items(images: Any, ids: Iterable | None) -> list:
     """One ``sources.Item`` per image, in order: ``name`` is the path for a path
     (``None`` otherwise), ``source`` the image as given, ``fields["id"]`` its id."""
@@ -968,7 +975,7 @@ def _memory_items(images: Any, ids: Iterable | None) -> list:
     if ids is not None:
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
             raise OptionError(f"ids must be a list with one id per image (got {type(ids).__name__})", params=["ids"])
-        ids = list(ids)
+        ids = [_plain_id(i) for i in ids]
         if len(ids) != len(listed):
             raise OptionError(f"ids has {len(ids)} values for {len(listed)} images: give one id per image",
                               params=["ids", "images"])

@@ -658,6 +658,9 @@ def _check_image_tokens(loaded: LoadedModel) -> None:
 
 
 _ONCE_LOGGERS = ("bitsandbytes", "accelerate")
+# torchao (imported by transformers when installed) says which optional CUDA kernels it could
+# not load, and torch's pytree warns about torchao's enums, on every start.
+_ERRORS_ONLY_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 class _OnceFilter:
@@ -732,6 +735,8 @@ def _quiet_python() -> None:
         if not any(h.get_name() == "blip2-once" for h in logger.handlers):
             logger.addHandler(_stderr_handler())
             logger.propagate = False
+    for name in _ERRORS_ONLY_LOGGERS:  # import-time notes of optional kernels, not for our users
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def quiet_libraries(*, hub_only: bool = False) -> None:

@@ -88,8 +88,9 @@ def test_records_have_the_clis_keys_and_settings(tiny_opt, model, example_images
                "--max-new-tokens", 5, "--min-new-tokens", 2)
     ours = list(model.caption_records([example_images[0]], **GEN))
     assert ours == want  # same keys, same order, same values (settings included)
-    with_ids = list(model.caption_records([example_images[0]], ids=[7], **GEN))
+    with_ids = list(model.caption_records([example_images[0]], ids=np.array([7]), **GEN))
     assert list(with_ids[0]) == ["id", *want[0]] and with_ids[0]["id"] == 7
+    assert type(with_ids[0]["id"]) is int  # a numpy id (a Ray/pandas column) as a plain value
 
 
 def test_caption_files_are_the_records_over_paths(model, example_images):
