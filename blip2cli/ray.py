@@ -91,12 +91,6 @@ def _names(batch, kind: str) -> list[str]:
     return [str(c) for c in batch.columns]
 
 
-def _rows(batch, kind: str) -> int:
-    if kind == "numpy":
-        return len(next(iter(batch.values()))) if batch else 0
-    return batch.num_rows if kind == "pyarrow" else len(batch)
-
-
 def _values(batch, kind: str, name: str) -> list:
     """One column as a list of Python values (an image as bytes, a path or an array)."""
     if kind == "numpy":
