@@ -3,12 +3,14 @@ the same per-item records as ``blip2 caption``, every row back, a broken image a
 
 Daft runs in process (fast tier with the model tests); Spark needs a JVM and starts one
 (about 40 s here), so it is ``slow``. Each skips when its engine is not installed
-(``.ci/run`` installs both: the ``test`` extra).
+(``.ci/run`` installs both: the ``test`` extra); without java the Spark test skips, and
+fails when ``CI`` is set.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -75,6 +77,11 @@ def test_daft_class_udf(tiny_opt, img2dataset_dir, example_images):
 @pytest.mark.slow
 def test_spark_map_in_pandas(tiny_opt, img2dataset_dir, example_images, tmp_path, monkeypatch):
     pytest.importorskip("pyspark")
+    if shutil.which("java") is None:  # Spark runs on a JVM (Java 17 or newer)
+        message = "Spark needs java on PATH (Debian: apt-get install openjdk-17-jre-headless)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     from pyspark.sql import SparkSession
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
