@@ -13,17 +13,23 @@ The same core the commands run, called directly::
 * loading is the CLI's loader (``loader.plan`` + ``loader.load``): the same
   checkpoint, device, dtype and quantization rules, the same errors;
 * a direct call (``caption``, ``ask``, ``chat``, ``embed_images``, ``score``)
-  decodes each image with the CLI's safe decode (``images.ImageStage``) and runs
-  the commands' own tasks (``CaptionTask``, ``AskTask``, ``Asker``,
-  ``ChatSession``, ``Embedder``) a batch at a time: for the same options the
-  tokens are the CLI's, which equal transformers' documented per-image usage;
-* the ``*_files`` iterators run the CLI's pipeline (decode thread pool, batching,
-  CUDA out-of-memory back-off) and yield the CLI's JSON Lines records as dicts,
-  error records included.
+  runs the commands' own tasks (``CaptionTask``, ``AskTask``, ``Asker``,
+  ``ChatSession``, ``Embedder``) with the CLI's safe decode; ``caption``, ``ask``
+  and ``embed_images`` go through the CLI's pipeline (``pipeline.run``: images
+  decoded in its worker threads, batched as the CLI batches), the first image that
+  cannot be decoded raising an ``ImageError`` that names it. For the same options
+  the tokens are the CLI's, which equal transformers' documented per-image usage;
+* the ``*_files`` iterators and ``Model.caption_records`` / ``ask_records`` /
+  ``embed_records`` (in-memory images, ``ids``) run the CLI's pipeline (decode
+  thread pool, batching, CUDA out-of-memory back-off) and yield the CLI's JSON
+  Lines records as dicts, one per item in order, a bad image an error record;
+  ``record_schema`` is their pyarrow schema, as ``--format parquet`` writes it;
+* a good guest: nothing here changes the host's logging, warnings filters or
+  environment; ``quiet()`` opts in to the CLI's quiet.
 
-Errors are ordinary exceptions that name parameters: ``OptionError`` (a
-``ValueError``: ``num_beams must be at least 1``), ``ImageError`` (naming the
-input), ``ModelError``, ``DeviceError``. Nothing here imports typer; torch and
+Errors are ordinary exceptions that name parameters, all ``Blip2Error``s:
+``OptionError`` (a ``ValueError``: ``num_beams must be at least 1``),
+``ImageError`` (naming the input), ``ModelError``, ``DeviceError``. Nothing here imports typer; torch and
 transformers are imported by the first ``load()``.
 """
 
@@ -205,6 +211,12 @@ def _source(image: Any, index: int):
     )
 
 
+def _is_image_kind(image: Any) -> bool:
+    """What ``_source`` takes: a path, bytes, a PIL image or an array."""
+    return (isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "getbands")
+            or (hasattr(image, "__array_interface__") and hasattr(image, "dtype")))
+
+
 def _named(image: Any, index: int, reason: object) -> ImageError:
     """An ImageError whose message starts with the input (``input`` and ``index`` set too)."""
     label = _label(image, index)
@@ -248,7 +260,7 @@ def _questions(questions: str | Sequence[str]) -> tuple[bool, list[str]]:
     if not single and (isinstance(questions, (bytes, bytearray)) or not isinstance(questions, Iterable)):
         raise OptionError(f"questions must be a string or a list of strings (got {questions!r})",
                           params=["questions"])
-    listed = [questions] if single else list(questions)  # type: ignore[list-item]
+    listed: list = [questions] if single else list(questions)
     if not listed:
         raise OptionError("questions is empty: ask at least one question", params=["questions"])
     for q in listed:
@@ -313,11 +325,6 @@ class Model:
 
         return ImageStage(self.loaded, _check_choice("preprocess", preprocess, PREPROCESS))
 
-    def _batches(self, stage, images: list, batch_size: int) -> Iterator[list]:
-        """The images decoded a batch at a time (an ImageError names the bad one)."""
-        for start in range(0, len(images), batch_size):
-            yield [_prepare(stage, image, start + i) for i, image in enumerate(images[start:start + batch_size])]
-
     # -- caption ---------------------------------------------------------------------
     def caption(
         self,
@@ -365,22 +372,13 @@ class Model:
             >>> model.caption(["cat.jpg", "dog.jpg"], num_beams=1, max_new_tokens=20)
             ['a cat on a sofa', 'a dog in the grass']
         """
-        from .caption import CaptionTask, Captioner
-
-        self._generative("caption")
-        gen = GenerationOptions(prompt=prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                num_beams=num_beams, num_captions=num_captions, sample=sample,
-                                temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                                seed=seed)
-        gen.validate()
+        make_task, _, size = _caption_job(
+            self, prompt=prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+            num_captions=num_captions, sample=sample, temperature=temperature, top_p=top_p, seed=seed,
+            repetition_penalty=repetition_penalty, preprocess=preprocess, batch_size=batch_size)
         single, listed = _as_list(images)
-        size = self._batch_size(batch_size)
-        task = CaptionTask(self.loaded, Captioner(self.loaded, gen), _check_choice("preprocess", preprocess, PREPROCESS))
-        _seed(seed)
-        captions: list[list[str]] = []
-        for prepared in self._batches(task.stage, listed, size):
-            captions += task.run_batch(prepared)
-        out = [c if num_captions > 1 else c[0] for c in captions]
+        captions = _run_direct(listed, make_task, size=size, seed=seed)
+        out: list[Any] = [c if num_captions > 1 else c[0] for c in captions]
         return out[0] if single else out
 
     # -- ask ---------------------------------------------------------------------------
@@ -427,27 +425,16 @@ class Model:
             >>> model.ask("kitchen.jpg", "how many cups are there?")
             'two'
         """
-        from .ask import AskTask, Asker
-
-        self._generative("ask")
-        gen = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                                num_captions=num_answers, sample=sample, temperature=temperature, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=seed)
-        gen.validate(count_name="num_answers")
-        template = _check_template(template)
-        one_question, listed_questions = _questions(questions)
+        make_task, _, size = _ask_job(
+            self, questions, template=template, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            num_beams=num_beams, num_answers=num_answers, sample=sample, temperature=temperature, top_p=top_p,
+            seed=seed, repetition_penalty=repetition_penalty, preprocess=preprocess, batch_size=batch_size)
+        one_question = isinstance(questions, str)
         single, listed = _as_list(images)
-        size = self._batch_size(batch_size)
-        stage = self._stage(preprocess)
-        task = AskTask(Asker(self.loaded, gen, pairs_per_call=size * PAIRS_PER_IMAGE), stage,
-                       listed_questions, template)
-        _seed(seed)
-        answers: list[list[list[str]]] = []
-        for prepared in self._batches(stage, listed, size):
-            answers += task.run_batch(prepared)
-        shaped = [[a if num_answers > 1 else a[0] for a in per_image] for per_image in answers]
+        answers = _run_direct(listed, make_task, size=size, seed=seed)
+        shaped: list[Any] = [[a if num_answers > 1 else a[0] for a in per_image] for per_image in answers]
         if one_question:
-            shaped = [per_image[0] for per_image in shaped]  # type: ignore[misc]
+            shaped = [per_image[0] for per_image in shaped]
         return shaped[0] if single else shaped
 
     # -- chat --------------------------------------------------------------------------
@@ -560,13 +547,12 @@ class Model:
         """
         import numpy as np
 
-        embedder = self._embedder(features, pool)
+        make_task, _, size = _embed_job(self, features=features, pool=pool, preprocess=preprocess,
+                                        batch_size=batch_size)
         single, listed = _as_list(images)
-        size = self._batch_size(batch_size)
-        stage = self._stage(preprocess)
-        parts = [embedder.image_vectors(stage.pixels(prepared)).numpy()
-                 for prepared in self._batches(stage, listed, size)]
-        out = np.concatenate(parts) if parts else np.empty((0, *embedder.dims), dtype=np.float32)
+        vectors = [vector for vector, _ in _run_direct(listed, make_task, size=size, seed=None)]
+        dims = self._embedder(features, pool).dims
+        out = np.stack(vectors) if vectors else np.empty((0, *dims), dtype=np.float32)
         out = out.astype(np.float32, copy=False)
         return out[0] if single else out
 
@@ -934,9 +920,10 @@ class _InMemory:
     thread each item's image (a path, bytes, a PIL image, an array) becomes what the
     decode takes; each record gets the item's ``id`` first when ids were given."""
 
-    def __init__(self, task, with_ids: bool):
+    def __init__(self, task, with_ids: bool, *, raw: bool = False):
         self.task = task
         self.with_ids = with_ids
+        self.raw = raw  # one {"result", "error"} per item (the direct calls), not the task's records
 
     def prepare(self, item):
         from dataclasses import replace
@@ -952,6 +939,8 @@ class _InMemory:
         return self.task.run_batch(prepared)
 
     def record(self, item, result, error):
+        if self.raw:
+            return {"result": result, "error": error}
         made = self.task.record(item, result, error)
         records = made if isinstance(made, list) else [made]
         if self.with_ids:
@@ -987,6 +976,28 @@ def _memory_items(images: Any, ids: Iterable | None) -> list:
             name = name if isinstance(name, str) else os.fsdecode(name)
         items.append(Item(name=name, source=image, fields={"id": ids[index] if ids is not None else None}))  # type: ignore[arg-type]
     return items
+
+
+def _run_direct(listed: list, make_task: Callable[[], Any], *, size: int, seed: int | None) -> list:
+    """The task's result per image, in order, through the pipeline (decoded in its worker
+    threads, batched as the CLI batches); the first image that cannot be decoded raises
+    an ImageError naming it (the pipeline stops after the batch in hand)."""
+    import contextlib
+
+    for index, image in enumerate(listed):
+        if not _is_image_kind(image):
+            raise TypeError(f"{_label(image, index)}: expected a PIL image, a path, bytes or an HxWx3 uint8 "
+                            f"array, got {type(image).__name__}")
+    task = _InMemory(make_task(), False, raw=True)
+    records = _pipeline_records(_memory_items(listed, None), task, settings={}, batch_size=size,
+                                workers=default_workers(), seed=seed)
+    results = []
+    with contextlib.closing(records):
+        for index, record in enumerate(records):
+            if record["error"] is not None:
+                raise _named(listed[index], index, record["error"])
+            results.append(record["result"])
+    return results
 
 
 def _run_memory(model: "Model", images, ids, make_task: Callable[[], Any], settings: dict, *, size: int,

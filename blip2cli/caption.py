@@ -100,10 +100,10 @@ class GenerationOptions:
                                       (count_name, self.num_captions, False),
                                       ("seed", self.seed, True)):
             check_integer(name, value, optional=optional)
-        for name, value in (("temperature", self.temperature), ("top_p", self.top_p),
-                            ("repetition_penalty", self.repetition_penalty)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise OptionError(f"{name} must be a number (got {value!r})", params=[name])
+        for name, number in (("temperature", self.temperature), ("top_p", self.top_p),
+                             ("repetition_penalty", self.repetition_penalty)):
+            if isinstance(number, bool) or not isinstance(number, numbers.Real):
+                raise OptionError(f"{name} must be a number (got {number!r})", params=[name])
         if not isinstance(self.sample, bool):
             raise OptionError(f"sample must be True or False (got {self.sample!r})", params=["sample"])
         if self.prompt is not None and not isinstance(self.prompt, str):

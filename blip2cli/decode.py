@@ -127,6 +127,7 @@ def _sniff(head: bytes) -> str:
     if h.startswith((b"ID3", b"OggS", b"fLaC")) or (h.startswith(b"RIFF") and h[8:12] == b"WAVE"):
         return "not an image file (looks like audio)"
     if b"\x00" not in h[:4096]:
+        text: str | None
         try:
             text = h[:4096].decode("utf-8", errors="strict")
         except UnicodeDecodeError as e:

@@ -50,7 +50,7 @@ class Blip2Error(Exception):
             return text
 
         clone = copy.copy(self)
-        clone.message, clone.hint = respell(self.message), respell(self.hint)
+        clone.message, clone.hint = respell(self.message) or self.message, respell(self.hint)
         clone.args = (clone.message,)
         return clone
 

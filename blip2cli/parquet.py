@@ -31,6 +31,7 @@ import io
 import json
 import struct
 import time
+from typing import Any
 
 from .errors import OutputError, UsageError
 
@@ -79,9 +80,10 @@ def column_types(rows: list[dict], columns=()) -> tuple:
                 names.append(key)
     if "path" in names and "path_bytes" not in names:
         names.insert(names.index("path") + 1, "path_bytes")
-    fields, convert = [], {}
+    fields: list = []
+    convert: dict = {}
     for name in names:
-        values = [r.get(name) for r in rows if r.get(name) is not None]
+        values: list = [r.get(name) for r in rows if r.get(name) is not None]
         if name == "vector":
             size = len(values[0]) if values else 0
             typ = pa.list_(pa.float32(), size) if size else pa.list_(pa.float32())
@@ -170,7 +172,8 @@ class _Reader:
             k, v = kinds >> 4, kinds & 0x0F
             return (k, v, [(self.value(k), self.value(v)) for _ in range(size)])
         if typ == _STRUCT:
-            fields, last = [], 0
+            fields: list = []
+            last = 0
             while True:
                 head = self.byte()
                 if head == 0:
@@ -282,10 +285,10 @@ class ParquetWriter:
         self.columns = list(getattr(schema, "columns", None) or [])  # for a file without records
         self._buffer: list[dict] = []
         self._since = time.monotonic()
-        self._schema = None
+        self._schema: Any = None
         self._convert: dict = {}
         self._metas: list = []
-        self._first = None  # the first group's footer bytes: the base of every footer
+        self._first: bytes | None = None  # the first group's footer bytes: the base of every footer
         self._data_end = len(MAGIC)
         self._footer = b""
         self._due = 1  # records in the next row group: 1, 2, 4, ... up to ``rows``

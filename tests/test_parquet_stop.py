@@ -109,3 +109,29 @@ def test_an_embed_run_with_a_bad_image_is_readable(tiny_itm, example_images, tmp
     vectors, errors = table.column("vector").to_pylist(), table.column("error").to_pylist()
     assert errors[0] is None and None not in vectors[0]
     assert errors[1] and vectors[1] == [None] * len(vectors[0])
+
+
+def test_a_full_disk_at_the_first_group_leaves_a_valid_empty_file(tmp_path, monkeypatch):
+    import errno
+
+    from blip2cli.errors import OutputError
+    from blip2cli.parquet import ParquetWriter
+
+    path = tmp_path / "full.parquet"
+    sink, writer = open_writer(path)
+    real = ParquetWriter._write_at
+    failed = []
+
+    def full(self, offset, data):
+        if not failed:  # the group's data and footer; the footer put back after it goes through
+            failed.append(True)
+            self.fh.seek(offset)
+            self.fh.write(bytes(data[:100]))  # a torn write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, offset, data)
+
+    monkeypatch.setattr(ParquetWriter, "_write_at", full)
+    with pytest.raises(OutputError, match="holds the 0 records"):
+        writer.write(record(0))
+    sink.close(quiet=True)
+    assert pq.read_table(path).num_rows == 0  # the empty file it was, not 4 bytes
