@@ -992,7 +992,7 @@ def _run_direct(listed: list, make_task: Callable[[], Any], *, size: int, seed: 
     records = _pipeline_records(_memory_items(listed, None), task, settings={}, batch_size=size,
                                 workers=default_workers(), seed=seed)
     results = []
-    with contextlib.closing(records):
+    with contextlib.closing(records):  # type: ignore[type-var]  # a generator: it has close()
         for index, record in enumerate(records):
             if record["error"] is not None:
                 raise _named(listed[index], index, record["error"])

@@ -129,7 +129,7 @@ def _sniff(head: bytes) -> str:
     if b"\x00" not in h[:4096]:
         text: str | None
         try:
-            text: str | None = h[:4096].decode("utf-8", errors="strict")
+            text = h[:4096].decode("utf-8", errors="strict")
         except UnicodeDecodeError as e:
             # a multi-byte character cut at the end of the sample is still text
             text = h[: e.start].decode("utf-8") if e.start > len(h[:4096]) - 4 else None

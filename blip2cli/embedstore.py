@@ -88,7 +88,7 @@ class StoreOutput:
 
         with StoreUpdate(self.path, self.meta(inner), prune=self.prune, dtype_given=self.dtype_given,
                          compact=self.compact) as update:
-            selected = update.select(items)
+            selected: Any = update.select(items)  # a list once counted
             if total is not None:
                 selected = list(selected)
                 total = len(selected)

@@ -456,7 +456,7 @@ def merge_shard_outputs(root: Path) -> tuple[Path, int, list[str]]:
                     standard = plain(settings_of(record))
                     settings = standard
                 if settings_of(record) != standard:
-                    state._check_record(path, number, record, settings, then="in the shard's output",
+                    state._check_record(path, number, record, standard, then="in the shard's output",
                                         now="in the manifest", hint=f"redo that shard with the directory's "
                                         f"settings (delete {path.name} first)")
                 out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
