@@ -189,7 +189,12 @@ def from_config(name: str, device: str, dtype: str, quantize: str = "none"):
 
     from .imagespec import ImageSpec
     from .loader import (
-        Checkpoint, LoadedModel, LoadOptions, import_model_libraries, quantization_config, resolve_device,
+        Checkpoint,
+        LoadedModel,
+        LoadOptions,
+        import_model_libraries,
+        quantization_config,
+        resolve_device,
     )
     from .testing import build_tiny_checkpoint
 

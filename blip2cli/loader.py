@@ -400,7 +400,8 @@ def quantization_config(kind: str, dtype, device):
             hint="drop quantize, or use device='cpu'",
             params=["quantize", "device"],
         )
-    from transformers import BitsAndBytesConfig  # does not import bitsandbytes (load does)
+    # (importing the config does not import bitsandbytes: load does, see import_model_libraries)
+    from transformers import BitsAndBytesConfig
 
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)

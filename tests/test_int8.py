@@ -69,7 +69,8 @@ def test_int8_captions_agree_with_float32(kind, request, example_images):
     ref = load(LoadOptions(model=str(folder), device="cpu"))
     q = load(LoadOptions(model=str(folder), device="cpu", quantize="int8"))
     inputs = ref.processor(images=[Image.open(p).convert("RGB") for p in example_images], return_tensors="pt")
-    kw = dict(max_new_tokens=1, num_beams=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kw = {"max_new_tokens": 1, "num_beams": 1, "do_sample": False, "output_logits": True,
+          "return_dict_in_generate": True}
     with torch.inference_mode():
         a = ref.model.generate(**inputs, **kw).logits[0]
         b = q.model.generate(**inputs, **kw).logits[0]
@@ -191,7 +192,7 @@ assert logging.getLogger("bitsandbytes.backends.cpu.ops").filters == []
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "ok"
     for noise in ("publisher trust", "trust_remote_code", "kernels-community", "Failed to load",
