@@ -568,15 +568,87 @@ class LoadPlan:
     device: Any
     dtype: Any
     qconfig: Any
+    identity: str | None = None  # checkpoint_identity(): which weights, not only which name
 
     def settings(self) -> dict:
         """What makes a record reproducible, as recorded beside each result."""
         return {
             "model": self.options.model,
             "revision": self.options.revision,
+            "checkpoint": self.identity,
             "dtype": str(self.dtype).replace("torch.", ""),
             "quantize": self.options.quantize,
         }
+
+
+_HUB_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SAMPLE = 256  # bytes read from each tensor's data (its start and its middle)
+_WHOLE_FILE_SAMPLES = 65536  # pickle weights: bytes read at the start, middle and end
+
+
+def checkpoint_identity(ckpt: Checkpoint) -> str | None:
+    """Which weights a checkpoint holds, cheaply: a checkpoint replaced at the same path (a
+    folder re-saved, a hub model updated) gets another identity, a copied folder the same.
+
+    A hub model is its commit (the cache's snapshot folder is named by it). A local folder
+    is a sha256 of its config.json and, per weight file (by name): its size, its
+    safetensors header (every tensor's name, dtype, shape and offsets) and 2 x 256 bytes of
+    each tensor's data (at its start and middle); a fine-tuned tensor differs there.
+    Pickle weights: 3 x 64 KiB of each file. A few MB read for a 15 GB checkpoint, never
+    the whole file, and no modification times (a copy keeps its identity)."""
+    import hashlib
+
+    folder = ckpt.local_dir
+    if folder is None:
+        return None
+    if folder.resolve() != Path(ckpt.source).expanduser().resolve() and _HUB_COMMIT.fullmatch(folder.name):
+        return f"commit:{folder.name}"
+    digest = hashlib.sha256()
+    try:
+        digest.update((folder / "config.json").read_bytes())
+        weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")
+                         or p.name.endswith(".index.json"))
+        for path in weights:
+            digest.update(f"\0{path.name}\0{path.stat().st_size}\0".encode())
+            with open(path, "rb") as f:
+                if path.suffix == ".safetensors":
+                    _fingerprint_safetensors(f, digest)
+                elif path.name.endswith(".json"):
+                    digest.update(f.read())
+                else:
+                    size = path.stat().st_size
+                    for at in sorted({0, max(0, size // 2 - _WHOLE_FILE_SAMPLES // 2),
+                                      max(0, size - _WHOLE_FILE_SAMPLES)}):
+                        f.seek(at)
+                        digest.update(f.read(_WHOLE_FILE_SAMPLES))
+    except OSError as exc:
+        raise ModelError(f"cannot read the checkpoint {str(folder)!r}: {console_line(exc)}") from exc
+    return f"sha256:{digest.hexdigest()[:32]}"
+
+
+def _fingerprint_safetensors(f, digest) -> None:
+    import struct
+
+    head = f.read(8)
+    if len(head) < 8:
+        digest.update(head)
+        return
+    (length,) = struct.unpack("<Q", head)
+    header = f.read(min(length, 100_000_000))
+    digest.update(header)
+    try:
+        entries = json.loads(header)
+    except ValueError:
+        return
+    base = 8 + length
+    for name in sorted(k for k in entries if k != "__metadata__"):
+        offsets = entries[name].get("data_offsets") if isinstance(entries[name], dict) else None
+        if not offsets or len(offsets) != 2:
+            continue
+        start, end = int(offsets[0]), int(offsets[1])
+        for at in sorted({start, max(start, (start + end) // 2 - _SAMPLE // 2)}):
+            f.seek(base + at)
+            digest.update(f.read(min(_SAMPLE, max(0, end - at))))
 
 
 def plan(opts: LoadOptions, *, architectures: tuple[str, ...] = GENERATIVE, task: str = "caption") -> LoadPlan:
@@ -600,7 +672,7 @@ def plan(opts: LoadOptions, *, architectures: tuple[str, ...] = GENERATIVE, task
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device, ckpt)
     qconfig = quantization_config(opts.quantize, dtype, device)
-    return LoadPlan(opts, ckpt, device, dtype, qconfig)
+    return LoadPlan(opts, ckpt, device, dtype, qconfig, checkpoint_identity(ckpt))
 
 
 def load(
