@@ -471,3 +471,19 @@ def test_resume_after_the_checkpoint_was_replaced_is_refused(tiny_opt, tmp_path,
     assert res.exit_code == 2, res.output
     assert "checkpoint" in res.stderr
     assert out.read_text() == before, "nothing appended from the other model"
+
+
+def test_embed_into_a_store_made_by_a_replaced_checkpoint_is_refused(tiny_itm, tmp_path, example_images):
+    """`embed` into an existing store appended rows from another model (issue 19 #10)."""
+    folder = tmp_path / "itm"
+    shutil.copytree(tiny_itm, folder)
+    store = tmp_path / "vectors.safetensors"
+    res = cli("embed", *example_images[:2], "-m", folder, "-o", store, "-b", "2")
+    assert res.exit_code == 0, res.output
+    before = store.read_bytes()
+    replaced = _copy_with_weights(tiny_itm, tmp_path / "other", _nudged("vision_projection.weight"))
+    shutil.copy(replaced / "model.safetensors", folder / "model.safetensors")
+    res = cli("embed", *example_images, "-m", folder, "-o", store, "-b", "2")
+    assert res.exit_code == 2, res.output
+    assert "checkpoint" in res.stderr
+    assert store.read_bytes() == before

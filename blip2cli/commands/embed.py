@@ -266,10 +266,13 @@ def embed(
     jobs = workers or o.default_workers()
 
     if to_store:
+        from ..loader import checkpoint_identity
+
         meta = StoreMeta(
             model=model_key(model), revision=revision, features=embedder.features, pool=pool_name,
             dims=embedder.dims, normalized=embedder.normalized,
             dtype=(store_dtype.value if store_dtype is not None else "float32"),
+            checkpoint=checkpoint_identity(loaded.checkpoint),
         )
         with open_update(output, meta=meta, prune=prune, dtype_given=store_dtype is not None,
                          layout=None if layout is None else "segments", compact=compact) as update:
