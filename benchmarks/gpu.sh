@@ -13,6 +13,8 @@
 #   t5      flan-t5-xl shape in bf16 against plain batched generate.
 #   q8, q4  opt-2.7b saved once in fp16 and loaded back 8-bit / 4-bit (bitsandbytes): img/s and
 #           peak GPU memory, against the fp16 row of the opt group.
+#   int8    opt-2.7b fp16 with --quantize int8 (torchao's int8 weight-only language-model layers,
+#           quantized in memory as the loader's TorchAoConfig does): img/s and peak GPU memory.
 # Output: $OUT/gpu.json (everything), $OUT/gpu.md (the table: card, versions, date, command),
 # $OUT/gpu.log (the whole log). Copy them to benchmarks/results/ (gpu.json, gpu.md).
 #
@@ -21,8 +23,8 @@
 #   mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl bitsandbytes==0.50.2
-# (43 MB; its libbitsandbytes_cuda130.so matches the device's CUDA 13; torch, numpy, packaging,
+#       -d .whl bitsandbytes==0.50.2 torchao==0.18.0
+# (torchao for the int8 group; bitsandbytes 43 MB; its libbitsandbytes_cuda130.so matches the device's CUDA 13; torch, numpy, packaging,
 # which it needs, are there). Then one device call:
 #   run  command: "bash benchmarks/gpu.sh"   carry: [".whl"]   timeout_s: 570
 # The script stops starting work after BLIP2_GPU_TOTAL_S seconds (default 500) and always writes
@@ -39,7 +41,7 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 SMOKE=${BLIP2_GPU_SMOKE:-0}
 TOTAL=${BLIP2_GPU_TOTAL_S:-500}
-GROUPS_TO_RUN=${BLIP2_GPU_GROUPS:-opt decode t5 q8 q4}
+GROUPS_TO_RUN=${BLIP2_GPU_GROUPS:-opt decode t5 q8 q4 int8}
 WORK=${BLIP2_GPU_WORK:-/tmp/blip2-gpu}
 START=$SECONDS
 exec > >(tee "$OUT/gpu.log") 2>&1
@@ -65,10 +67,11 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 'available', torch.cuda.is_available(), '| transformers', transformers.__version__)"
 $PY -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1 | tail -1
 $PY -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
+$PY -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
 rm -rf "$WORK" && mkdir -p "$WORK"
 
 # Seconds each group may take at most (its `timeout`); the total cap cuts the later ones.
-declare -A LIMIT=([opt]=270 [decode]=60 [t5]=90 [q8]=75 [q4]=75)
+declare -A LIMIT=([opt]=270 [decode]=60 [t5]=90 [q8]=75 [q4]=75 [int8]=75)
 for g in $GROUPS_TO_RUN; do
   left=$(( TOTAL - (SECONDS - START) - 10 ))
   t=${LIMIT[$g]:-60}

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-GROUP_ORDER = ("opt", "decode", "t5", "q8", "q4")
+GROUP_ORDER = ("opt", "decode", "t5", "q8", "q4", "int8")
 
 
 def load(work: Path) -> dict:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SMOKE = os.environ.get("BLIP2_GPU_SMOKE") == "1"
-GROUPS = ("decode", "opt", "t5", "q8", "q4")
+GROUPS = ("decode", "opt", "t5", "q8", "q4", "int8")
 
 # Sizes: (real run, smoke run).
 N640 = (1024, 8)
@@ -132,6 +132,8 @@ def build(work: Path, name: str, dtype: str, quantize: str = "none"):
                                 quantize=quantize))
     if quantize == "none":
         return from_config(name, device(), dtype)
+    if quantize == "int8":  # torchao quantizes the model in memory, as the loader's TorchAoConfig does
+        return from_config(name, device(), dtype, "int8")
     folder = work / f"saved-{name}"
     if not (folder / "config.json").exists():
         loaded = from_config(name, device(), "float16")
@@ -332,7 +334,8 @@ def group_quant(rec: Recorder, work: Path, bits: str):
     with_stand_in()
     small = image_set(work, "640", pick(N640), (640, 480))[:pick(N640_SMALL)]
     holder = {}
-    quantize = "none" if SMOKE else bits  # the CPU has no bitsandbytes: the save -> load route only
+    # the CPU has no bitsandbytes: the save -> load route only; torchao (int8) runs on the CPU too
+    quantize = "none" if SMOKE and bits != "int8" else bits
 
     def load():
         t = time.perf_counter()
@@ -366,7 +369,7 @@ def main() -> int:
     elif args.group == "t5":
         group_t5(rec, work)
     else:
-        group_quant(rec, work, {"q8": "8bit", "q4": "4bit"}[args.group])
+        group_quant(rec, work, {"q8": "8bit", "q4": "4bit", "int8": "int8"}[args.group])
     return 0
 
 

@@ -82,7 +82,8 @@ def load(
         device: ``"auto"`` (cuda, then mps, then cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
         dtype: ``"auto"`` (float16 on GPUs for OPT, bfloat16 for Flan-T5, float32 on the CPU),
             ``"float32"``, ``"float16"`` or ``"bfloat16"``.
-        quantize: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; the language model only).
+        quantize: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes), or ``"int8"`` (torchao's int8
+            weight-only layers); the language model only.
         revision: a branch, tag or commit of a hub checkpoint.
         offline: use the Hugging Face cache only (as ``HF_HUB_OFFLINE=1``).
         allow_pickle: accept ``.bin`` (pickle) weights; safetensors only otherwise.
@@ -107,7 +108,7 @@ def load(
 
     quantize = "none" if quantize is None else str(quantize)
     if quantize not in QUANTIZE:
-        raise OptionError(f"quantize must be None, '8bit' or '4bit' (got {quantize!r})", params=["quantize"])
+        raise OptionError(f"quantize must be None, '8bit', '4bit' or 'int8' (got {quantize!r})", params=["quantize"])
     if dtype not in DTYPES:
         raise OptionError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})", params=["dtype"])
     options = LoadOptions(model=os.fspath(model), revision=revision, device=device, dtype=dtype,

@@ -172,17 +172,33 @@ class StageTimer:
 
 
 # -- models ----------------------------------------------------------------------
-def from_config(name: str, device: str, dtype: str):
-    """A known architecture with random weights, built in memory: no download, no disk."""
+def from_config(name: str, device: str, dtype: str, quantize: str = "none"):
+    """A known architecture with random weights, built in memory: no download, no disk.
+
+    ``quantize``: ``int8`` quantizes the built model as ``load`` would (torchao's int8
+    weight-only layers); bitsandbytes' 8bit/4bit need a checkpoint on disk."""
     if name not in KNOWN_CONFIGS:
         raise UsageError(f"from_config={name!r}: unknown", hint=f"one of {', '.join(KNOWN_CONFIGS)}",
                          params=["from_config"])
+    if quantize not in ("none", "int8"):
+        raise UsageError(f"quantize={quantize!r} needs real weights to quantize (bitsandbytes quantizes "
+                         "while loading a checkpoint)", hint="drop from_config, or use quantize='int8'",
+                         params=["quantize", "from_config"])
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
     from .imagespec import ImageSpec
-    from .loader import Checkpoint, LoadedModel, LoadOptions, resolve_device
+    from .loader import (
+        Checkpoint,
+        LoadedModel,
+        LoadOptions,
+        import_model_libraries,
+        quantization_config,
+        resolve_device,
+    )
     from .testing import build_tiny_checkpoint
+
+    import_model_libraries(quantize)
 
     kind = "t5" if name.startswith("flan") else "opt"
     tmp = Path(tempfile.mkdtemp(prefix="blip2-bench-"))
@@ -216,10 +232,16 @@ def from_config(name: str, device: str, dtype: str):
 
     status(f"building {name} with random weights ({str(torch_dtype).replace('torch.', '')}, {dev}), "
            "no download: this takes a while for the larger shapes…")
+    quantization_config(quantize, torch_dtype, dev)  # torchao installed, the device able: else a clear error
     model = build_random(Blip2ForConditionalGeneration, config, torch_dtype, dev)
+    if quantize == "int8":
+        from .loader import quantize_int8_in_place
+
+        quantize_int8_in_place(model)
     ckpt = Checkpoint(f"config:{name}", None, config.to_dict(), "Blip2ForConditionalGeneration", kind)
     return LoadedModel(model=model, processor=processor, tokenizer=tok, checkpoint=ckpt, device=dev,
-                       dtype=torch_dtype, quantize="none", options=LoadOptions(model=f"config:{name}"),
+                       dtype=torch_dtype, quantize=quantize,
+                       options=LoadOptions(model=f"config:{name}", quantize=quantize),
                        image_spec=ImageSpec.from_dict(processor.image_processor.to_dict()))
 
 

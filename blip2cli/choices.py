@@ -21,11 +21,12 @@ class Dtype(str, Enum):
 
 
 class Quantize(str, Enum):
-    """bitsandbytes quantization of the language model."""
+    """Quantization of the language model: 8bit/4bit through bitsandbytes, int8 (weight-only) through torchao."""
 
     none = "none"
     q8 = "8bit"
     q4 = "4bit"
+    int8 = "int8"
 
 
 class Format(str, Enum):

@@ -13,7 +13,8 @@ weights are read:
 3. the device (``auto``: cuda, then mps, then cpu) and whether it exists;
 4. the dtype (``auto``: float16 on GPUs for OPT, bfloat16 for Flan-T5, float32
    on the CPU; float16 is refused for T5, which overflows in it);
-5. quantization through bitsandbytes, with the modules that stay unquantized.
+5. quantization (``8bit``/``4bit`` through bitsandbytes, ``int8`` weight-only through
+   torchao), with the modules that stay unquantized.
 
 Only then ``from_pretrained`` runs. ``trust_remote_code`` is never passed: the
 concrete transformers classes are used, no code from the checkpoint runs. The
@@ -36,7 +37,7 @@ from .errors import DeviceError, ModelError, UsageError
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 DEVICES_HELP = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = names(Dtype)  # ("auto", "float32", "float16", "bfloat16")
-QUANTIZE = names(Quantize)  # ("none", "8bit", "4bit")
+QUANTIZE = names(Quantize)  # ("none", "8bit", "4bit", "int8")
 
 # Which modules stay in the compute dtype when quantizing. Only the language
 # model's linear layers are quantized: they hold three quarters of the weights
@@ -47,6 +48,11 @@ QUANTIZE = names(Quantize)  # ("none", "8bit", "4bit")
 # llm_int8_skip_modules replaces transformers' default list, so every module to
 # keep is named here.
 UNQUANTIZED_MODULES = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
+# --quantize int8 (torchao's int8 weight-only Linear layers) keeps the same modules in the
+# compute dtype, by measurement (benchmarks/results/cpu_account.md): int8 in the vision tower
+# and the Q-Former changed more of the tiny checkpoints' captions and bought no speed there.
+INT8_EXTRA = "pip install 'blip2-cli[int8]'"
+TORCHAO_MIN = (0, 15)  # transformers 5's TorchAoConfig needs it
 
 # Architectures each task can use.
 GENERATIVE = ("Blip2ForConditionalGeneration",)
@@ -375,11 +381,14 @@ def resolve_dtype(name: str, device, ckpt: Checkpoint):
 
 
 def quantization_config(kind: str, dtype, device):
-    """The BitsAndBytesConfig for ``--quantize`` (None for ``none``)."""
+    """The quantization config for ``--quantize`` (None for ``none``): bitsandbytes'
+    ``BitsAndBytesConfig`` for 8bit/4bit, torchao's int8 weight-only ``TorchAoConfig`` for int8."""
     if kind not in QUANTIZE:
         raise UsageError(f"unknown quantize {kind!r}", hint=f"use one of {', '.join(QUANTIZE)}", params=["quantize"])
     if kind == "none":
         return None
+    if kind == "int8":
+        return _int8_config(device)
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -394,6 +403,7 @@ def quantization_config(kind: str, dtype, device):
             hint="drop quantize, or use device='cpu'",
             params=["quantize", "device"],
         )
+    # (importing the config does not import bitsandbytes: load does, see import_model_libraries)
     from transformers import BitsAndBytesConfig
 
     if kind == "8bit":
@@ -404,6 +414,146 @@ def quantization_config(kind: str, dtype, device):
         bnb_4bit_compute_dtype=dtype,
         llm_int8_skip_modules=UNQUANTIZED_MODULES,
     )
+
+
+def _int8_config(device):
+    """torchao's int8 weight-only Linear layers (per-row scales), through transformers' TorchAoConfig."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise ModelError(
+            "quantize='int8' needs the torchao package, which is not installed",
+            hint=f"{INT8_EXTRA} (or pip install torchao)",
+            params=["quantize"],
+        )
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("torchao")
+    except PackageNotFoundError:
+        found = "0"
+    numbers = tuple(int(n) for n in re.findall(r"\d+", found)[:2])
+    if numbers < TORCHAO_MIN:
+        raise ModelError(
+            f"quantize='int8' needs torchao >= {'.'.join(map(str, TORCHAO_MIN))}, found {found}",
+            hint=f"{INT8_EXTRA} (or pip install -U torchao)",
+            params=["quantize"],
+        )
+    if device.type == "mps":
+        raise UsageError(
+            "quantize='int8' is not available on Apple's Metal backend (mps)",
+            hint="drop quantize, or use device='cpu'",
+            params=["quantize", "device"],
+        )
+    with quiet_import():
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=list(UNQUANTIZED_MODULES))
+
+
+def quantize_int8_in_place(model) -> None:
+    """``--quantize int8`` for a model built in memory (``bench --from-config``, the
+    benchmarks): the same torchao config and the same modules kept as ``load`` gives
+    through ``TorchAoConfig``."""
+    import torch
+
+    with quiet_import():
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    keep = set(UNQUANTIZED_MODULES)
+
+    def quantized(module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and not keep.intersection(fqn.split("."))
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=quantized)
+
+
+# What a quantization library says on import that is not for our users, by logger: torchao
+# tries its CUDA-only extensions on a CPU build ("Failed to load …_C_mxfp8…so"), torch warns
+# about torchao's enum registration, and bitsandbytes reports that it did not fetch a kernel
+# from the hub (it does not: see ``no_hub_kernels``). Only these records, only during the
+# import: the host's logging is left as it was.
+_IMPORT_CHATTER = {
+    "torchao": ("Failed to load ",),
+    "torch.utils._pytree": ("is an Enum subclass",),
+    "bitsandbytes.backends.cpu.ops": ("kernels-community", "gemm_4bit_forward"),
+}
+
+
+class _DropChatter:
+    def __init__(self, starts: tuple[str, ...]):
+        self.starts = starts
+
+    def filter(self, record) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
+            return True
+        return not any(s in text for s in self.starts)
+
+
+class quiet_import:
+    """A context manager: the import-time chatter of torchao and bitsandbytes is dropped
+    (``_IMPORT_CHATTER``: those loggers, those messages); the filters are removed on exit."""
+
+    def __enter__(self):
+        import logging
+
+        self._filters = []
+        for name, starts in _IMPORT_CHATTER.items():
+            flt = _DropChatter(starts)
+            logging.getLogger(name).addFilter(flt)
+            self._filters.append((name, flt))
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        for name, flt in self._filters:
+            logging.getLogger(name).removeFilter(flt)
+        return False
+
+
+class no_hub_kernels:
+    """Nothing remote is loaded: while bitsandbytes is imported, the ``kernels`` package
+    (which downloads compiled kernels from the Hugging Face hub and runs them) cannot be
+    imported. bitsandbytes 0.50 asks it for ``kernels-community/quantization-bitsandbytes``
+    on CPUs with AVX-512-BF16, then falls back to its own kernels; with ``kernels`` hidden
+    it falls back at once, without the hub request. ``sys.modules`` is restored on exit."""
+
+    _MISSING = object()
+
+    def __enter__(self):
+        import sys
+
+        self._saved = sys.modules.get("kernels", self._MISSING)
+        sys.modules["kernels"] = None  # type: ignore[assignment]  # import kernels -> ImportError
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        if self._saved is self._MISSING:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = self._saved
+        return False
+
+
+def import_model_libraries(kind: str = "none") -> None:
+    """Import transformers' model code and the quantization library of ``kind`` quietly, and
+    bitsandbytes without hub kernels (``no_hub_kernels``), before anything else does: a module
+    imported once stays imported, so later imports are free and silent. transformers' model
+    code imports torchao whenever it is installed, whatever the quantization."""
+    with quiet_import():
+        import transformers.modeling_utils  # noqa: F401  (imports torchao when installed)
+
+        if kind == "int8":
+            import torchao  # noqa: F401
+        elif kind in ("8bit", "4bit"):
+            with no_hub_kernels():
+                import bitsandbytes  # noqa: F401
 
 
 def _model_class(architecture: str):
@@ -421,15 +571,87 @@ class LoadPlan:
     device: Any
     dtype: Any
     qconfig: Any
+    identity: str | None = None  # checkpoint_identity(): which weights, not only which name
 
     def settings(self) -> dict:
         """What makes a record reproducible, as recorded beside each result."""
         return {
             "model": self.options.model,
             "revision": self.options.revision,
+            "checkpoint": self.identity,
             "dtype": str(self.dtype).replace("torch.", ""),
             "quantize": self.options.quantize,
         }
+
+
+_HUB_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SAMPLE = 256  # bytes read from each tensor's data (its start and its middle)
+_WHOLE_FILE_SAMPLES = 65536  # pickle weights: bytes read at the start, middle and end
+
+
+def checkpoint_identity(ckpt: Checkpoint) -> str | None:
+    """Which weights a checkpoint holds, cheaply: a checkpoint replaced at the same path (a
+    folder re-saved, a hub model updated) gets another identity, a copied folder the same.
+
+    A hub model is its commit (the cache's snapshot folder is named by it). A local folder
+    is a sha256 of its config.json and, per weight file (by name): its size, its
+    safetensors header (every tensor's name, dtype, shape and offsets) and 2 x 256 bytes of
+    each tensor's data (at its start and middle); a fine-tuned tensor differs there.
+    Pickle weights: 3 x 64 KiB of each file. A few MB read for a 15 GB checkpoint, never
+    the whole file, and no modification times (a copy keeps its identity)."""
+    import hashlib
+
+    folder = ckpt.local_dir
+    if folder is None:
+        return None
+    if folder.resolve() != Path(ckpt.source).expanduser().resolve() and _HUB_COMMIT.fullmatch(folder.name):
+        return f"commit:{folder.name}"
+    digest = hashlib.sha256()
+    try:
+        digest.update((folder / "config.json").read_bytes())
+        weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")
+                         or p.name.endswith(".index.json"))
+        for path in weights:
+            digest.update(f"\0{path.name}\0{path.stat().st_size}\0".encode())
+            with open(path, "rb") as f:
+                if path.suffix == ".safetensors":
+                    _fingerprint_safetensors(f, digest)
+                elif path.name.endswith(".json"):
+                    digest.update(f.read())
+                else:
+                    size = path.stat().st_size
+                    for at in sorted({0, max(0, size // 2 - _WHOLE_FILE_SAMPLES // 2),
+                                      max(0, size - _WHOLE_FILE_SAMPLES)}):
+                        f.seek(at)
+                        digest.update(f.read(_WHOLE_FILE_SAMPLES))
+    except OSError as exc:
+        raise ModelError(f"cannot read the checkpoint {str(folder)!r}: {console_line(exc)}") from exc
+    return f"sha256:{digest.hexdigest()[:32]}"
+
+
+def _fingerprint_safetensors(f, digest) -> None:
+    import struct
+
+    head = f.read(8)
+    if len(head) < 8:
+        digest.update(head)
+        return
+    (length,) = struct.unpack("<Q", head)
+    header = f.read(min(length, 100_000_000))
+    digest.update(header)
+    try:
+        entries = json.loads(header)
+    except ValueError:
+        return
+    base = 8 + length
+    for name in sorted(k for k in entries if k != "__metadata__"):
+        offsets = entries[name].get("data_offsets") if isinstance(entries[name], dict) else None
+        if not offsets or len(offsets) != 2:
+            continue
+        start, end = int(offsets[0]), int(offsets[1])
+        for at in sorted({start, max(start, (start + end) // 2 - _SAMPLE // 2)}):
+            f.seek(base + at)
+            digest.update(f.read(min(_SAMPLE, max(0, end - at))))
 
 
 def plan(opts: LoadOptions, *, architectures: tuple[str, ...] = GENERATIVE, task: str = "caption") -> LoadPlan:
@@ -453,7 +675,7 @@ def plan(opts: LoadOptions, *, architectures: tuple[str, ...] = GENERATIVE, task
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device, ckpt)
     qconfig = quantization_config(opts.quantize, dtype, device)
-    return LoadPlan(opts, ckpt, device, dtype, qconfig)
+    return LoadPlan(opts, ckpt, device, dtype, qconfig, checkpoint_identity(ckpt))
 
 
 def load(
@@ -471,6 +693,7 @@ def load(
 
     if _quiet_requested:  # the CLI's choice (quiet_on_load); a library call changes nothing
         quiet_libraries()
+    import_model_libraries(opts.quantize)
     from transformers import AutoProcessor
 
     from .console import status
@@ -488,6 +711,9 @@ def load(
     # below: a mis-sized tensor becomes our ModelError naming it, instead of
     # transformers' RuntimeError pointing at a report our users never see.
     kwargs["output_loading_info"] = True
+    # Nothing remote runs: transformers 5 replaces layers with compiled kernels fetched from
+    # the hub (the `kernels` package) by default when that package is installed.
+    kwargs["use_kernels"] = False
     kwargs["ignore_mismatched_sizes"] = True
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

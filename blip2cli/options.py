@@ -67,7 +67,7 @@ QuantizeOpt = Annotated[
     Quantize,
     typer.Option(
         "--quantize", metavar=choices(Quantize), rich_help_panel=LOADER, case_sensitive=False,
-        help="Load the language model in 8 or 4 bits (bitsandbytes).",
+        help="Load the language model in 8 or 4 bits (bitsandbytes), or int8 weight-only (torchao).",
     ),
 ]
 Offline = Annotated[

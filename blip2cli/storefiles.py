@@ -59,6 +59,7 @@ class StoreMeta:
     normalized: bool  # rows (each query vector) have unit length
     dtype: str = "float32"  # storage dtype
     revision: str | None = None
+    checkpoint: str | None = None  # loader.checkpoint_identity: which weights made the vectors
 
     def settings(self) -> dict:
         return {
@@ -69,6 +70,7 @@ class StoreMeta:
             "dims": list(self.dims),
             "normalized": self.normalized,
             "dtype": self.dtype,
+            **({"checkpoint": self.checkpoint} if self.checkpoint else {}),
         }
 
     @classmethod
@@ -81,6 +83,7 @@ class StoreMeta:
             dims=tuple(int(x) for x in d["dims"]),
             normalized=bool(d["normalized"]),
             dtype=d.get("dtype", "float32"),
+            checkpoint=d.get("checkpoint"),
         )
 
     def differences(self, other: StoreMeta) -> list[str]:
@@ -90,6 +93,10 @@ class StoreMeta:
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 out.append(f"{name} {show(a)} (store) vs {show(b)} (this run)")
+        # A store written before checkpoints were recorded has none: it is not compared.
+        if self.checkpoint and other.checkpoint and self.checkpoint != other.checkpoint:
+            out.append(f"checkpoint {show(self.checkpoint)} (store) vs {show(other.checkpoint)} (this run: "
+                       "the weights at that name were replaced)")
         return out
 
     @property

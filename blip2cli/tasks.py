@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 # The settings every record carries (``loader.LoadPlan.settings``), before a task's own.
-LOADER_SETTINGS = ("model", "revision", "dtype", "quantize")
+LOADER_SETTINGS = ("model", "revision", "checkpoint", "dtype", "quantize")
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,7 @@ def test_caption_html_page_and_jsonl_unchanged(photos, tiny_opt, tmp_path):
         if record["caption"]:
             assert f'<p class="caption">{html.escape(record["caption"])}</p>' in page
     # JSON Lines holds exactly the record, no thumbnail
-    keys = {"path", "caption", "captions", "error", "model", "revision", "dtype", "quantize", "preprocess", "generation"}
+    keys = {"path", "caption", "captions", "error", "model", "revision", "checkpoint", "dtype", "quantize", "preprocess", "generation"}
     assert all(set(r) == keys for r in records)
     assert page.endswith("</html>\n")
 

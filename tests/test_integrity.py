@@ -54,9 +54,9 @@ def photos(tmp_path, example_images) -> Path:
 # What each command records as its settings; a setting dropped from the records
 # (so never compared) fails here first.
 SETTINGS = {
-    "caption": {"model", "revision", "dtype", "quantize", "preprocess", "generation"},
-    "ask": {"model", "revision", "dtype", "quantize", "preprocess", "template", "generation"},
-    "embed": {"model", "revision", "dtype", "quantize", "preprocess", "features", "pool"},
+    "caption": {"model", "revision", "checkpoint", "dtype", "quantize", "preprocess", "generation"},
+    "ask": {"model", "revision", "checkpoint", "dtype", "quantize", "preprocess", "template", "generation"},
+    "embed": {"model", "revision", "checkpoint", "dtype", "quantize", "preprocess", "features", "pool"},
 }
 
 

@@ -252,7 +252,7 @@ def test_a_bad_image_raises_image_error_naming_the_input(model, example_images, 
         (lambda m, img: m.ask(img, []), "questions is empty"),
         (lambda m, img: m.embed_images(img, pool="max"), "pool must be one of"),
         (lambda m, img: blip2cli.load("x", dtype="float8"), "dtype must be one of"),
-        (lambda m, img: blip2cli.load("x", quantize="2bit"), "quantize must be None, '8bit' or '4bit'"),
+        (lambda m, img: blip2cli.load("x", quantize="2bit"), "quantize must be None, '8bit', '4bit' or 'int8'"),
         # values of the wrong type name the parameter too (issue 19, #17)
         (lambda m, img: m.caption(img, num_beams="5"), "num_beams must be an integer or None (got '5')"),
         (lambda m, img: m.caption(img, num_beams=2.5), "num_beams must be an integer or None (got 2.5)"),

@@ -413,3 +413,77 @@ def test_download_progress_bars_on_a_terminal_only(monkeypatch):
         monkeypatch.setattr(sys, "stderr", stream)
         quiet_libraries()
         assert are_progress_bars_disabled() is disabled
+
+
+# -- issue 19 #10: a checkpoint replaced at the same path is noticed ------------------------
+def _nudged(name):
+    """An edit of the state dict: one tensor changed a little, as a fine-tune changes it."""
+    def edit(sd):
+        sd[name] = sd[name] * 1.01 + 0.001
+        return sd
+    return edit
+
+
+def test_checkpoint_identity_is_content_not_path_or_time(tiny_opt, tmp_path):
+    import time
+
+    from blip2cli.loader import LoadOptions, plan
+
+    first = plan(LoadOptions(model=str(tiny_opt), device="cpu")).settings()["checkpoint"]
+    assert first and first.startswith("sha256:")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_opt, copy)  # a copy (new path, new times) is the same checkpoint
+    time.sleep(0.01)
+    os.utime(copy / "model.safetensors")
+    assert plan(LoadOptions(model=str(copy), device="cpu")).identity == first
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_opt / "model.safetensors"), framework="pt") as f:
+        names = sorted(f.keys())
+    for name in (names[0], names[len(names) // 2], names[-1]):  # a tensor anywhere in the file
+        changed = _copy_with_weights(tiny_opt, tmp_path / f"changed-{names.index(name)}", _nudged(name))
+        assert plan(LoadOptions(model=str(changed), device="cpu")).identity != first, name
+
+
+def test_hub_checkpoint_identity_is_its_commit(tmp_path):
+    from blip2cli.loader import Checkpoint, checkpoint_identity
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--Salesforce--blip2-opt-2.7b" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    ckpt = Checkpoint("Salesforce/blip2-opt-2.7b", snapshot, {}, "Blip2ForConditionalGeneration", "opt")
+    assert checkpoint_identity(ckpt) == f"commit:{commit}"
+
+
+def test_resume_after_the_checkpoint_was_replaced_is_refused(tiny_opt, tmp_path, example_images):
+    """`--resume` mixed two models' captions in one file, exit 0 (issue 19 #10)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_opt, folder)
+    out = tmp_path / "out.jsonl"
+    res = cli("caption", *example_images[:2], "--model", folder, "-o", out, *FAST)
+    assert res.exit_code == 0, res.output
+    before = out.read_text()
+    assert all(json.loads(line)["checkpoint"].startswith("sha256:") for line in before.splitlines())
+    replaced = _copy_with_weights(tiny_opt, tmp_path / "other", _nudged("language_projection.weight"))
+    shutil.copy(replaced / "model.safetensors", folder / "model.safetensors")  # same path, other weights
+    res = cli("caption", *example_images, "--model", folder, "-o", out, "--resume", *FAST)
+    assert res.exit_code == 2, res.output
+    assert "checkpoint" in res.stderr
+    assert out.read_text() == before, "nothing appended from the other model"
+
+
+def test_embed_into_a_store_made_by_a_replaced_checkpoint_is_refused(tiny_itm, tmp_path, example_images):
+    """`embed` into an existing store appended rows from another model (issue 19 #10)."""
+    folder = tmp_path / "itm"
+    shutil.copytree(tiny_itm, folder)
+    store = tmp_path / "vectors.safetensors"
+    res = cli("embed", *example_images[:2], "-m", folder, "-o", store, "-b", "2")
+    assert res.exit_code == 0, res.output
+    before = store.read_bytes()
+    replaced = _copy_with_weights(tiny_itm, tmp_path / "other", _nudged("vision_projection.weight"))
+    shutil.copy(replaced / "model.safetensors", folder / "model.safetensors")
+    res = cli("embed", *example_images, "-m", folder, "-o", store, "-b", "2")
+    assert res.exit_code == 2, res.output
+    assert "checkpoint" in res.stderr
+    assert store.read_bytes() == before

@@ -110,8 +110,9 @@ def _check_flags(task: str, decode: str, qformer_dtype: str, from_config: str | 
         raise UsageError(f"--qformer-dtype {qformer_dtype!r}: use one of {', '.join(QFORMER_DTYPES)}")
     if from_config is not None and from_config not in KNOWN_CONFIGS:
         raise UsageError(f"--from-config {from_config!r}: unknown", hint=f"one of {', '.join(KNOWN_CONFIGS)}")
-    if from_config is not None and loading.quantize.value != "none":
-        raise UsageError("--quantize needs real weights to quantize; drop --from-config or --quantize")
+    if from_config is not None and loading.quantize.value not in ("none", "int8"):
+        raise UsageError(f"--quantize {loading.quantize.value} needs real weights to quantize (bitsandbytes "
+                         "quantizes while loading); drop --from-config, or use --quantize int8")
     if from_config is not None and task == "embed":
         raise UsageError("--from-config builds captioning models; embed needs a retrieval checkpoint")
     if decode == "gpu":  # before a model is loaded: say at once when it cannot be
@@ -165,7 +166,7 @@ def _load(model: str, from_config: str | None, loading, task: str):
     if from_config is not None:
         from ..bench import from_config as build_from_config
 
-        loaded = build_from_config(from_config, loading.device, loading.dtype.value)
+        loaded = build_from_config(from_config, loading.device, loading.dtype.value, loading.quantize.value)
     else:
         from ..loader import ALL_ARCHITECTURES, GENERATIVE, load
 
