@@ -207,6 +207,7 @@ class Sheet:
         self.cards = 0
         self.errors = 0
         self.missing = 0  # blip2 sheet: records whose image is gone
+        self.unreadable = 0  # blip2 sheet: records whose image is there but no image (a FIFO, a text file)
         self._folder: str | None = None  # the open group's folder
 
     # -- the head: everything a browser needs before the first card ------------
@@ -249,8 +250,11 @@ class Sheet:
             self.errors += 1
             classes += " error"
             picture = '<div class="thumb none">could not read this image</div>'
-        elif isinstance(thumb, str):  # blip2 sheet: the image is gone
-            self.missing += 1
+        elif isinstance(thumb, str):  # blip2 sheet: the image is gone, or is no image
+            if os.path.lexists(path):
+                self.unreadable += 1
+            else:
+                self.missing += 1
             classes += " missing"
             picture = f'<div class="thumb none">{esc(thumb)}</div>'
         elif self.links and link is not None:

@@ -314,3 +314,21 @@ def test_thumbnails_store_hands_each_over_once():
     store = Thumbnails(size=96)
     store.put("a.jpg", "no such file")
     assert store.size == 96 and store.take("a.jpg") == "no such file" and store.take("a.jpg") is None
+
+
+def test_sheet_tells_a_fifo_or_a_non_image_from_a_missing_image(photos, tmp_path):
+    """Issue 19 (cosmetic): a FIFO or a text file named .jpg is there but is no image; only a
+    path that does not exist is "not found"."""
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    records = [caption(fifo, "a pipe"), caption(text, "a text"), caption(tmp_path / "gone.jpg", "gone")]
+    src = write_jsonl(tmp_path / "captions.jsonl", records)
+    result = run("sheet", src, "-o", tmp_path / "sheet.html")
+    assert result.exit_code == 0, result.output
+    assert "3 images (1 images not found, 2 files not readable as images)" in result.output
+    page = (tmp_path / "sheet.html").read_text()
+    assert "not a regular file (a named pipe)" in page and "not an image file (looks like text)" in page

@@ -152,6 +152,8 @@ def _report(page, bad: list[int], output: Path | None, quiet: bool) -> None:
         notes = [f"{page.errors} failed"] if page.errors else []
         if page.missing:
             notes.append(f"{page.missing} images not found")
+        if page.unreadable:
+            notes.append(f"{page.unreadable} files not readable as images")
         where = f"{output}: " if output is not None and str(output) != "-" else ""
         console.message(f"{where}{page.cards} images" + (f" ({', '.join(notes)})" if notes else ""))
 
