@@ -20,11 +20,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from . import console
 from .errors import UsageError
 from .parts import SHARD_STATE  # DIR/.shards: the manifest and the part file of each unfinished shard
+
+
+class RecordWriter(Protocol):
+    """What the pipeline writes records into: a format's writer, or one wrapping it."""
+
+    def write(self, record: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -73,6 +81,20 @@ class Job:
             self.key_of_record = self.task.key_of or _path_of
         if self.sidecar_text is None:
             self.sidecar_text = self.task.sidecar_text or _no_texts
+
+    @property
+    def record_key(self) -> Callable:
+        """``key_of_record``, which ``__post_init__`` has filled."""
+        key = self.key_of_record
+        assert key is not None
+        return key
+
+    @property
+    def out(self) -> Path:
+        """``output`` where the run needs one (``check`` has refused a run without it)."""
+        out = self.output
+        assert out is not None
+        return out
 
     @property
     def task(self):
@@ -175,7 +197,7 @@ class Job:
         self.check()
         result = JobResult(dry_run=self.dry_run)
         if self.tar_inputs and self.parts_mode():  # -o DIR: one output file per shard
-            return self._run_per_shard(items, guard, result)
+            return self._run_per_shard(list(items), guard, result)
         shard = self._shard(total)
         # Before anything is read or written: every file of the plan is no input (a known
         # list is refused here; stdin items are screened as they come) and no other
@@ -192,7 +214,7 @@ class Job:
             try:
                 from .parts import PartsDir
 
-                PartsDir(self.output, self.command).parts.mkdir(parents=True, exist_ok=True)  # the lock lives there
+                PartsDir(self.out, self.command).parts.mkdir(parents=True, exist_ok=True)  # the lock lives there
             except OSError:
                 pass  # writing the manifest says why
         guard.hold()
@@ -214,8 +236,8 @@ class Job:
 
         parts, done, appending = None, set(), False
         if shard is not None:
-            parts, items, done = self._shard_items(shard, items, settings, result)
-            total, appending = len(items), True
+            parts, mine, done = self._shard_items(shard, items, settings, result)
+            items, total, appending = mine, len(mine), True
         elif self.resume:
             items, done, appending = self._resumed_items(items, settings, result)
         if self.sidecar is not None:
@@ -266,15 +288,15 @@ class Job:
         from .resume import load_resume
 
         items = list(items)
-        parts = PartsDir(self.output, self.command)
+        parts = PartsDir(self.out, self.command)
         if not (shard.launched and shard.index != 0) and not self.dry_run:
             parts.write_manifest([i.name for i in items], settings)
         start, end = shard.bounds(len(items))
-        done = parts.done_keys(settings, self.key_of_record)
+        done = parts.done_keys(settings, self.record_key)
         mine = [i for i in items[start:end] if not all(k in done for k in self.keys_of_item(i))]
         result.resumed = (end - start) - len(mine)
         if not self.dry_run:
-            load_resume(str(parts.part(shard)), settings, self.key_of_record)  # own file: cut a torn tail
+            load_resume(str(parts.part(shard)), settings, self.record_key)  # own file: cut a torn tail
         if result.resumed:
             console.message(f"part {shard.index}/{shard.count}: {result.resumed} inputs already done")
         return parts, mine, done
@@ -283,9 +305,10 @@ class Job:
         """--resume: (the items not done yet, the done keys, whether the file has records)."""
         from .resume import load_resume
 
-        state = load_resume(str(self.output), settings, self.key_of_record)
+        output = self.out
+        state = load_resume(str(output), settings, self.record_key)
         result.resumed = state.kept
-        appending = os.path.exists(self.output) and os.path.getsize(self.output) > 0
+        appending = os.path.exists(output) and os.path.getsize(output) > 0
         if state.kept or state.retried or state.torn:
             notes = [f"{state.kept} already done"]
             if state.retried:
@@ -323,11 +346,11 @@ class Job:
         try:
             # The contact sheet's header shows the settings before the first record.
             options = {"settings": settings, "command": self.command, **self.html} if self.fmt == "html" else {}
-            writer = make_writer(self.fmt, sink, self.schema, header=not appending, **options)
+            writer: RecordWriter = make_writer(self.fmt, sink, self.schema, header=not appending, **options)
             for record in self.lead(task.task) if self.lead is not None else ():  # embed's texts
                 writer.write(record)
             if done:
-                writer = _SkipDone(writer, done, self.key_of_record)
+                writer = _SkipDone(writer, done, self.record_key)
             if self.sidecar is not None:
                 from .sidecar import SidecarWriter
 
@@ -421,8 +444,8 @@ class Job:
         guard.hold()
         shard = self._shard(len(names))
         load_plan, settings = self._settings()
-        state = PartsDir(self.output, self.command)
-        state.parts = Path(self.output) / SHARD_STATE
+        state = PartsDir(self.out, self.command)
+        state.parts = Path(self.out) / SHARD_STATE
         if not self.dry_run:
             state.write_manifest(names, settings)  # refuses another command, other inputs
         state.check_settings(settings)
@@ -446,7 +469,7 @@ class Job:
 
         todo = []
         for name in names:
-            final, part = Path(self.output) / shard_output(name, self.fmt), shard_part(state, name)
+            final, part = Path(self.out) / shard_output(name, self.fmt), shard_part(state, name)
             if final.exists():
                 result.resumed += 1
                 if self.dry_run:
@@ -455,7 +478,7 @@ class Job:
             done: set = set()
             if part.exists():
                 guard.lock_output(part, what="the part file")  # before its records are read
-                done = load_resume(str(part), settings, self.key_of_record).done
+                done = load_resume(str(part), settings, self.record_key).done
             todo.append((name, final, part, done))
             if self.dry_run:
                 self._dry_line(self.command, name, str(final))
@@ -484,7 +507,7 @@ class Job:
                 failed = True
                 try:
                     writer = make_writer("jsonl", sink, self.schema)
-                    switch.inner = _SkipDone(writer, done, self.key_of_record) if done else writer
+                    switch.inner = _SkipDone(writer, done, self.record_key) if done else writer
                     pending = (s for s in reader.samples(name)
                                if not all(k in done for k in self.keys_of_item(s)))
                     stats = self._pipe(pending, task, outer, reporter, loaded, close=False)

@@ -318,7 +318,7 @@ EXTENSIONS = {".txt": "text", ".tsv": "text", ".jsonl": "jsonl", ".ndjson": "jso
               ".html": "html", ".htm": "html", ".parquet": "parquet", ".pq": "parquet"}
 
 
-def infer_format(fmt: Optional[Format], output: Optional[Path], *, formats: tuple = ()) -> str:
+def infer_format(fmt: Optional[Enum], output: Optional[Path], *, formats: tuple = ()) -> str:
     """The format of a run: ``--format``, else the -o extension, else text (jsonl where
     ``formats``, those the command writes, has no text). An extension blip2 does not
     write (``-o x.json``) is refused, naming those it does; Parquet needs a file and pyarrow."""

@@ -1073,7 +1073,7 @@ async def score_endpoint(server: Server, body: dict) -> dict:
     return {"records": records}
 
 
-async def chat_endpoint(server: Server, body: dict) -> dict:
+async def chat_endpoint(server: Server, body: dict) -> dict | Streamed:
     from .ask import DEFAULT_TEMPLATE, render_prompt
     from .caption import eos_ids, prompt_ids
     from .images import ImageError

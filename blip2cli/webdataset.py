@@ -549,7 +549,7 @@ def parquet_samples(reader, path: str, found: bool = False) -> Iterator[Item]:
                                      carry_field)
                     value = None  # the item alone holds the bytes while it is out
                     yield item
-                    item = None
+                    del item  # the consumer alone holds the item (and its bytes) now
                     row += 1
         except Exception as exc:  # noqa: BLE001 - a damaged page or row group: the rows before it stand
             yield reader.shard_error(
