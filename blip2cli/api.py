@@ -794,7 +794,7 @@ def record_schema(task: str, *, id_type: Any = None, vector_size: int | None = N
     For engines that want a schema before the first record (Ray Data, Spark, Daft,
     ``pyarrow.dataset``): the columns of ``blip2 caption|ask|embed --format parquet``
     (results, ``path_bytes`` for a path that is not valid UTF-8, ``error``, then the
-    settings: ``model``, ``revision``, ``dtype``, ``quantize``, ``preprocess`` and the
+    settings: ``model``, ``revision``, ``checkpoint``, ``dtype``, ``quantize``, ``preprocess`` and the
     task's own: ``generation`` as a JSON string, ``template``, ``features``, ``pool``).
 
     Args:
@@ -817,7 +817,9 @@ def record_schema(task: str, *, id_type: Any = None, vector_size: int | None = N
     if task not in RECORD_TASKS:
         raise OptionError(f"task must be one of {', '.join(map(repr, RECORD_TASKS))} (got {task!r})", params=["task"])
     check_integer("vector_size", vector_size, optional=True)
-    settings: dict = {"model": "m", "revision": "r", "dtype": "float32", "quantize": "none", "preprocess": "fast"}
+    from .tasks import LOADER_SETTINGS
+
+    settings: dict = {**{name: "x" for name in LOADER_SETTINGS}, "preprocess": "fast"}  # as LoadPlan.settings()
     if task == "caption":
         from .caption import caption_record
 

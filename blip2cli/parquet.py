@@ -59,6 +59,9 @@ def _known_types(pa) -> dict:
         "answers": text_list, "text": pa.string(), "dims": pa.list_(pa.int32()), "error": pa.string(),
         "sidecar": pa.string(), "rank": pa.int64(), "score": pa.float64(), "itc": pa.float64(),
         "itm": pa.float64(),
+        # the loader's settings (tasks.LOADER_SETTINGS): strings, also where a run has none
+        "model": pa.string(), "revision": pa.string(), "checkpoint": pa.string(), "dtype": pa.string(),
+        "quantize": pa.string(), "preprocess": pa.string(),
     }
 
 

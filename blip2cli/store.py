@@ -703,14 +703,18 @@ class StoreUpdate:
         self._kinds: dict[str, str] = {}  # abspath -> "new" | "changed" | "retried", as select() counted it
         self._failed: dict[str, dict] = {}  # abspath -> what failed in this run
         self._lock.acquire()
+        recovered = False
         try:
             self._recover()
+            recovered = True
             if exists(self.path):
                 self._old = VectorStore.open(self.path)
                 self._adopt(self._old, dtype_given)
                 self._keep = np.ones(self._old.rows, dtype=bool)
         except BaseException:
-            self._lock.release(remove=False)
+            # Refused after recovery (other settings, a torn store): the side file holds nothing a
+            # later run needs, so a refused run leaves the store folder as it found it.
+            self._lock.release(remove=recovered)
             raise
         self._row_elems = int(np.prod(meta.dims))
         self._row_dtype = np.dtype(self.meta.dtype)
