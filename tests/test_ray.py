@@ -173,7 +173,7 @@ def test_declared_schema_without_a_model_and_no_ray_import():
     source = pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string()), ("url", pa.string())])
     schema = blip2cli.ray.output_schema("caption", source, drop_image=True)
     assert schema.names == ["key", "caption", "url", "blip2_caption", "captions", "error", "model", "revision",
-                            "dtype", "quantize", "preprocess", "generation"]
+                            "checkpoint", "dtype", "quantize", "preprocess", "generation"]
     assert schema.field("captions").type == pa.list_(pa.string()) and schema.field("generation").type == pa.string()
     embed = blip2cli.ray.output_schema("embed", pa.schema([("path", pa.string())]), vector_size=256)
     assert embed.names[:3] == ["path", "dims", "vector"] and embed.field("vector").type.list_size == 256
