@@ -547,10 +547,13 @@ class Job:
             wait_for_everyone()
         if shard.index == 0:
             written, missing = parts.merge(self.key_of_record)
-            result.merged, result.missing = parts.final, len(missing)
+            result.missing = len(missing)
+            if missing:  # the merge writes nothing under the final name then
+                console.message(f"not merged: {len(missing)} inputs have no record yet (first: {missing[0]}); "
+                                "run the same command again to finish them")
+                return
+            result.merged = parts.final
             console.message(f"merged {written} records into {parts.final}")
-            if missing:
-                console.message(f"{len(missing)} inputs have no record yet (first: {missing[0]})")
 
     def _report_skips(self, result: JobResult) -> None:
         if result.skipped_existing:

@@ -82,3 +82,31 @@ def test_one_concept_named_task():
 
     assert hasattr(pipeline, "Stage") and not hasattr(pipeline, "Task")
     assert tasks.Task.__module__ == "blip2cli.tasks"
+
+
+def test_a_launched_merge_with_inputs_missing_says_nothing_was_merged(tmp_path, capsys):
+    """The merge writes nothing under the final name while inputs lack a record: the runner
+    must not report a merged file (it used to say "merged 0 records into ...")."""
+    from blip2cli.job import Job, JobResult
+    from blip2cli.parts import Shard
+
+    class Parts:
+        final = tmp_path / "captions.jsonl"
+
+        def __init__(self, missing):
+            self.missing = missing
+
+        def merge(self, key_of_record):
+            return (0, self.missing) if self.missing else (3, [])
+
+    job = Job(command="caption", load_options=None, make_task=lambda loaded: None, schema=None, fmt="jsonl",
+              output=tmp_path)
+    result = JobResult()
+    job._after_parts(Shard(0, 1, launched=True), Parts(["b.jpg", "c.jpg"]), result)
+    err = capsys.readouterr().err
+    assert result.merged is None and result.missing == 2
+    assert "not merged: 2 inputs have no record yet (first: b.jpg)" in err and "merged 0" not in err
+    result = JobResult()
+    job._after_parts(Shard(0, 1, launched=True), Parts([]), result)
+    assert result.merged == Parts.final and result.missing == 0
+    assert f"merged 3 records into {Parts.final}" in capsys.readouterr().err
