@@ -443,6 +443,7 @@ def group_serve(rec: Recorder, work: Path, model: str | None = None, requests: i
            "--max-queue", str(max(256, 4 * n)), "--quiet"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("BLIP2_API_KEY", None)
+    env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: nothing to ask the hub (the device has no network)
     proc = None
 
     def on_term(signum, frame):  # `timeout` stops the group: end the server on the way out
@@ -488,7 +489,10 @@ def group_serve(rec: Recorder, work: Path, model: str | None = None, requests: i
                                        + log.read_text(errors="replace")[-1500:])
                 time.sleep(0.25)
             ready_s = time.perf_counter() - t
-            chat(urls[0])  # warm-up: the first model call (kernels, allocator) is not timed
+            # warm-up, not timed: one request alone, then all at once (kernels, allocator, batch shapes)
+            chat(urls[0])
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(chat, urls))
             return {"command": " ".join(cmd[1:]).replace(holder["model"], "CHECKPOINT"),
                     "start_to_health_ok_s": ready_s, "warmup_s": time.perf_counter() - t - ready_s}
 
