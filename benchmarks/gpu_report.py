@@ -97,6 +97,8 @@ def table(groups: dict, card: str = "no GPU") -> list[str]:
                 if "answers_equal" in s:
                     cmp_ = f"answers equal to the concurrent ones: {s['answers_equal']}"
                     target = "every answer equal"
+                if s.get("stopped_early"):
+                    conf += f"; stopped early: {s['stopped_early']}"
                 lines.append(f"| {name} | {conf} | {s['images_per_s']:.1f} | {s['tokens_per_s']:.0f} | | | {cmp_} | "
                              f"{ratio} | {target} |")
             elif "exit_code_after_sigterm" in s:

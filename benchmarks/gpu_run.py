@@ -496,7 +496,7 @@ def group_serve(rec: Recorder, work: Path, model: str | None = None, requests: i
             return {"command": " ".join(cmd[1:]).replace(holder["model"], "CHECKPOINT"),
                     "start_to_health_ok_s": ready_s, "warmup_s": time.perf_counter() - t - ready_s}
 
-        if rec.step("serve_start", 45, start) is None or proc is None or proc.poll() is not None:
+        if rec.step("serve_start", 40, start) is None or proc is None or proc.poll() is not None:
             return
         answers: dict = {}
 
@@ -514,12 +514,18 @@ def group_serve(rec: Recorder, work: Path, model: str | None = None, requests: i
         def one_by_one():
             before = batch_histogram(get("/metrics")[1])
             t = time.perf_counter()
-            answers["sequential"] = [chat(u) for u in urls]
+            done = answers["sequential"] = []
+            for u in urls:  # stops early, 10 s before the deadline, to leave time for the SIGTERM step
+                if rec.deadline - (time.monotonic() - rec.t0) < 10:
+                    break
+                done.append(chat(u))
             seconds = time.perf_counter() - t
             sizes = batch_sizes(before, batch_histogram(get("/metrics")[1]))
-            result = {"requests": n, "concurrency": 1, "images_per_s": n / seconds, "wall_s": seconds,
-                      "tokens_per_s": sum(a["tokens"] for a in answers["sequential"]) / seconds,
+            result = {"requests": len(done), "concurrency": 1, "images_per_s": len(done) / seconds,
+                      "wall_s": seconds, "tokens_per_s": sum(a["tokens"] for a in done) / seconds,
                       "server_batches": sizes}
+            if len(done) < n:
+                result["stopped_early"] = f"{len(done)} of {n} sent before the group's deadline"
             if "concurrent" in answers:
                 pairs = list(zip(answers["concurrent"], answers["sequential"]))
                 equal = sum(a["text"] == b["text"] for a, b in pairs)
@@ -529,8 +535,8 @@ def group_serve(rec: Recorder, work: Path, model: str | None = None, requests: i
                                        for i, (a, b) in enumerate(pairs) if a["text"] != b["text"]][:5]
             return result
 
-        rec.step(f"serve_{n}_concurrent_chat", 20, concurrent)
-        rec.step(f"serve_{n}_one_by_one_chat", 40, one_by_one)
+        rec.step(f"serve_{n}_concurrent_chat", 15, concurrent)
+        rec.step(f"serve_{n}_one_by_one_chat", 15, one_by_one)
 
         def stop():
             t = time.perf_counter()
