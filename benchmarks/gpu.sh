@@ -15,6 +15,11 @@
 #           peak GPU memory, against the fp16 row of the opt group.
 #   int8    opt-2.7b fp16 with --quantize int8 (torchao's int8 weight-only language-model layers,
 #           quantized in memory as the loader's TorchAoConfig does): img/s and peak GPU memory.
+#   serve   `blip2 serve -m DIR` (DIR: opt-2.7b fp16 random weights saved once, as q8/q4 load it) as a
+#           subprocess on a free loopback port, --max-batch-size 64: 64 chat completions at once (a
+#           640x480 JPEG data: URL each, temperature 0, exactly 20 tokens), then the same 64 one by one:
+#           img/s both ways, the server's batch sizes (/metrics), every concurrent answer equal to its
+#           one-by-one answer, the exit code after SIGTERM. The server ends with the group in every case.
 # Output: $OUT/gpu.json (everything), $OUT/gpu.md (the table: card, versions, date, command),
 # $OUT/gpu.log (the whole log). Copy them to benchmarks/results/ (gpu.json, gpu.md).
 #
@@ -23,25 +28,33 @@
 #   mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl bitsandbytes==0.50.2 torchao==0.18.0
-# (torchao for the int8 group; bitsandbytes 43 MB; its libbitsandbytes_cuda130.so matches the device's CUDA 13; torch, numpy, packaging,
-# which it needs, are there). Then one device call:
-#   run  command: "bash benchmarks/gpu.sh"   carry: [".whl"]   timeout_s: 570
-# The script stops starting work after BLIP2_GPU_TOTAL_S seconds (default 500) and always writes
-# the report. To redo only some groups (e.g. a second, shorter call while the machine is warm):
+#       -d .whl bitsandbytes==0.50.2 torchao==0.18.0 uvicorn==0.55.0 starlette==1.10.0 h11==0.16.0 \
+#       anyio==4.16.0 sniffio==1.3.1 idna==3.21
+# (torchao for the int8 group; uvicorn, starlette and their pure-Python dependencies for the serve
+# group; bitsandbytes 43 MB; its libbitsandbytes_cuda130.so matches the device's CUDA 13; torch, numpy, packaging,
+# click, typing_extensions, which they need, are there). Then one device call:
+#   run  command: "bash benchmarks/gpu.sh"   carry: [".whl"]   timeout_s: 590
+# The script stops starting work after BLIP2_GPU_TOTAL_S seconds (default 540) and always writes
+# the report (about 10 s after the last group). Time per group (`timeout`, LIMIT below): opt 270,
+# decode 60, t5 90, int8 75, serve 110 (saving the 7.7 GB checkpoint ~25 s, server start, load and
+# warm-up ~30 s, 64 at once ~3 s, 64 one by one ~20 s; the one-by-one round stops early, and says
+# so, when the group's time runs short), q8 75, q4 75. The caps add up to more than 540: the
+# expected run (opt uses its 270 s, the others end well before their caps) reaches serve with about
+# 100 s left; q8 and q4 (bitsandbytes, supporting figures) come last and run only when the earlier
+# groups leave time (BLIP2_GPU_TOTAL_S was 500 and serve was not there: 540 makes room for it). To redo only some groups (e.g. a second, shorter call while the machine is warm):
 #   BLIP2_GPU_GROUPS="t5 q8" BLIP2_GPU_TOTAL_S=200 bash benchmarks/gpu.sh
 #
 # Tested on the CPU with tiny shapes (tiny random checkpoints, a few small images, Pillow
 # standing in for nvJPEG, no bitsandbytes: the 8/4-bit groups take the save -> load route
-# unquantized):
+# unquantized; serve: the tiny checkpoint, 8 requests, float32 on the CPU):
 #   BLIP2_GPU_SMOKE=1 OUT=/tmp/gpu-smoke bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 SMOKE=${BLIP2_GPU_SMOKE:-0}
-TOTAL=${BLIP2_GPU_TOTAL_S:-500}
-GROUPS_TO_RUN=${BLIP2_GPU_GROUPS:-opt decode t5 q8 q4 int8}
+TOTAL=${BLIP2_GPU_TOTAL_S:-540}
+GROUPS_TO_RUN=${BLIP2_GPU_GROUPS:-opt decode t5 int8 serve q8 q4}
 WORK=${BLIP2_GPU_WORK:-/tmp/blip2-gpu}
 START=$SECONDS
 exec > >(tee "$OUT/gpu.log") 2>&1
@@ -71,7 +84,7 @@ $PY -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
 rm -rf "$WORK" && mkdir -p "$WORK"
 
 # Seconds each group may take at most (its `timeout`); the total cap cuts the later ones.
-declare -A LIMIT=([opt]=270 [decode]=60 [t5]=90 [q8]=75 [q4]=75 [int8]=75)
+declare -A LIMIT=([opt]=270 [decode]=60 [t5]=90 [q8]=75 [q4]=75 [int8]=75 [serve]=110)
 for g in $GROUPS_TO_RUN; do
   left=$(( TOTAL - (SECONDS - START) - 10 ))
   t=${LIMIT[$g]:-60}

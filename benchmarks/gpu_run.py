@@ -2,7 +2,7 @@
 
     python3 benchmarks/gpu_run.py GROUP --work DIR [--deadline-s S]
 
-GROUP is one of: decode, opt, t5, q8, q4. Each step runs the code ``blip2 bench`` runs
+GROUP is one of: decode, opt, t5, q8, q4, int8, serve. Each step runs the code ``blip2 bench`` runs
 (``bench.run_config``: JPEG files -> pipeline -> JSON Lines records on disk, warm-up
 excluded; ``bench.baseline``: transformers' documented per-image usage and one plain
 batched ``generate`` on the same images) and appends its result to ``DIR/GROUP.json``
@@ -13,6 +13,11 @@ its estimate is left before ``--deadline-s`` (seconds from the group's start).
 ``BLIP2_GPU_SMOKE=1``: the same steps on the CPU with a tiny random checkpoint
 (``blip2cli.testing``), a few small images and Pillow standing in for nvJPEG, so the
 script is tested end to end without a GPU; its figures mean nothing.
+
+The ``serve`` group starts ``blip2 serve`` on the saved opt-2.7b checkpoint as a
+subprocess on a free loopback port, sends chat completions (data: URL JPEGs) all at
+once and then one by one, and stops it with SIGTERM; the server is ended in every case
+(the group's own SIGTERM from ``timeout`` included).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SMOKE = os.environ.get("BLIP2_GPU_SMOKE") == "1"
-GROUPS = ("decode", "opt", "t5", "q8", "q4", "int8")
+GROUPS = ("decode", "opt", "t5", "q8", "q4", "int8", "serve")
 
 # Sizes: (real run, smoke run).
 N640 = (1024, 8)
@@ -46,6 +51,7 @@ T5_BATCHES = ((128, 256), (2,))
 Q_BATCH = (256, 2)
 COMPILE_BATCH = (256, 2)
 AGREE_IMAGES = (64, 4)
+SERVE_REQUESTS = (64, 8)
 
 
 def pick(pair):
@@ -134,6 +140,14 @@ def build(work: Path, name: str, dtype: str, quantize: str = "none"):
         return from_config(name, device(), dtype)
     if quantize == "int8":  # torchao quantizes the model in memory, as the loader's TorchAoConfig does
         return from_config(name, device(), dtype, "int8")
+    return load(LoadOptions(model=str(saved(work, name)), device=device(), dtype=dtype, quantize=quantize))
+
+
+def saved(work: Path, name: str) -> Path:
+    """The random-weights checkpoint of ``name`` saved once in float16 (``WORK/saved-NAME``):
+    what the 8-/4-bit groups load back and what ``blip2 serve -m`` reads in the serve group."""
+    from blip2cli.bench import from_config
+
     folder = work / f"saved-{name}"
     if not (folder / "config.json").exists():
         loaded = from_config(name, device(), "float16")
@@ -146,7 +160,7 @@ def build(work: Path, name: str, dtype: str, quantize: str = "none"):
 
         gc.collect()
         torch.cuda.empty_cache()
-    return load(LoadOptions(model=str(folder), device=device(), dtype=dtype, quantize=quantize))
+    return folder
 
 
 def row_dict(row) -> dict:
@@ -348,6 +362,201 @@ def group_quant(rec: Recorder, work: Path, bits: str):
              lambda: e2e(holder["m"], small, [pick(Q_BATCH)], gen(), work, repeats=1, tag=bits))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # the server's preexec: a SIGKILLed group leaves no server behind
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the finally and the process group still end it
+        pass
+
+
+def batch_histogram(metrics: str) -> dict:
+    """``blip2_batch_size`` of a /metrics text: {"le": cumulative count, ..., "sum", "count"}."""
+    out: dict = {}
+    for line in metrics.splitlines():
+        if line.startswith("blip2_batch_size_bucket{"):
+            out[line.split('le="')[1].split('"')[0]] = int(float(line.split()[-1]))
+        elif line.startswith(("blip2_batch_size_sum ", "blip2_batch_size_count ")):
+            out[line.split()[0].rsplit("_", 1)[1]] = float(line.split()[-1])
+    return out
+
+
+def batch_sizes(before: dict, after: dict) -> dict:
+    """The model calls between two /metrics readings: how many, images, mean batch size, and
+    how many calls fell in each histogram bucket (batch size <= le)."""
+    calls = int(after.get("count", 0) - before.get("count", 0))
+    images = after.get("sum", 0) - before.get("sum", 0)
+    buckets, below = {}, 0
+    for le, n in after.items():
+        if le in ("sum", "count"):
+            continue
+        here = n - before.get(le, 0)
+        if here - below:
+            buckets[f"<={le}"] = here - below
+        below = here
+    return {"model_calls": calls, "images": int(images), "mean_batch": images / calls if calls else None,
+            "calls_by_batch_size": buckets}
+
+
+def group_serve(rec: Recorder, work: Path, model: str | None = None, requests: int | None = None):
+    """``blip2 serve`` under N concurrent chat completions, then the same N one by one."""
+    import base64
+    import signal
+    import subprocess
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = requests or pick(SERVE_REQUESTS)
+    paths = image_set(work, "640", max(n, pick(N640_SMALL)), (640, 480))[:n]
+    urls = ["data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode() for p in paths]
+    holder: dict = {}
+    dtype = "float32" if SMOKE else "float16"
+    max_batch = max(n, 1) if SMOKE else 64
+
+    def checkpoint():
+        t = time.perf_counter()
+        holder["model"] = model or str(tiny_dir(work, "opt") if SMOKE else saved(work, "opt-2.7b"))
+        return {"checkpoint": holder["model"], "seconds_to_save": time.perf_counter() - t}
+
+    if model is None and rec.step("checkpoint_opt_2.7b_fp16", 40, checkpoint) is None:
+        return
+    if model is not None:
+        holder["model"] = model
+    if "model" not in holder:
+        return
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = work / "serve.log"
+    cmd = [sys.executable, "-m", "blip2cli", "serve", "-m", holder["model"], "--device", device(),
+           "--dtype", dtype, "--port", str(port), "--max-batch-size", str(max_batch), "--batch-wait-ms", "20",
+           "--max-queue", str(max(256, 4 * n)), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("BLIP2_API_KEY", None)
+    env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: nothing to ask the hub (the device has no network)
+    proc = None
+
+    def on_term(signum, frame):  # `timeout` stops the group: end the server on the way out
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+
+    def get(path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def chat(url: str) -> dict:
+        body = {"model": "blip2", "temperature": 0, "max_tokens": 20, "min_tokens": 20,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+        left = max(5.0, rec.deadline - (time.monotonic() - rec.t0))
+        req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=left) as r:
+            got = json.loads(r.read())
+        return {"text": got["choices"][0]["message"]["content"], "tokens": got["usage"]["completion_tokens"]}
+
+    try:
+        def start():
+            nonlocal proc
+            t = time.perf_counter()
+            with open(log, "wb") as err:
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT,
+                                        preexec_fn=_die_with_parent)
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"blip2 serve exited with {proc.returncode} before /health said ok: "
+                                       + log.read_text(errors="replace")[-1500:])
+                try:
+                    if get("/health", 2)[0] == 200:
+                        break
+                except (OSError, urllib.error.URLError):
+                    pass
+                if time.monotonic() - rec.t0 > rec.deadline - 20:
+                    raise RuntimeError("blip2 serve did not become ready in time: "
+                                       + log.read_text(errors="replace")[-1500:])
+                time.sleep(0.25)
+            ready_s = time.perf_counter() - t
+            # warm-up, not timed: one request alone, then all at once (kernels, allocator, batch shapes)
+            chat(urls[0])
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(chat, urls))
+            return {"command": " ".join(cmd[1:]).replace(holder["model"], "CHECKPOINT"),
+                    "start_to_health_ok_s": ready_s, "warmup_s": time.perf_counter() - t - ready_s}
+
+        if rec.step("serve_start", 40, start) is None or proc is None or proc.poll() is not None:
+            return
+        answers: dict = {}
+
+        def concurrent():
+            before = batch_histogram(get("/metrics")[1])
+            t = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                answers["concurrent"] = list(pool.map(chat, urls))
+            seconds = time.perf_counter() - t
+            sizes = batch_sizes(before, batch_histogram(get("/metrics")[1]))
+            return {"requests": n, "concurrency": n, "images_per_s": n / seconds, "wall_s": seconds,
+                    "tokens_per_s": sum(a["tokens"] for a in answers["concurrent"]) / seconds,
+                    "server_max_batch_size": max_batch, "batch_wait_ms": 20, "server_batches": sizes}
+
+        def one_by_one():
+            before = batch_histogram(get("/metrics")[1])
+            t = time.perf_counter()
+            done = answers["sequential"] = []
+            for u in urls:  # stops early, 10 s before the deadline, to leave time for the SIGTERM step
+                if rec.deadline - (time.monotonic() - rec.t0) < 10:
+                    break
+                done.append(chat(u))
+            seconds = time.perf_counter() - t
+            sizes = batch_sizes(before, batch_histogram(get("/metrics")[1]))
+            result = {"requests": len(done), "concurrency": 1, "images_per_s": len(done) / seconds,
+                      "wall_s": seconds, "tokens_per_s": sum(a["tokens"] for a in done) / seconds,
+                      "server_batches": sizes}
+            if len(done) < n:
+                result["stopped_early"] = f"{len(done)} of {n} sent before the group's deadline"
+            if "concurrent" in answers:
+                pairs = list(zip(answers["concurrent"], answers["sequential"]))
+                equal = sum(a["text"] == b["text"] for a, b in pairs)
+                result["answers_equal"] = f"{equal}/{len(pairs)}"
+                result["all_answers_equal"] = equal == len(pairs)
+                result["differing"] = [{"image": paths[i].name, "concurrent": a["text"], "one_by_one": b["text"]}
+                                       for i, (a, b) in enumerate(pairs) if a["text"] != b["text"]][:5]
+            return result
+
+        rec.step(f"serve_{n}_concurrent_chat", 15, concurrent)
+        rec.step(f"serve_{n}_one_by_one_chat", 15, one_by_one)
+
+        def stop():
+            t = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=max(5.0, min(30.0, rec.deadline - (time.monotonic() - rec.t0) - 3)))
+            return {"exit_code_after_sigterm": code, "stop_s": time.perf_counter() - t,
+                    "log_tail": log.read_text(errors="replace")[-500:] if code else ""}
+
+        rec.step("serve_sigterm", 0, stop)
+    finally:
+        if proc is not None and proc.poll() is None:  # the step did not stop it (error, timeout, a signal)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("group", choices=GROUPS)
@@ -368,6 +577,8 @@ def main() -> int:
         group_opt(rec, work)
     elif args.group == "t5":
         group_t5(rec, work)
+    elif args.group == "serve":
+        group_serve(rec, work)
     else:
         group_quant(rec, work, {"q8": "8bit", "q4": "4bit", "int8": "int8"}[args.group])
     return 0

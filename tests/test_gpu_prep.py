@@ -233,3 +233,107 @@ def test_bench_qformer_dtype_and_gpu_stage(tiny_opt, monkeypatch):
     assert row["note"].startswith("decoded on the GPU: ") and "on the CPU: 0" in row["note"]
     assert data["meta"]["qformer_dtype"] == "float32"
     assert data["baseline"]["plain_batched_generate_images_per_s"] > 0
+
+
+# -- the GPU script's serve group (benchmarks/gpu_run.py serve), on the CPU ------------------
+def _gpu_bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_blip2_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+METRICS_BEFORE = """blip2_batch_size_bucket{le="1"} 1
+blip2_batch_size_bucket{le="2"} 1
+blip2_batch_size_bucket{le="4"} 1
+blip2_batch_size_bucket{le="+Inf"} 1
+blip2_batch_size_sum 1
+blip2_batch_size_count 1
+blip2_images_total 1
+"""
+METRICS_AFTER = """blip2_batch_size_bucket{le="1"} 2
+blip2_batch_size_bucket{le="2"} 2
+blip2_batch_size_bucket{le="4"} 4
+blip2_batch_size_bucket{le="+Inf"} 5
+blip2_batch_size_sum 17
+blip2_batch_size_count 5
+"""
+
+
+def test_serve_group_reads_the_servers_batch_sizes_from_metrics():
+    run = _gpu_bench("gpu_run")
+    before, after = run.batch_histogram(METRICS_BEFORE), run.batch_histogram(METRICS_AFTER)
+    assert before == {"1": 1, "2": 1, "4": 1, "+Inf": 1, "sum": 1.0, "count": 1.0}
+    # four calls since: one of 1 image, two of 3-4, one above 4 (16 images in all)
+    assert run.batch_sizes(before, after) == {"model_calls": 4, "images": 16, "mean_batch": 4.0,
+                                              "calls_by_batch_size": {"<=1": 1, "<=4": 2, "<=+Inf": 1}}
+
+
+def test_gpu_report_has_the_serve_rows_and_section_naming_the_card(tmp_path, monkeypatch):
+    report = _gpu_bench("gpu_report")
+    batches = {"model_calls": 2, "images": 64, "mean_batch": 32.0, "calls_by_batch_size": {"<=32": 2}}
+    steps = [{"step": "serve_64_concurrent_chat", "requests": 64, "concurrency": 64, "images_per_s": 320.0,
+              "tokens_per_s": 6400.0, "server_max_batch_size": 64, "batch_wait_ms": 20, "server_batches": batches},
+             {"step": "serve_64_one_by_one_chat", "requests": 64, "concurrency": 1, "images_per_s": 40.0,
+              "tokens_per_s": 800.0, "server_batches": batches, "answers_equal": "63/64"},
+             {"step": "serve_sigterm", "exit_code_after_sigterm": 0, "stop_s": 1.0}]
+    (tmp_path / "serve.json").write_text(json.dumps({"group": "serve", "smoke": False, "steps": steps}))
+    (tmp_path / "card.txt").write_text("NVIDIA H100 80GB HBM3, 81559 MiB, 580.1\n")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not imported into the test process
+    monkeypatch.setattr(sys, "argv", ["gpu_report.py", str(tmp_path), str(tmp_path / "out"),
+                                      "--gpu-txt", str(tmp_path / "card.txt")])
+    assert report.main() == 0
+    md = (tmp_path / "out" / "gpu.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| serve_64_concurrent_chat"))
+    assert "blip2 serve on NVIDIA H100 80GB HBM3" in row and "| 320.0 |" in row and "8.00x" in row
+    assert "2 model calls, mean batch 32.0" in row
+    assert "answers equal to the concurrent ones: 63/64" in md and "exit code 0" in md
+    section = md.split("## blip2 serve", 1)[1]
+    assert "On NVIDIA H100 80GB HBM3" in section and "8.0x from batching" in section
+    assert json.loads((tmp_path / "out" / "gpu.json").read_text())["groups"]["serve"]["steps"] == steps
+
+
+@pytest.mark.slow  # starts one blip2 serve process (it pays the torch import)
+def test_serve_group_on_the_cpu(tiny_opt, tmp_path, monkeypatch):
+    """The group as gpu.sh runs it, with the tiny checkpoint and 4 requests: the server
+    starts, answers all at once and one by one with equal answers, ends with exit code 0."""
+    run = _gpu_bench("gpu_run")
+    monkeypatch.setattr(run, "SMOKE", True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rec = run.Recorder(tmp_path, "serve", 120)
+    run.group_serve(rec, tmp_path, model=str(tiny_opt), requests=4)
+    steps = {s["step"]: s for s in json.loads((tmp_path / "serve.json").read_text())["steps"]}
+    assert not [s for s in steps.values() if "error" in s or "skipped" in s], steps
+    many, one = steps["serve_4_concurrent_chat"], steps["serve_4_one_by_one_chat"]
+    assert many["images_per_s"] > 0 and one["images_per_s"] > 0
+    assert many["server_batches"]["images"] == 4 and one["server_batches"] == {
+        "model_calls": 4, "images": 4, "mean_batch": 1.0, "calls_by_batch_size": {"<=1": 4}}
+    assert one["answers_equal"] == "4/4" and one["all_answers_equal"] is True
+    assert many["tokens_per_s"] == pytest.approx(20 * 4 / many["wall_s"])  # exactly 20 tokens each
+    assert steps["serve_sigterm"]["exit_code_after_sigterm"] == 0
+
+
+@pytest.mark.slow  # a blip2 serve process that fails to start
+def test_serve_group_records_a_server_that_does_not_start(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    run = _gpu_bench("gpu_run")
+    monkeypatch.setattr(run, "SMOKE", True)
+    rec = run.Recorder(tmp_path, "serve", 60)
+    run.group_serve(rec, tmp_path, model=str(tmp_path / "no-such-checkpoint"), requests=1)
+    (start,) = json.loads((tmp_path / "serve.json").read_text())["steps"]
+    assert start["step"] == "serve_start" and "blip2 serve exited with 2" in start["error"]
+    left = []  # no server left behind: no process names the checkpoint
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"no-such-checkpoint" in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+        except OSError:
+            pass
+    assert left == []
