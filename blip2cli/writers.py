@@ -327,3 +327,16 @@ class Sink:
 def make_writer(fmt: str, stream, schema: Schema, *, header: bool = True, **options) -> Writer:
     """``options``: what one format needs besides records (html: settings, thumbnails, links)."""
     return WRITERS[fmt](stream, schema, header=header, **options)
+
+
+def write_records(records, fmt: str, output, schema: Schema) -> None:
+    """A finished list of records (``search``, ``score``) to stdout or ``output`` in ``fmt``."""
+    out = Sink(str(output) if output is not None else None)
+    stream = out.open()
+    try:
+        writer = make_writer(fmt, stream, schema)
+        for record in records:
+            writer.write(record)
+        writer.close()
+    finally:
+        out.close()

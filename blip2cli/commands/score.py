@@ -44,7 +44,7 @@ def score(
     from ..embed import Embedder, itc_similarity, score_schema
     from ..errors import UsageError
     from ..decode import ImageError
-    from ..writers import Sink, make_writer
+    from ..writers import write_records
 
     texts = list(texts or [])
     if not texts:
@@ -73,15 +73,7 @@ def score(
         console.message(f"{image}: {error}")
         records = [{"path": image, "text": t, "itm": None, "itc": None, "error": error} for t in texts]
 
-    out = Sink(str(output) if output is not None else None)
-    stream = out.open()
-    try:
-        writer = make_writer(fmt_name, stream, score_schema())
-        for record in records:
-            writer.write(record)
-        writer.close()
-    finally:
-        out.close()
+    write_records(records, fmt_name, output, score_schema())
     raise typer.Exit(1 if error else 0)
 
 

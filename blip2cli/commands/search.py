@@ -108,17 +108,9 @@ def _exit(stats) -> None:
 
 def _write(records, fmt_name: str, output) -> None:
     from ..embed import search_schema
-    from ..writers import Sink, make_writer
+    from ..writers import write_records
 
-    out = Sink(str(output) if output is not None else None)
-    stream = out.open()
-    try:
-        writer = make_writer(fmt_name, stream, search_schema())
-        for record in records:
-            writer.write(record)
-        writer.close()
-    finally:
-        out.close()
+    write_records(records, fmt_name, output, search_schema())
 
 
 @handles_errors
