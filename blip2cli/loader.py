@@ -99,6 +99,7 @@ class LoadedModel:
     options: LoadOptions
     image_spec: Any = None  # imagespec.ImageSpec
     extra: dict = field(default_factory=dict)
+    identity: str | None = None  # the plan's checkpoint_identity(): which weights were loaded
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -758,6 +759,7 @@ def load(
         quantize=opts.quantize,
         options=opts,
         image_spec=spec,
+        identity=load_plan.identity,
     )
     if ckpt.architecture in GENERATIVE:
         _check_image_tokens(loaded)

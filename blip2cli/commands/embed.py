@@ -299,13 +299,11 @@ def _store_output(output, model, revision, pool_name, store_dtype, prune, compac
     from ..storefiles import StoreMeta
 
     def meta(task):
-        from ..loader import checkpoint_identity
-
         e = task.embedder
         return StoreMeta(model=model_key(model), revision=revision, features=e.features, pool=pool_name,
                          dims=e.dims, normalized=e.normalized,
                          dtype=store_dtype.value if store_dtype is not None else "float32",
-                         checkpoint=checkpoint_identity(e.loaded.checkpoint))
+                         checkpoint=e.loaded.identity)  # hashed once, by the load plan
 
     return StoreOutput(output, meta, prune=prune, dtype_given=store_dtype is not None, compact=compact)
 
