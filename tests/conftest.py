@@ -107,3 +107,13 @@ def pytest_collection_modifyitems(config, items):
         if _asks_for_a_checkpoint(getattr(item, "function", None)):
             continue
         item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the weights are loaded (test_guard, test_output_plan)."""
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("blip2cli.loader.load", no_load)

@@ -132,3 +132,8 @@ def crash_at_the_commit_point(monkeypatch):
         raise SystemExit("simulated kill at the commit point")
 
     monkeypatch.setattr(st.os, "replace", replace)
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under ``folder``, byte for byte (what a refused run must leave as it was)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

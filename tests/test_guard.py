@@ -29,21 +29,8 @@ import pytest
 
 from blip2cli import guard, writers
 
-from helpers import FAST, cli, jsonl
+from helpers import FAST, cli, jsonl, snapshot
 
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if the weights are loaded."""
-
-    def no_load(*a, **k):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr("blip2cli.loader.load", no_load)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # -- case 1: an output that is an input is refused before anything is written --------------

@@ -15,27 +15,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from blip2cli import writers
 
-from helpers import FAST, cli, jsonl
+from helpers import FAST, cli, jsonl, snapshot
 
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if the weights are loaded."""
-
-    def no_load(*a, **k):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr("blip2cli.loader.load", no_load)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # -- the failed list ---------------------------------------------------------------------
