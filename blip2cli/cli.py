@@ -6,6 +6,9 @@ commands that run a model, so ``blip2 --help`` and shell completion are instant.
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -148,7 +151,46 @@ models_cmd.register(app, Command)
 
 
 def main() -> None:
-    app(prog_name="blip2")
+    try:
+        app(prog_name="blip2")
+    except SystemExit as exc:
+        _leave(exc)
+        raise
+
+
+def _leave(exc: SystemExit) -> None:
+    """End the process without Python's shutdown when daemon threads are still busy.
+
+    Python 3.11-3.13 end a daemon thread that wakes during interpreter shutdown with
+    ``pthread_exit``; one inside torch's C++ code then aborts the whole process
+    ("terminate called without an active exception", SIGABRT) after the run has
+    already said how it ended: an interrupted run's decode worker did that. Idle
+    workers get a moment to end; if any thread is still alive, the atexit handlers
+    run, the standard streams are flushed and the process leaves with its own code.
+    """
+    import threading
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    deadline = time.monotonic() + 0.5
+    for thread in others:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    if not any(t.is_alive() for t in others):
+        return
+    import atexit
+
+    code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -129,3 +129,27 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_opt, example_imag
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert missing.returncode == 2 and "hf download blip2-test/not-here" in missing.stderr
+
+
+def test_busy_daemon_threads_do_not_abort_the_exit():
+    """Python 3.11-3.13 end a daemon thread waking in shutdown with pthread_exit, and
+    one inside torch's C++ code aborts the process (SIGABRT after "interrupted: finished
+    records were written"). `blip2` leaves with its own exit code instead."""
+    script = (
+        "import sys, threading, time, numpy as np, torch\n"
+        "def work():\n"
+        "    a = torch.from_numpy(np.ones((64, 64), dtype='float32'))\n"
+        "    while True:\n"
+        "        (a @ a).sum()\n"
+        "for _ in range(2):\n"
+        "    threading.Thread(target=work, daemon=True).start()\n"
+        "time.sleep(0.3)\n"
+        "sys.argv = ['blip2', 'caption', '--no-such-option']\n"
+        "from blip2cli.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "terminate called" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "--no-such-option" in proc.stderr
