@@ -1,11 +1,13 @@
 """The client of ``blip2 serve``: items in, the server's records out, in input order.
 
-``blip2 caption|ask|embed --server URL`` read their inputs as usual, then hand them
-here: each image's bytes go to the server's native endpoints (``/v1/blip2/caption``,
-``ask``, ``embed``) a chunk at a time, a few chunks in flight so the server batches
-them together, and the records come back exactly as a local run makes them (the
-server adds the model's settings). An input that cannot be read here goes to the
-server as its error, so its record carries the same settings as the rest.
+``blip2 caption|ask|embed --server URL`` are the usual run (``job.Job``: the output
+plan, locks, resume, part files, sidecars, every format) with a :class:`Remote` as its
+model: the pipeline's stage (:class:`RemoteStage`) reads each image's bytes in the
+decode workers and sends a batch to the server's native endpoints
+(``/v1/blip2/caption``, ``ask``, ``embed``) as a few concurrent requests of a chunk
+each, so the server batches them together; the records come back as a local run
+makes them, and the settings the server ran with are checked against the run's. An
+input that cannot be read here is its error record, made here as a local run makes it.
 
 Standard library only (``urllib``): no torch, no numpy, no HTTP package to import,
 so a client run starts in a fraction of a second.
@@ -18,9 +20,8 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from .errors import EXIT_ITEMS_FAILED, Blip2Error
 
@@ -81,48 +82,169 @@ class Client:
             self._info = self.request("GET", "/v1/blip2/info")
         return self._info
 
-    # -- records ------------------------------------------------------------------------
-    def records(self, command: str, items: Iterable, options: dict, *, questions=None, chunk: int = DEFAULT_CHUNK,
-                concurrency: int = DEFAULT_CONCURRENCY) -> Iterator[list[dict]]:
-        """The records of each item (a list: ask makes one per question), in input order."""
-        info = self.info()
-        limit = int(info.get("max_body_bytes") or 32 * 1024 * 1024)
-        chunk = max(1, min(chunk, int(info.get("max_batch_size") or chunk), int(info.get("max_queue") or chunk)))
-        budget = int(limit * 0.7)  # base64 and JSON around the bytes
-        per_item = len(questions) if command == "ask" else 1
-        body_base: dict = {"options": options}
-        if command == "ask":
-            body_base["questions"] = list(questions)
 
-        def send(entries: list[dict]) -> list[list[dict]]:
-            got = self.request("POST", f"/v1/blip2/{command}", {**body_base, "images": entries})
-            records = got.get("records") if isinstance(got, dict) else None
-            if not isinstance(records, list) or len(records) != len(entries) * per_item:
-                raise ServerError(f"the server at {self.url} answered {len(records or [])} records for "
-                                  f"{len(entries)} images")
-            return [records[i * per_item:(i + 1) * per_item] for i in range(len(entries))]
+class Remote:
+    """A ``blip2 serve`` as the model of a local run (``job.Job.server``): the settings its
+    records carry, the batch size that suits it, and the pipeline stage that sends it images.
 
-        pending: deque[Future] = deque()
-        with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="blip2-client") as pool:
-            try:
-                for entries in _chunks(items, chunk, budget):
-                    pending.append(pool.submit(send, entries))
-                    while len(pending) > concurrency * 2:
-                        yield from pending.popleft().result()
-                while pending:
-                    yield from pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
+    The run is the usual one (the output plan and locks, ``--resume``, ``-o DIR``,
+    ``--shard``, sidecars, ``--metadata``, ``--failed-list``, ``--carry``, every format):
+    only the model is elsewhere."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, chunk: int = DEFAULT_CHUNK,
+                 concurrency: int = DEFAULT_CONCURRENCY):
+        self.client = Client(url, api_key=api_key)
+        self.chunk = max(1, chunk)
+        self.concurrency = max(1, concurrency)
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    def settings(self) -> dict:
+        """The model's settings every record of this server carries (model, revision,
+        dtype, quantization, checkpoint...)."""
+        return dict(self.client.info().get("settings") or {})
+
+    @property
+    def batch_size(self) -> int:
+        """Images per pipeline batch: a few requests of ``chunk`` images sent together, so
+        the server batches them across requests."""
+        return self._chunk() * self.concurrency
+
+    def _chunk(self) -> int:
+        info = self.client.info()
+        return max(1, min(self.chunk, int(info.get("max_batch_size") or self.chunk),
+                          int(info.get("max_queue") or self.chunk)))
+
+    def stage(self, command: str, options: dict, *, questions: list[str] | None = None,
+              thumbnails=None) -> RemoteStage:
+        return RemoteStage(self, command, options, questions=questions, thumbnails=thumbnails)
 
 
-def _chunks(items: Iterable, size: int, budget: int) -> Iterator[list[dict]]:
-    """``[{"name", "data"} | {"name", "error"}]`` lists of at most ``size`` images and about ``budget`` bytes."""
+class RemoteStage:
+    """The pipeline stage (``pipeline.Stage``) of a run whose model is a server.
+
+    ``prepare`` (a decode worker) reads the image's bytes (and makes the contact sheet's
+    thumbnail when one is wanted); ``run_batch`` sends a batch as a few concurrent
+    requests of ``chunk`` images and returns each image's records; ``record`` gives them
+    back without the settings (``expect``), which the runner adds as for a local model,
+    after checking that the server's are the same."""
+
+    def __init__(self, remote: Remote, command: str, options: dict, *, questions: list[str] | None = None,
+                 thumbnails=None):
+        self.remote, self.command = remote, command
+        self.options, self.questions = options, questions
+        self.thumbnails = thumbnails
+        self.per_item = len(questions) if command == "ask" and questions else 1
+        self.settings: dict = {}  # what every record must carry (the runner's)
+
+    def expect(self, settings: dict) -> None:
+        self.settings = dict(settings)
+
+    def prepare(self, item) -> dict:
+        from .decode import read_image_file
+
+        if item.error is not None:
+            from .decode import ImageError
+
+            raise ImageError(item.error)
+        if isinstance(item.source, (bytes, bytearray)):
+            data = bytes(item.source)
+        else:
+            data, _ = read_image_file(item.source)  # ImageError: the item's error record
+        if self.thumbnails is not None:
+            self.thumbnails.put(item.name, _thumbnail(data, self.thumbnails.size))
+        encoded = base64.b64encode(data).decode("ascii")
+        budget = self._budget()
+        if len(encoded) > budget:
+            from .decode import ImageError
+
+            raise ImageError(f"the file ({len(data)} bytes) is larger than the server accepts in one request "
+                             "(its max_body_mb)")
+        return {"name": item.name, "data": encoded}
+
+    def _budget(self) -> int:
+        limit = int(self.remote.client.info().get("max_body_bytes") or 32 * 1024 * 1024)
+        return int(limit * 0.7)  # base64 and JSON around the bytes
+
+    def run_batch(self, prepared: list[dict]) -> list[list[dict]]:
+        chunks = list(_chunks_of(prepared, self.remote._chunk(), self._budget()))
+        if len(chunks) == 1:
+            return self._send(chunks[0])
+        out: list[list[dict]] = []
+        with ThreadPoolExecutor(max_workers=min(len(chunks), self.remote.concurrency),
+                                thread_name_prefix="blip2-client") as pool:
+            for got in pool.map(self._send, chunks):
+                out += got
+        return out
+
+    def _send(self, entries: list[dict]) -> list[list[dict]]:
+        body: dict = {"options": self.options, "images": entries}
+        if self.command == "ask":
+            body["questions"] = list(self.questions or [])
+        client = self.remote.client
+        got = client.request("POST", f"/v1/blip2/{self.command}", body)
+        records = got.get("records") if isinstance(got, dict) else None
+        if not isinstance(records, list) or len(records) != len(entries) * self.per_item:
+            raise ServerError(f"the server at {client.url} answered {len(records or [])} records for "
+                              f"{len(entries)} images")
+        return [records[i * self.per_item:(i + 1) * self.per_item] for i in range(len(entries))]
+
+    def record(self, item, result, error):
+        if result is None:
+            made = error_records(self.command, item.name, error or "no result", self.questions)
+        else:
+            made = [self._own(item, r) for r in result]
+        return made if self.command == "ask" else made[0]
+
+    def _own(self, item, record: dict) -> dict:
+        """The server's record as a local one: this run's name for the image, the settings
+        left to the runner once they are checked."""
+        if not isinstance(record, dict):
+            raise ServerError(f"the server at {self.remote.url} answered a record that is no object")
+        for key, value in self.settings.items():
+            if key in record and record[key] != value:
+                raise ServerError(f"the server at {self.remote.url} ran with {key}={record[key]!r}, "
+                                  f"not {value!r} as this run asked",
+                                  hint="a newer or older blip2 serve? run the same version on both sides")
+        own = {k: v for k, v in record.items() if k not in self.settings}
+        own["path"] = item.name
+        return own
+
+
+def error_records(command: str, name: str, error: str, questions: list[str] | None = None) -> list[dict]:
+    """The records of an image that never reached the model, as the local tasks make them."""
+    if command == "caption":
+        from .caption import caption_record
+
+        return [caption_record(name, None, error)]
+    if command == "ask":
+        from .ask import answer_record
+
+        return [answer_record(name, q, None, error) for q in questions or []]
+    from .embed import image_record
+
+    return [image_record(name, None, error)]
+
+
+def _thumbnail(data: bytes, size: int):
+    """The contact sheet's thumbnail of an image's bytes (Pillow only), None if it cannot be made."""
+
+    from .decode import open_image
+    from .images import make_thumbnail
+
+    try:
+        return make_thumbnail(open_image(data, draft_size=(size, size)), size)
+    except Exception:  # noqa: BLE001 - the server says what is wrong with the image
+        return None
+
+
+def _chunks_of(entries: list[dict], size: int, budget: int) -> Iterator[list[dict]]:
     out: list[dict] = []
     used = 0
-    for item in items:
-        entry = _entry(item, budget)
-        cost = len(entry.get("data", "")) + len(item.name) + 64
+    for entry in entries:
+        cost = len(entry.get("data", "")) + len(entry["name"]) + 64
         if out and (len(out) >= size or used + cost > budget):
             yield out
             out, used = [], 0
@@ -130,30 +252,6 @@ def _chunks(items: Iterable, size: int, budget: int) -> Iterator[list[dict]]:
         used += cost
     if out:
         yield out
-
-
-def _entry(item, budget: int) -> dict:
-    from .decode import (  # decode.py: standard library at import
-        ImageError,
-        read_image_file,
-    )
-
-    if item.error is not None:
-        return {"name": item.name, "error": item.error}
-    try:
-        if isinstance(item.source, (bytes, bytearray)):
-            data = bytes(item.source)
-        else:
-            data, _ = read_image_file(item.source)
-    except ImageError as exc:
-        return {"name": item.name, "error": str(exc)}
-    except OSError as exc:
-        return {"name": item.name, "error": f"cannot read this file: {exc.strerror or exc}"}
-    encoded = base64.b64encode(data).decode("ascii")
-    if len(encoded) > budget:
-        return {"name": item.name, "error": f"the file ({len(data)} bytes) is larger than the server accepts "
-                f"in one request (its max_body_mb)"}
-    return {"name": item.name, "data": encoded}
 
 
 def _number(value: str) -> bool:
@@ -180,4 +278,4 @@ def _hint(code: int) -> str | None:
     return None
 
 
-__all__ = ["DEFAULT_CHUNK", "DEFAULT_CONCURRENCY", "Client", "ServerError"]
+__all__ = ["DEFAULT_CHUNK", "DEFAULT_CONCURRENCY", "Client", "Remote", "RemoteStage", "ServerError", "error_records"]

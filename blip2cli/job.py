@@ -74,6 +74,7 @@ class Job:
     tar_inputs: bool | None = None  # are tar shards among the inputs (None: not resolved yet)
     store: Any = None  # embedstore.StoreOutput: the records go into a vector store instead
     lead: Callable[[Any], Iterable[dict]] | None = None  # task -> records written before the items' (embed's texts)
+    server: Any = None  # client.Remote: a `blip2 serve` is the model (make_task gets None; no weights here)
 
     def __post_init__(self):
         # What identifies a record and what its sidecar says: the task registry's, once.
@@ -279,7 +280,8 @@ class Job:
         shard = parse_shard(self.shard) if self.shard is not None else launched_shard()
         if shard is None:  # one process into a directory: itself is the whole job
             shard = Shard(0, 1, launched=True)
-        self.load_options.device = local_device(shard, self.load_options.device)
+        if self.server is None:
+            self.load_options.device = local_device(shard, self.load_options.device)
         return shard
 
     def _shard_items(self, shard, items, settings: dict, result: JobResult):
@@ -368,6 +370,10 @@ class Job:
     # -- what every way of running shares: once each --------------------------
     def _start(self, load_plan, settings: dict):
         """Read the weights, seed, and the task that adds the settings to each record."""
+        if self.server is not None:  # the server's model: its records, the settings checked
+            stage = self.make_task(None)
+            stage.expect(settings)
+            return None, _Recorded(stage, settings, self.sidecar)
         from .loader import load
 
         loaded = load(self.load_options, load_plan=load_plan)
@@ -387,13 +393,18 @@ class Job:
         written; ``on_interrupt`` runs first, e.g. a vector store commits what it has)."""
         from .defaults import default_batch_size, default_workers
 
-        return run_pipeline(items, task, writer, reporter=reporter, fail_fast=self.fail_fast,
-                            batch_size=self.batch_size or default_batch_size(loaded.device.type),
+        if self.batch_size:
+            batch_size = self.batch_size
+        else:
+            batch_size = self.server.batch_size if self.server is not None else default_batch_size(loaded.device.type)
+        return run_pipeline(items, task, writer, reporter=reporter, fail_fast=self.fail_fast, batch_size=batch_size,
                             workers=self.workers or default_workers(), on_interrupt=on_interrupt,
                             close=close, queue_size=QUEUE_SAMPLES if self.tar_inputs is not False else None)
 
     def _settings(self):
         """The load plan (no weights read) and the settings every record carries."""
+        if self.server is not None:  # the server's model: its settings, no load plan here
+            return None, {**self.server.settings(), **self.extra_settings}
         from .loader import plan
 
         kwargs = {"architectures": self.architectures} if self.architectures else {}

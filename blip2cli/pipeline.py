@@ -131,11 +131,10 @@ def _prepare(task: Stage, item: Item, stats: Stats) -> Any:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
+    import sys
+
+    torch = sys.modules.get("torch")  # never imported here: a run without torch (--server) has no CUDA
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def _free_cuda_cache() -> None:

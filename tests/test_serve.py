@@ -311,9 +311,89 @@ def test_caption_and_ask_with_server_write_the_local_records(served, tiny_opt, e
     result = cli("embed", "--server", served.url, "-m", tiny_opt, *example_images, *embed_opts)
     assert result.exit_code == 0, result.output
     assert jsonl(result.stdout) == local("embed", "-m", tiny_opt, "--device", "cpu", *example_images, *embed_opts)
-    # options the client cannot honour are refused, not ignored
-    refused = cli("caption", "--server", served.url, *example_images, "--sidecar")
-    assert refused.exit_code == 2 and "--server" in refused.output
+    # what needs the model here is refused, not ignored (every other option: the test below)
+    refused = cli("embed", "--server", served.url, *example_images, "-o", tmp_path / "vectors.safetensors")
+    assert refused.exit_code == 2 and "--server" in refused.output and not (tmp_path / "vectors.safetensors").exists()
+    refused = cli("caption", "--server", served.url, *example_images, "--compile")
+    assert refused.exit_code == 2 and "--compile" in refused.output
+
+
+def _both(served, tiny_opt, *args, code: int = 0):
+    """Run ``args`` with the server, then locally (each after its own ``{side}`` in the args)."""
+    results = []
+    for side, model in (("remote", ["--server", served.url]), ("local", ["-m", tiny_opt, "--device", "cpu"])):
+        argv = [str(a).replace("{side}", side) for a in args]
+        result = cli(argv[0], *model, *argv[1:])
+        assert result.exit_code == code, (side, result.output)
+        results.append(result)
+    return results
+
+
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
+def test_every_output_option_works_with_server_as_locally(served, tiny_opt, example_images, tmp_path, monkeypatch):
+    """--server is the same run with the model elsewhere: sidecars, --metadata, --resume,
+    -o DIR, --shard + merge, tar shards with --carry, HTML, --dry-run give what a local run
+    gives, byte for byte where the files are the same."""
+    import shutil
+    import tarfile
+
+    monkeypatch.setenv("BLIP2_API_KEY", KEY)
+    opts = ["--num-beams", "2", "--max-new-tokens", "7"]
+    for side in ("remote", "local"):
+        folder = tmp_path / side / "photos"
+        folder.mkdir(parents=True)
+        for p in example_images:
+            shutil.copy(p, folder / p.name)
+    # sidecars and the datasets metadata file beside the images
+    _both(served, tiny_opt, "caption", tmp_path / "{side}" / "photos", *opts, "--sidecar", "--existing", "overwrite", "--metadata", "-q")
+    for p in example_images:
+        remote = (tmp_path / "remote" / "photos" / p.name).with_suffix(".txt").read_bytes()
+        assert remote and remote == (tmp_path / "local" / "photos" / p.name).with_suffix(".txt").read_bytes()
+    assert ((tmp_path / "remote" / "photos" / "metadata.jsonl").read_bytes()
+            == (tmp_path / "local" / "photos" / "metadata.jsonl").read_bytes())
+    # --resume from a file cut after two records: the same bytes as a whole local run
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in example_images * 2))
+    whole = tmp_path / "whole.jsonl"
+    assert cli("caption", "-m", tiny_opt, "--device", "cpu", "--files-from", listing, *opts, "-o", whole).exit_code == 0
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(whole.read_bytes().splitlines(keepends=True)[:2]))
+    result = cli("caption", "--server", served.url, "--files-from", listing, *opts, "-o", cut, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "2 already done" in result.output
+    assert cut.read_bytes() == whole.read_bytes()
+    # -o DIR/ (part files, merged), and two --shard runs then blip2 merge
+    _both(served, tiny_opt, "caption", "--files-from", listing, *opts, "-o", str(tmp_path / "{side}" / "dir") + "/", "-q")
+    for side in ("remote", "local"):
+        for i in (0, 1):
+            args = ["--files-from", listing, *opts, "-o", tmp_path / side / "sharded", "--shard", f"{i}/2", "-q"]
+            model = ["--server", served.url] if side == "remote" else ["-m", tiny_opt, "--device", "cpu"]
+            assert cli("caption", *model, *args).exit_code == 0
+        assert cli("merge", tmp_path / side / "sharded").exit_code == 0
+
+    def finals(folder: Path) -> dict:
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    for name in ("dir", "sharded"):
+        remote, mine = finals(tmp_path / "remote" / name), finals(tmp_path / "local" / name)
+        assert remote and remote == mine, name
+    # tar shard inputs with --carry: the samples' records, their keys and carried members
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, p in enumerate(example_images):
+            for ext, data in ((p.suffix.lstrip("."), p.read_bytes()), ("txt", f"alt {i}".encode())):
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, __import__("io").BytesIO(data))
+    remote, mine = _both(served, tiny_opt, "ask", shard, "what is it?", *opts, "--carry", "txt", "-f", "jsonl")
+    assert remote.stdout == mine.stdout and jsonl(remote.stdout)[1]["txt"] == "alt 1"
+    # a contact sheet: one card and one thumbnail per image
+    _both(served, tiny_opt, "caption", *example_images, *opts, "-o", tmp_path / "{side}.html", "-q")
+    page, local_page = (tmp_path / "remote.html").read_text(), (tmp_path / "local.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == local_page.count("data:image/jpeg;base64,") == len(example_images)
+    # --dry-run: the same plan, nothing sent
+    remote, mine = _both(served, tiny_opt, "caption", tmp_path / "remote" / "photos", "--sidecar", "--dry-run")
+    assert remote.stdout == mine.stdout
 
 
 @pytest.mark.slow  # the module's one server process (it pays the torch import)

@@ -81,10 +81,6 @@ def ask(
     server: o.ServerOpt = None,
 ) -> None:
     """Ask questions about images: one record per image and question, streamed in input order."""
-    if server:  # blip2 serve runs the model: commands/serve.remote reads these parameters
-        from .serve import remote
-
-        return remote("ask", server, locals())
     from ..caption import GenerationOptions
     from ..errors import UsageError
 
@@ -104,6 +100,12 @@ def ask(
     job = _ask_job(gen, questions, prompt_template, thumbnails, loading=loading, perf=perf, running=running,
                    num_answers=num_answers, fmt_name=fmt_name, output=output, quiet=quiet, policy=policy,
                    seed=dec.seed, html=html)
+    if server:  # a running `blip2 serve` is the model; the run is the same
+        from .serve import generation_request, use_server
+
+        use_server(job, server, generation_request(dec, num_answers=num_answers, template=prompt_template,
+                                                   preprocess=perf.preprocess.value),
+                   questions=questions, thumbnails=thumbnails, compile_=perf.compile_)
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"
     configure_job(job, carry=carry, src=src, image_column=image_column, failed_list=running.failed_list)

@@ -56,10 +56,6 @@ def caption(
     server: o.ServerOpt = None,
 ) -> None:
     """Caption images: one record per image, streamed in input order."""
-    if server:  # blip2 serve runs the model: commands/serve.remote reads these parameters
-        from .serve import remote
-
-        return remote("caption", server, locals())
     from ..caption import Captioner, GenerationOptions, caption_schema
     from ..job import Job
 
@@ -88,6 +84,12 @@ def caption(
         shard=running.shard,
         html=html,
     )
+    if server:  # a running `blip2 serve` is the model; the run is the same
+        from .serve import generation_request, use_server
+
+        use_server(job, server, generation_request(dec, prompt=gen.prompt, num_captions=gen.num_captions,
+                                                   preprocess=perf.preprocess.value),
+                   thumbnails=thumbnails, compile_=perf.compile_)
     if job.parts_mode() and fmt is None:
         job.fmt = "jsonl"  # an output directory holds JSON Lines part files
     from .. import failedlist

@@ -161,12 +161,14 @@ def embed(
     server: o.ServerOpt = None,
 ) -> None:
     """Embed images (and texts) with BLIP-2: one vector record per image, or a vector store."""
-    if server:  # blip2 serve runs the model: commands/serve.remote reads these parameters
-        from .serve import remote
-
-        return remote("embed", server, locals())
     to_store = _check_flags(output, fmt, compact, prune, store_dtype)
     fmt_name = "jsonl" if to_store else o.infer_format(fmt, output, formats=tuple(e.value for e in EmbedFormat))
+    if server:  # the server embeds images; a store and texts need the model here
+        from .serve import refuse_with_server
+
+        refuse_with_server([flag for flag, on in (("a vector store (-o NAME.safetensors)", to_store),
+                                                  ("--text/--texts-file", text or texts_file is not None)) if on],
+                           "embed")
     texts, have_images = _texts(text, texts_file, inputs, src.files_from, to_store)
     if not (shard is not None or _wants_directory(output)):
         check_output_path(output)
@@ -176,8 +178,11 @@ def embed(
     items, total = resolve_items(inputs, command="embed", **vars(src)) if have_images else ([], 0)
     _refuse_mixes(inputs, output, items if total is not None else [], to_store=to_store, texts=texts,
                   failed_list=failed_list, resume=resume, shard=shard, fail_fast=fail_fast)
-    opts = check_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline,
-                              loading.allow_pickle, features=features_name, need_text=bool(texts))
+    if server:  # the server's checkpoint: it says whether it has these features
+        opts = load_options(**vars(loading))
+    else:
+        opts = check_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline,
+                                  loading.allow_pickle, features=features_name, need_text=bool(texts))
     job = _embed_job(
         opts, features_name, pool_name, preprocess.value, texts,
         fmt="jsonl" if (fmt is None and (shard is not None or _wants_directory(output))) else fmt_name,
@@ -185,6 +190,10 @@ def embed(
         shard=shard,
         store=_store_output(output, model, revision, pool_name, store_dtype, prune, compact) if to_store else None,
     )
+    if server:
+        from .serve import use_server
+
+        use_server(job, server, {"features": features_name, "pool": pool_name, "preprocess": preprocess.value})
     configure_job(job, carry=carry, src=src, image_column=image_column, failed_list=failed_list)
     result = job.run(items, total)
     if not have_images:
