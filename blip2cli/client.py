@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import EXIT_ITEMS_FAILED, Blip2Error
+from .errors import EXIT_ITEMS_FAILED, EXIT_USAGE, Blip2Error
 
 DEFAULT_CHUNK = 8  # images per request
 DEFAULT_CONCURRENCY = 4  # requests in flight
@@ -32,9 +32,16 @@ BUSY_RETRIES = 60  # 503 + Retry-After: wait and send again, this many times at 
 
 
 class ServerError(Blip2Error):
-    """The server is unreachable, refused the request, or answered something else than records."""
+    """The server is unreachable, failed, or answered something else than records (exit 1)."""
 
     exit_code = EXIT_ITEMS_FAILED
+
+
+class ServerRefused(ServerError):
+    """The server refused the request (a 4xx: the key, an option, a checkpoint without
+    what was asked): a usage error, exit 2, as the same run refused locally."""
+
+    exit_code = EXIT_USAGE
 
 
 class Client:
@@ -66,8 +73,9 @@ class Client:
                     exc.read()
                     time.sleep(min(max(float(retry), 0.1), 10.0) if _number(retry) else 1.0)
                     continue
-                raise ServerError(f"the server at {self.url} answered {exc.code}: {_message(exc)}",
-                                  hint=_hint(exc.code)) from None
+                kind = ServerRefused if 400 <= exc.code < 500 and exc.code != 429 else ServerError
+                raise kind(f"the server at {self.url} answered {exc.code}: {_message(exc)}",
+                           hint=_hint(exc.code)) from None
             except (urllib.error.URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise ServerError(f"cannot reach the server at {self.url} ({reason})",
@@ -110,16 +118,17 @@ class Remote:
     def batch_size(self) -> int:
         """Images per pipeline batch: a few requests of ``chunk`` images sent together, so
         the server batches them across requests."""
-        return self._chunk() * self.concurrency
+        return self.chunk_size() * self.concurrency
 
-    def _chunk(self) -> int:
+    def chunk_size(self) -> int:
+        """Images per request: ``chunk``, at most the server's batch and queue."""
         info = self.client.info()
         return max(1, min(self.chunk, int(info.get("max_batch_size") or self.chunk),
                           int(info.get("max_queue") or self.chunk)))
 
     def stage(self, command: str, options: dict, *, questions: list[str] | None = None,
-              thumbnails=None) -> RemoteStage:
-        return RemoteStage(self, command, options, questions=questions, thumbnails=thumbnails)
+              thumbnails=None, identity: bool = False) -> RemoteStage:
+        return RemoteStage(self, command, options, questions=questions, thumbnails=thumbnails, identity=identity)
 
 
 class RemoteStage:
@@ -129,30 +138,58 @@ class RemoteStage:
     thumbnail when one is wanted); ``run_batch`` sends a batch as a few concurrent
     requests of ``chunk`` images and returns each image's records; ``record`` gives them
     back without the settings (``expect``), which the runner adds as for a local model,
-    after checking that the server's are the same."""
+    after checking that the server's are the same.
+
+    ``identity=True`` (embed into a vector store): the rows a local ``EmbedTask`` makes,
+    each file read once, hashed and sent, its vector an array again."""
 
     def __init__(self, remote: Remote, command: str, options: dict, *, questions: list[str] | None = None,
-                 thumbnails=None):
+                 thumbnails=None, identity: bool = False):
         self.remote, self.command = remote, command
         self.options, self.questions = options, questions
         self.thumbnails = thumbnails
+        self.identity = identity
         self.per_item = len(questions) if command == "ask" and questions else 1
         self.settings: dict = {}  # what every record must carry (the runner's)
 
     def expect(self, settings: dict) -> None:
         self.settings = dict(settings)
 
-    def prepare(self, item) -> dict:
-        from .decode import read_image_file
+    def describe(self) -> dict:
+        """What the server's vectors are for these options: ``{"features", "pool", "dims", "normalized"}``."""
+        got = self.remote.client.request("POST", "/v1/blip2/embed", {"options": self.options, "describe": True})
+        if not isinstance(got, dict) or not isinstance(got.get("dims"), list):
+            raise ServerError(f"the server at {self.remote.url} cannot describe its vectors: is it an older blip2 serve?")
+        return got
+
+    def text_records(self, texts: list[str]) -> list[dict]:
+        """``blip2 embed --text``'s records (``{"text", "dims", "vector"}``), embedded by the server."""
+        if not texts:
+            return []
+        got = self.remote.client.request("POST", "/v1/blip2/embed", {"options": self.options, "texts": list(texts)})
+        records = got.get("records") if isinstance(got, dict) else None
+        if not isinstance(records, list) or len(records) != len(texts):
+            raise ServerError(f"the server at {self.remote.url} answered {len(records or [])} records for "
+                              f"{len(texts)} texts")
+        return records
+
+    def prepare(self, item):
+        from .decode import ImageError, read_image_file
 
         if item.error is not None:
-            from .decode import ImageError
-
             raise ImageError(item.error)
+        ident = None
         if isinstance(item.source, (bytes, bytearray)):
+            if self.identity:
+                raise ImageError("raw image bytes on stdin cannot go into a vector store (its rows are "
+                                 "files); pass paths, or use -f jsonl")
             data = bytes(item.source)
         else:
-            data, _ = read_image_file(item.source)  # ImageError: the item's error record
+            data, st = read_image_file(item.source)  # ImageError: the item's error record
+            if self.identity:
+                import hashlib
+
+                ident = (st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest())
         if self.thumbnails is not None:
             self.thumbnails.put(item.name, _thumbnail(data, self.thumbnails.size))
         encoded = base64.b64encode(data).decode("ascii")
@@ -162,14 +199,21 @@ class RemoteStage:
 
             raise ImageError(f"the file ({len(data)} bytes) is larger than the server accepts in one request "
                              "(its max_body_mb)")
-        return {"name": item.name, "data": encoded}
+        entry = {"name": item.name, "data": encoded}
+        return (entry, ident) if self.identity else entry
 
     def _budget(self) -> int:
         limit = int(self.remote.client.info().get("max_body_bytes") or 32 * 1024 * 1024)
         return int(limit * 0.7)  # base64 and JSON around the bytes
 
-    def run_batch(self, prepared: list[dict]) -> list[list[dict]]:
-        chunks = list(_chunks_of(prepared, self.remote._chunk(), self._budget()))
+    def run_batch(self, prepared: list) -> list:
+        if self.identity:
+            records = self._send_all([entry for entry, _ in prepared])
+            return [(got, ident) for got, (_, ident) in zip(records, prepared)]
+        return self._send_all(prepared)
+
+    def _send_all(self, entries: list[dict]) -> list[list[dict]]:
+        chunks = list(_chunks_of(entries, self.remote.chunk_size(), self._budget()))
         if len(chunks) == 1:
             return self._send(chunks[0])
         out: list[list[dict]] = []
@@ -192,11 +236,26 @@ class RemoteStage:
         return [records[i * self.per_item:(i + 1) * self.per_item] for i in range(len(entries))]
 
     def record(self, item, result, error):
+        if self.identity:
+            return self._row(item, result, error)
         if result is None:
             made = error_records(self.command, item.name, error or "no result", self.questions)
         else:
             made = [self._own(item, r) for r in result]
         return made if self.command == "ask" else made[0]
+
+    def _row(self, item, result, error) -> dict:
+        """A vector store's row, as ``embed.EmbedTask(identity=True)`` makes it."""
+        vector, ident = None, None
+        if result is not None:
+            (got,), ident = result
+            got = self._own(item, got)
+            error = got.get("error")
+            if error is None:
+                import numpy as np
+
+                vector = np.asarray(got["vector"], dtype=np.float32).reshape(got["dims"])
+        return {"path": item.name, "source": item.source, "vector": vector, "ident": ident, "error": error}
 
     def _own(self, item, record: dict) -> dict:
         """The server's record as a local one: this run's name for the image, the settings
@@ -278,4 +337,4 @@ def _hint(code: int) -> str | None:
     return None
 
 
-__all__ = ["DEFAULT_CHUNK", "DEFAULT_CONCURRENCY", "Client", "Remote", "RemoteStage", "ServerError", "error_records"]
+__all__ = ["DEFAULT_CHUNK", "DEFAULT_CONCURRENCY", "Client", "Remote", "RemoteStage", "ServerError", "ServerRefused", "error_records"]

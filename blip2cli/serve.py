@@ -299,6 +299,21 @@ class EmbedWork(Work):
         return [vectors[i].astype("float32", copy=False) for i in range(len(units))]
 
 
+class TextWork(Work):
+    """units: lists of texts (one per request, embedded in one call as a local run does);
+    results: their ``[T, D]`` float32 vectors."""
+
+    alone = True
+
+    def __init__(self, engine: Engine, features: str, pool: str):
+        self.engine, self.features, self.pool = engine, features, pool
+        self.key = ("embed-text", features, pool)
+
+    def run(self, units: list) -> list:
+        embedder = self.engine.model._embedder(self.features, self.pool)
+        return [embedder.text_vectors(texts).numpy() for texts in units]
+
+
 class ScoreWork(Work):
     """units: (decoded image, texts); results: (itm, itc) lists."""
 
@@ -1034,6 +1049,12 @@ async def embed_endpoint(server: Server, body: dict) -> dict:
         work.embedder()  # cheap: checks the features against the checkpoint
     except Blip2Error as exc:
         raise ApiError(400, exc.message, param="options.features", code="model_not_supported") from None
+    if _bool(body, "describe", False):  # what the vectors will be, no image (a client's vector store)
+        embedder = work.embedder()
+        return {"features": embedder.features, "pool": pool, "dims": list(embedder.dims),
+                "normalized": bool(embedder.normalized)}
+    if "texts" in body:  # text vectors (blip2 embed --text): the records a local run writes first
+        return await _embed_texts(server, body, features, pool, work)
     names, sources = native_images(server, body)
     decoded = await server.decode_all(sources, preprocess)
     good = [d for d, err in decoded if err is None]
@@ -1045,6 +1066,22 @@ async def embed_endpoint(server: Server, body: dict) -> dict:
         record.update(settings)
         records.append(record)
     return {"records": records}
+
+
+async def _embed_texts(server: Server, body: dict, features: str, pool: str, work: EmbedWork) -> dict:
+    from .embed import text_record
+
+    texts = body.get("texts")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise bad_request("texts must be a non-empty list of non-empty strings", "texts")
+    if "images" in body:
+        raise bad_request("send texts and images in separate requests", "texts")
+    try:
+        work.embedder().require_text()
+    except Blip2Error as exc:
+        raise ApiError(400, exc.message, param="options.features", code="model_not_supported") from None
+    (vectors,) = await server.run(TextWork(server.engine, features, pool), [texts])
+    return {"records": [text_record(t, v) for t, v in zip(texts, vectors)]}
 
 
 async def score_endpoint(server: Server, body: dict) -> dict:

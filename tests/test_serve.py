@@ -60,25 +60,19 @@ class Served:
         raise AssertionError(f"{name} not in /metrics")
 
 
-@pytest.fixture(scope="module")
-def served(tiny_opt, tmp_path_factory, example_images):
-    """``blip2 serve`` on the tiny OPT checkpoint; torn down (SIGTERM) at the end of the module."""
+def start_server(model: Path, log: Path, *args: str, key: str | None = KEY) -> tuple[subprocess.Popen, str]:
+    """``blip2 serve -m MODEL ARGS`` on a free loopback port, once /health answers 200."""
     import httpx
 
-    allowed = tmp_path_factory.mktemp("allowed")
-    (allowed / "cat.png").write_bytes(example_images[0].read_bytes())
-    outside = tmp_path_factory.mktemp("outside")
-    (outside / "secret.png").write_bytes(example_images[1].read_bytes())
-    (allowed / "link.png").symlink_to(outside / "secret.png")
     port = free_port()
-    log = tmp_path_factory.mktemp("log") / "serve.err"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "BLIP2_API_KEY": KEY}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("BLIP2_SERVER", None)
+    env.pop("BLIP2_API_KEY", None)
+    if key:
+        env["BLIP2_API_KEY"] = key
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "blip2cli", "serve", "-m", str(tiny_opt), "--device", "cpu", "--port", str(port),
-             "--batch-wait-ms", "30", "--max-batch-size", "16", "--max-body-mb", str(MAX_BODY_MB),
-             "--allow-files", str(allowed)],
+            [sys.executable, "-m", "blip2cli", "serve", "-m", str(model), "--device", "cpu", "--port", str(port), *args],
             stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT,
         )
     url = f"http://127.0.0.1:{port}"
@@ -88,20 +82,37 @@ def served(tiny_opt, tmp_path_factory, example_images):
             pytest.fail(f"blip2 serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail("blip2 serve did not become ready: " + log.read_text()[-2000:])
         time.sleep(0.2)
-    yield Served(proc, url, log, allowed, tiny_opt)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_opt, tmp_path_factory, example_images):
+    """``blip2 serve`` on the tiny OPT checkpoint; torn down (SIGTERM) at the end of the module."""
+    allowed = tmp_path_factory.mktemp("allowed")
+    (allowed / "cat.png").write_bytes(example_images[0].read_bytes())
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.png").write_bytes(example_images[1].read_bytes())
+    (allowed / "link.png").symlink_to(outside / "secret.png")
+    log = tmp_path_factory.mktemp("log") / "serve.err"
+    proc, url = start_server(tiny_opt, log, "--batch-wait-ms", "30", "--max-batch-size", "16",
+                             "--max-body-mb", str(MAX_BODY_MB), "--allow-files", str(allowed))
+    yield Served(proc, url, log, allowed, tiny_opt)
+    stop_server(proc)
 
 
 def data_url(path: Path) -> str:
@@ -311,17 +322,19 @@ def test_caption_and_ask_with_server_write_the_local_records(served, tiny_opt, e
     result = cli("embed", "--server", served.url, "-m", tiny_opt, *example_images, *embed_opts)
     assert result.exit_code == 0, result.output
     assert jsonl(result.stdout) == local("embed", "-m", tiny_opt, "--device", "cpu", *example_images, *embed_opts)
-    # what needs the model here is refused, not ignored (every other option: the test below)
-    refused = cli("embed", "--server", served.url, *example_images, "-o", tmp_path / "vectors.safetensors")
-    assert refused.exit_code == 2 and "--server" in refused.output and not (tmp_path / "vectors.safetensors").exists()
+    # a request the server refuses (texts for a captioning checkpoint) is a usage error, as locally
+    refused = cli("embed", "--server", served.url, "--text", "a cat", "-f", "jsonl")
+    assert refused.exit_code == 2 and "retrieval checkpoint" in refused.output and not refused.stdout
+    assert cli("embed", "-m", tiny_opt, "--device", "cpu", "--text", "a cat", "-f", "jsonl").exit_code == 2
+    # what needs the model here is refused, not ignored (every other option: the tests below)
     refused = cli("caption", "--server", served.url, *example_images, "--compile")
     assert refused.exit_code == 2 and "--compile" in refused.output
 
 
-def _both(served, tiny_opt, *args, code: int = 0):
+def _both(served, tiny_opt, *args, code: int = 0, url: str | None = None):
     """Run ``args`` with the server, then locally (each after its own ``{side}`` in the args)."""
     results = []
-    for side, model in (("remote", ["--server", served.url]), ("local", ["-m", tiny_opt, "--device", "cpu"])):
+    for side, model in (("remote", ["--server", url or served.url]), ("local", ["-m", tiny_opt, "--device", "cpu"])):
         argv = [str(a).replace("{side}", side) for a in args]
         result = cli(argv[0], *model, *argv[1:])
         assert result.exit_code == code, (side, result.output)
@@ -394,6 +407,35 @@ def test_every_output_option_works_with_server_as_locally(served, tiny_opt, exam
     # --dry-run: the same plan, nothing sent
     remote, mine = _both(served, tiny_opt, "caption", tmp_path / "remote" / "photos", "--sidecar", "--dry-run")
     assert remote.stdout == mine.stdout
+
+
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
+def test_embed_into_a_vector_store_with_server(served, tiny_opt, example_images, tmp_path, monkeypatch):
+    """A vector store filled by a server holds the rows and vectors a local run writes; it
+    appends incrementally, and a local run of the same checkpoint finds it up to date."""
+    import numpy as np
+
+    from blip2cli.store import VectorStore
+
+    monkeypatch.setenv("BLIP2_API_KEY", KEY)
+    opts = ["--features", "qformer", "--pool", "mean"]
+    remote, mine = tmp_path / "remote.safetensors", tmp_path / "local.safetensors"
+    result = cli("embed", "--server", served.url, *example_images[:2], *opts, "-o", remote)
+    assert result.exit_code == 0, result.output
+    result = cli("embed", "--server", served.url, *example_images, "-o", remote)  # the store's settings
+    assert result.exit_code == 0, result.output
+    assert "2 new" in result.output and "2 unchanged" in result.output, result.output
+    result = cli("embed", "-m", tiny_opt, "--device", "cpu", *example_images, *opts, "-o", mine)
+    assert result.exit_code == 0, result.output
+    got, want = VectorStore.open(remote), VectorStore.open(mine)
+    assert got.meta == want.meta
+    order = {e.path: i for i, e in enumerate(want.entries)}
+    assert sorted(e.path for e in got.entries) == sorted(order)
+    rows = [order[e.path] for e in got.entries]
+    np.testing.assert_array_equal(np.asarray(got.matrix), np.asarray(want.matrix)[rows])
+    assert [(e.size, e.sha256) for e in got.entries] == [(want.entries[i].size, want.entries[i].sha256) for i in rows]
+    result = cli("embed", "-m", tiny_opt, "--device", "cpu", *example_images, "-o", remote)
+    assert result.exit_code == 0 and "4 unchanged" in result.output, result.output
 
 
 @pytest.mark.slow  # the module's one server process (it pays the torch import)
@@ -663,3 +705,27 @@ def test_serve_warns_without_a_key_off_loopback_and_checks_the_model_before_bind
     assert "without --api-key" in result.output and "no-such-model" in result.output
     quiet = cli("serve", "--host", "0.0.0.0", "--api-key", "k", "-m", missing, "--port", "0")
     assert quiet.exit_code == 2 and "without --api-key" not in quiet.output
+
+
+@pytest.mark.slow  # a second server process: a retrieval checkpoint (text and ITC features)
+def test_embed_texts_and_itc_store_with_a_retrieval_server(tiny_itm, example_images, tmp_path, monkeypatch):
+    """embed --text and ITC vectors through a server: the records and the store of a local run."""
+    import numpy as np
+
+    from blip2cli.store import VectorStore
+
+    monkeypatch.delenv("BLIP2_API_KEY", raising=False)
+    proc, url = start_server(tiny_itm, tmp_path / "itm.err", key=None)
+    try:
+        texts = ["--text", "a cat", "--text", "two dogs on a sofa"]
+        remote, mine = _both(None, tiny_itm, "embed", *texts, "-f", "jsonl", url=url)
+        assert remote.stdout == mine.stdout and len(jsonl(remote.stdout)) == 2
+        remote, mine = _both(None, tiny_itm, "embed", *example_images, *texts, "-f", "jsonl", url=url)
+        assert remote.stdout == mine.stdout and len(jsonl(remote.stdout)) == 2 + len(example_images)
+        _both(None, tiny_itm, "embed", *example_images, "-o", tmp_path / "{side}.safetensors", url=url)
+        got, want = VectorStore.open(tmp_path / "remote.safetensors"), VectorStore.open(tmp_path / "local.safetensors")
+        assert got.meta == want.meta and got.meta.features == "itc" and got.meta.normalized
+        assert [e.path for e in got.entries] == [e.path for e in want.entries]
+        np.testing.assert_array_equal(np.asarray(got.matrix), np.asarray(want.matrix))
+    finally:
+        stop_server(proc)

@@ -163,12 +163,6 @@ def embed(
     """Embed images (and texts) with BLIP-2: one vector record per image, or a vector store."""
     to_store = _check_flags(output, fmt, compact, prune, store_dtype)
     fmt_name = "jsonl" if to_store else o.infer_format(fmt, output, formats=tuple(e.value for e in EmbedFormat))
-    if server:  # the server embeds images; a store and texts need the model here
-        from .serve import refuse_with_server
-
-        refuse_with_server([flag for flag, on in (("a vector store (-o NAME.safetensors)", to_store),
-                                                  ("--text/--texts-file", text or texts_file is not None)) if on],
-                           "embed")
     texts, have_images = _texts(text, texts_file, inputs, src.files_from, to_store)
     if not (shard is not None or _wants_directory(output)):
         check_output_path(output)
@@ -193,7 +187,12 @@ def embed(
     if server:
         from .serve import use_server
 
-        use_server(job, server, {"features": features_name, "pool": pool_name, "preprocess": preprocess.value})
+        remote = use_server(job, server, {"features": features_name, "pool": pool_name,
+                                          "preprocess": preprocess.value}, identity=to_store)
+        if to_store:
+            job.store.meta = _remote_store_meta(remote, pool_name, store_dtype)
+        if texts:
+            job.lead = lambda stage: stage.text_records(texts)
     configure_job(job, carry=carry, src=src, image_column=image_column, failed_list=failed_list)
     result = job.run(items, total)
     if not have_images:
@@ -315,6 +314,22 @@ def _store_output(output, model, revision, pool_name, store_dtype, prune, compac
                          checkpoint=e.loaded.identity)  # hashed once, by the load plan
 
     return StoreOutput(output, meta, prune=prune, dtype_given=store_dtype is not None, compact=compact)
+
+
+def _remote_store_meta(remote, pool_name, store_dtype):
+    """A vector store's settings when a server embeds (``--server``): its model, revision and
+    checkpoint, and what its vectors are (asked before the first image)."""
+    from ..storefiles import StoreMeta
+
+    def meta(task):
+        described, settings = task.describe(), remote.settings()
+        return StoreMeta(model=model_key(settings.get("model")), revision=settings.get("revision"),
+                         features=described["features"], pool=pool_name, dims=tuple(described["dims"]),
+                         normalized=bool(described["normalized"]),
+                         dtype=store_dtype.value if store_dtype is not None else "float32",
+                         checkpoint=settings.get("checkpoint"))
+
+    return meta
 
 
 embed.__doc__ = (embed.__doc__ or "") + EXAMPLES

@@ -116,17 +116,20 @@ def refuse_with_server(used: list[str], command: str) -> None:
 
 
 def use_server(job, server: str, options: dict, *, questions: list[str] | None = None, thumbnails=None,
-               compile_: bool = False) -> None:
+               compile_: bool = False, identity: bool = False):
     """Make ``job`` a run whose model is the ``blip2 serve`` at ``server``: the same runner
     (output plan, locks, resume, -o DIR, shards, sidecars, --metadata, --failed-list,
-    --carry, every format), the images' bytes sent to the server, its records written here
-    with the settings it ran with (checked against those the run asks for)."""
+    --carry, every format, a vector store with ``identity``), the images' bytes sent to the
+    server, its records written here with the settings it ran with (checked against those
+    the run asks for). Returns the ``client.Remote``."""
     from .. import client
 
     refuse_with_server(["--compile"] if compile_ else [], job.command)
     remote = client.Remote(server, api_key=os.environ.get("BLIP2_API_KEY") or None)
     job.server = remote
-    job.make_task = lambda _loaded: remote.stage(job.command, options, questions=questions, thumbnails=thumbnails)
+    job.make_task = lambda _loaded: remote.stage(job.command, options, questions=questions, thumbnails=thumbnails,
+                                                 identity=identity)
+    return remote
 
 
 def generation_request(dec, *, prompt=None, num_captions: int = 1, num_answers: int | None = None,
