@@ -126,6 +126,15 @@ def _clash_message(item_name: str, output: str) -> str:
     return f"the input {item_name!r} is also the output {output!r}: writing would destroy it"
 
 
+def _refusal(name: str, planned: Planned) -> UsageError:
+    """The input ``name`` is a planned output."""
+    params = [] if planned.param == "output" else [planned.param]
+    return UsageError(
+        _clash_message(name, planned.path) if planned.param == "output"
+        else f"the input {name!r} is also {planned.what} {planned.path!r} ({planned.param}): writing would destroy it",
+        hint="write the output somewhere else, or leave that file out of the inputs", params=params)
+
+
 # --------------------------------------------------------------------------- #
 # Locks
 # --------------------------------------------------------------------------- #
@@ -416,14 +425,21 @@ class RunGuard:
         for item in items:
             clash = self._clash(item, out_ids, out_real)
             if clash is not None:
-                p = named[clash]
-                raise UsageError(
-                    _clash_message(item.name, clash) if p.param == "output"
-                    else f"the input {item.name!r} is also {p.what} {clash!r} ({p.param}): writing would destroy it",
-                    hint="write the output somewhere else, or leave that file out of the inputs",
-                    params=[] if p.param == "output" else [p.param],
-                )
+                raise _refusal(item.name, named[clash])
         return items
+
+    def refuse_inputs(self, paths: Iterable) -> None:
+        """Files the run reads besides its items (a query image, the files of a vector store
+        it searches, a list of inputs): refused (exit 2) when one is a planned output, whether
+        or not the items stream."""
+        named = {p.path: p for p in self.outputs}
+        out_ids, out_real = _ids(named), {_real(p): p for p in named}
+        for path in paths:
+            if path is None or str(path) == "-":
+                continue
+            clash = self._clash_path(os.fspath(path), out_ids, out_real)
+            if clash is not None:
+                raise _refusal(os.fspath(path), named[clash])
 
     def _screen_stream(self, items: Iterable, outs: list[str]) -> Iterator:
         for item in items:
@@ -437,11 +453,14 @@ class RunGuard:
     def _clash(self, item, out_ids: dict, out_real: dict) -> str | None:
         if getattr(item, "error", None) is not None or not isinstance(item.source, str):
             return None
-        ident = file_id(item.source)
+        return self._clash_path(item.source, out_ids, out_real)
+
+    def _clash_path(self, source: str, out_ids: dict, out_real: dict) -> str | None:
+        ident = file_id(source)
         if ident is not None:
             self.input_ids.add(ident)
             return out_ids.get(ident)
-        return out_real.get(_real(item.source))  # not there (yet): a dangling link to an output
+        return out_real.get(_real(source))  # not there (yet): a dangling link to an output
 
     def sidecar_problem(self, path: str) -> str | None:
         """Why a sidecar must not be written at ``path`` (an input, another output of the
@@ -511,8 +530,3 @@ def _ids(paths: Iterable[str]) -> dict[FileId, str]:
         if ident is not None:
             out.setdefault(ident, p)
     return out
-
-
-def screen_inputs(items: Iterable, total: int | None, outputs: Iterable) -> Iterable:
-    """For commands that write without a Job (a vector store): the items, minus outputs."""
-    return RunGuard(streaming=total is None, locking=False).screen(items, outputs)
