@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import threading
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
@@ -140,6 +141,43 @@ def _refusal(name: str, planned: Planned) -> UsageError:
 # --------------------------------------------------------------------------- #
 
 
+def flock_open(path: str | os.PathLike, message: str, *, hint: str | None = BUSY_HINT,
+               flags: int = os.O_RDWR | os.O_CREAT, error: type[UsageError] = Busy,
+               stable: bool = False, regular: bool = False, strict: bool = False) -> int | None:
+    """blip2's one lock: open ``path`` (``flags``; close-on-exec) and take an exclusive,
+    non-blocking ``flock`` on it. Returns the locked fd (closing it releases the lock), or
+    None where there is nothing to lock with: no ``fcntl`` (Windows), a file system without
+    ``flock``, or (``regular``) not a regular file. Raises ``error(message, hint)`` (a
+    :class:`Busy`) when another process holds the lock, and the ``OSError`` of a failed open
+    (the caller knows what that means for it).
+
+    ``stable``: ``path`` is a lock file that a holder unlinks when it lets go; retry until
+    the file locked is the one ``path`` names. ``strict``: any ``flock`` failure counts as
+    held (a vector store refuses rather than be written unguarded).
+    """
+    if fcntl is None:
+        return None
+    while True:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if regular and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if strict or exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise error(message, hint=hint) from None
+            return None  # a file system without flock: nothing to guard with
+        if not stable:
+            return fd
+        # The previous holder may have removed the file between our open and our lock.
+        held = os.fstat(fd)
+        if (held.st_dev, held.st_ino) == file_id(path):  # (followed as the open did: no endless loop on a link)
+            return fd
+        os.close(fd)
+
+
 class FileLock:
     """An exclusive flock on a lock file beside an output, removed again at release.
 
@@ -161,26 +199,13 @@ class FileLock:
     def acquire(self) -> "FileLock":
         if fcntl is None or self._fd is not None:
             return self
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-            except OSError:
-                # No lock file possible here (read-only folder, no folder): opening the
-                # output itself will fail with the reason, or there is nothing to guard.
-                break
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise Busy(f"another blip2 run is writing {self.what} {self.output!r}",
-                               hint=BUSY_HINT) from None
-                break  # a file system without flock: nothing to guard with
-            # The previous holder may have removed the file between our open and our lock.
-            if os.fstat(fd).st_ino == (file_id(self.path, follow=False) or (None, None))[1]:
-                self._fd = fd
-                break
-            os.close(fd)
+        try:
+            self._fd = flock_open(self.path, f"another blip2 run is writing {self.what} {self.output!r}",
+                                  stable=True)
+        except OSError:
+            # No lock file possible here (read-only folder, no folder): opening the
+            # output itself will fail with the reason, or there is nothing to guard.
+            pass
         try:
             self.hold_file()
         except Busy:
@@ -199,23 +224,11 @@ class FileLock:
             os.close(self._file_fd)  # replaced since (a resumed file is rewritten): lock the new one
             self._file_fd = None
         try:
-            fd = os.open(self.output, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            self._file_fd = flock_open(
+                self.output, f"another blip2 run is writing {self.what} {self.output!r} (under another name)",
+                flags=os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), regular=True)
         except OSError:
-            return  # not there (yet), or unreadable: the lock file alone guards it
-        try:
-            import stat
-
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                return
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise Busy(f"another blip2 run is writing {self.what} {self.output!r} (under another name)",
-                           hint=BUSY_HINT) from None
-            return
-        self._file_fd = fd
+            pass  # not there (yet), or unreadable: the lock file alone guards it
 
     def release(self) -> None:
         if self._file_fd is not None:
@@ -259,21 +272,13 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         if fcntl is None or self._fd is not None:
             return self
-        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(self.folder, flags)
+            self._fd = flock_open(self.folder, f"another blip2 run is writing {self.what} {self.folder!r}",
+                                  flags=os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError as exc:
             if exc.errno == errno.EMFILE and _raise_fd_limit():
                 return self.acquire()
-            return self  # cannot open it: writing there fails with its own reason
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise Busy(f"another blip2 run is writing {self.what} {self.folder!r}", hint=BUSY_HINT) from None
-            return self
-        self._fd = fd
+            # cannot open it: writing there fails with its own reason
         return self
 
     def release(self) -> None:
