@@ -23,7 +23,8 @@ Two promises every command keeps before it writes a byte:
   link, another name for the same file, is refused too), the folder itself for sidecars
   (nothing is left in photo folders). A second run is refused (exit 2, as for the vector store's
   own lock) while the first goes on unharmed. The kernel drops the lock when the process
-  ends, however it ends (``kill -9`` too): there are no stale locks to clean up.
+  ends, however it ends (``kill -9`` too): there are no stale locks to clean up. Every lock
+  of blip2 (these, and the vector store's writer lock) is one primitive, :func:`flock_open`.
 
 Nothing here imports a heavy library; locks are a no-op where ``fcntl`` is missing (Windows).
 """
