@@ -69,7 +69,7 @@ def build(layers: int, vision_layers: int, dtype):
     from blip2cli.loader import import_model_libraries
 
     import_model_libraries("int8")  # quietly, before transformers imports torchao
-    import torch  # noqa: I001  (after the quiet import, on purpose)
+    import torch  # after the quiet import, on purpose
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
 
     from blip2cli.bench import build_random

@@ -177,7 +177,7 @@ def full(args) -> list[dict]:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"# Q-Former in half precision: token agreement", "",
+    lines = ["# Q-Former in half precision: token agreement", "",
              f"{meta['date']} · {meta['machine']} · torch {meta['torch']} · transformers {meta['transformers']}",
              f"`{meta['command']}`", "",
              "Greedy, up to %d new tokens, %d images per model. 'half vs fp32 Q-Former': the model in the "

@@ -46,7 +46,7 @@ def make_images(n: int, size: int) -> list[bytes]:
 
     rng = np.random.default_rng(0)
     out = []
-    for i in range(n):
+    for _ in range(n):
         base = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)
         im = Image.fromarray(base).resize((size, size), Image.BILINEAR)
         noise = rng.integers(-12, 12, (size, size, 3))

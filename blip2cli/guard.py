@@ -23,7 +23,8 @@ Two promises every command keeps before it writes a byte:
   link, another name for the same file, is refused too), the folder itself for sidecars
   (nothing is left in photo folders). A second run is refused (exit 2, as for the vector store's
   own lock) while the first goes on unharmed. The kernel drops the lock when the process
-  ends, however it ends (``kill -9`` too): there are no stale locks to clean up.
+  ends, however it ends (``kill -9`` too): there are no stale locks to clean up. Every lock
+  of blip2 (these, and the vector store's writer lock) is one primitive, :func:`flock_open`.
 
 Nothing here imports a heavy library; locks are a no-op where ``fcntl`` is missing (Windows).
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import threading
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
@@ -126,9 +128,55 @@ def _clash_message(item_name: str, output: str) -> str:
     return f"the input {item_name!r} is also the output {output!r}: writing would destroy it"
 
 
+def _refusal(name: str, planned: Planned) -> UsageError:
+    """The input ``name`` is a planned output."""
+    params = [] if planned.param == "output" else [planned.param]
+    return UsageError(
+        _clash_message(name, planned.path) if planned.param == "output"
+        else f"the input {name!r} is also {planned.what} {planned.path!r} ({planned.param}): writing would destroy it",
+        hint="write the output somewhere else, or leave that file out of the inputs", params=params)
+
+
 # --------------------------------------------------------------------------- #
 # Locks
 # --------------------------------------------------------------------------- #
+
+
+def flock_open(path: str | os.PathLike, message: str, *, hint: str | None = BUSY_HINT,
+               flags: int = os.O_RDWR | os.O_CREAT, error: type[UsageError] = Busy,
+               stable: bool = False, regular: bool = False, strict: bool = False) -> int | None:
+    """blip2's one lock: open ``path`` (``flags``; close-on-exec) and take an exclusive,
+    non-blocking ``flock`` on it. Returns the locked fd (closing it releases the lock), or
+    None where there is nothing to lock with: no ``fcntl`` (Windows), a file system without
+    ``flock``, or (``regular``) not a regular file. Raises ``error(message, hint)`` (a
+    :class:`Busy`) when another process holds the lock, and the ``OSError`` of a failed open
+    (the caller knows what that means for it).
+
+    ``stable``: ``path`` is a lock file that a holder unlinks when it lets go; retry until
+    the file locked is the one ``path`` names. ``strict``: any ``flock`` failure counts as
+    held (a vector store refuses rather than be written unguarded).
+    """
+    if fcntl is None:
+        return None
+    while True:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if regular and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if strict or exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise error(message, hint=hint) from None
+            return None  # a file system without flock: nothing to guard with
+        if not stable:
+            return fd
+        # The previous holder may have removed the file between our open and our lock.
+        held = os.fstat(fd)
+        if (held.st_dev, held.st_ino) == file_id(path):  # (followed as the open did: no endless loop on a link)
+            return fd
+        os.close(fd)
 
 
 class FileLock:
@@ -152,26 +200,13 @@ class FileLock:
     def acquire(self) -> "FileLock":
         if fcntl is None or self._fd is not None:
             return self
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-            except OSError:
-                # No lock file possible here (read-only folder, no folder): opening the
-                # output itself will fail with the reason, or there is nothing to guard.
-                break
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise Busy(f"another blip2 run is writing {self.what} {self.output!r}",
-                               hint=BUSY_HINT) from None
-                break  # a file system without flock: nothing to guard with
-            # The previous holder may have removed the file between our open and our lock.
-            if os.fstat(fd).st_ino == (file_id(self.path, follow=False) or (None, None))[1]:
-                self._fd = fd
-                break
-            os.close(fd)
+        try:
+            self._fd = flock_open(self.path, f"another blip2 run is writing {self.what} {self.output!r}",
+                                  stable=True)
+        except OSError:
+            # No lock file possible here (read-only folder, no folder): opening the
+            # output itself will fail with the reason, or there is nothing to guard.
+            pass
         try:
             self.hold_file()
         except Busy:
@@ -190,23 +225,11 @@ class FileLock:
             os.close(self._file_fd)  # replaced since (a resumed file is rewritten): lock the new one
             self._file_fd = None
         try:
-            fd = os.open(self.output, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            self._file_fd = flock_open(
+                self.output, f"another blip2 run is writing {self.what} {self.output!r} (under another name)",
+                flags=os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), regular=True)
         except OSError:
-            return  # not there (yet), or unreadable: the lock file alone guards it
-        try:
-            import stat
-
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                return
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise Busy(f"another blip2 run is writing {self.what} {self.output!r} (under another name)",
-                           hint=BUSY_HINT) from None
-            return
-        self._file_fd = fd
+            pass  # not there (yet), or unreadable: the lock file alone guards it
 
     def release(self) -> None:
         if self._file_fd is not None:
@@ -250,21 +273,13 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         if fcntl is None or self._fd is not None:
             return self
-        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(self.folder, flags)
+            self._fd = flock_open(self.folder, f"another blip2 run is writing {self.what} {self.folder!r}",
+                                  flags=os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError as exc:
             if exc.errno == errno.EMFILE and _raise_fd_limit():
                 return self.acquire()
-            return self  # cannot open it: writing there fails with its own reason
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise Busy(f"another blip2 run is writing {self.what} {self.folder!r}", hint=BUSY_HINT) from None
-            return self
-        self._fd = fd
+            # cannot open it: writing there fails with its own reason
         return self
 
     def release(self) -> None:
@@ -416,14 +431,21 @@ class RunGuard:
         for item in items:
             clash = self._clash(item, out_ids, out_real)
             if clash is not None:
-                p = named[clash]
-                raise UsageError(
-                    _clash_message(item.name, clash) if p.param == "output"
-                    else f"the input {item.name!r} is also {p.what} {clash!r} ({p.param}): writing would destroy it",
-                    hint="write the output somewhere else, or leave that file out of the inputs",
-                    params=[] if p.param == "output" else [p.param],
-                )
+                raise _refusal(item.name, named[clash])
         return items
+
+    def refuse_inputs(self, paths: Iterable) -> None:
+        """Files the run reads besides its items (a query image, the files of a vector store
+        it searches, a list of inputs): refused (exit 2) when one is a planned output, whether
+        or not the items stream."""
+        named = {p.path: p for p in self.outputs}
+        out_ids, out_real = _ids(named), {_real(p): p for p in named}
+        for path in paths:
+            if path is None or str(path) == "-":
+                continue
+            clash = self._clash_path(os.fspath(path), out_ids, out_real)
+            if clash is not None:
+                raise _refusal(os.fspath(path), named[clash])
 
     def _screen_stream(self, items: Iterable, outs: list[str]) -> Iterator:
         for item in items:
@@ -437,11 +459,14 @@ class RunGuard:
     def _clash(self, item, out_ids: dict, out_real: dict) -> str | None:
         if getattr(item, "error", None) is not None or not isinstance(item.source, str):
             return None
-        ident = file_id(item.source)
+        return self._clash_path(item.source, out_ids, out_real)
+
+    def _clash_path(self, source: str, out_ids: dict, out_real: dict) -> str | None:
+        ident = file_id(source)
         if ident is not None:
             self.input_ids.add(ident)
             return out_ids.get(ident)
-        return out_real.get(_real(item.source))  # not there (yet): a dangling link to an output
+        return out_real.get(_real(source))  # not there (yet): a dangling link to an output
 
     def sidecar_problem(self, path: str) -> str | None:
         """Why a sidecar must not be written at ``path`` (an input, another output of the
@@ -511,8 +536,3 @@ def _ids(paths: Iterable[str]) -> dict[FileId, str]:
         if ident is not None:
             out.setdefault(ident, p)
     return out
-
-
-def screen_inputs(items: Iterable, total: int | None, outputs: Iterable) -> Iterable:
-    """For commands that write without a Job (a vector store): the items, minus outputs."""
-    return RunGuard(streaming=total is None, locking=False).screen(items, outputs)

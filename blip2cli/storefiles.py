@@ -18,6 +18,7 @@ from typing import Any
 
 from .choices import StoreDtype, names
 from .errors import Blip2Error
+from .guard import Busy
 
 COPY_BYTES = 16 << 20  # rows are copied this many bytes at a time
 NPY_TRAILER_MAGIC = b"BLIP2GEN"
@@ -30,6 +31,10 @@ STALE_TEMP_SECONDS = 600  # a temporary file of ours untouched this long belongs
 
 class StoreError(Blip2Error):
     """The store cannot be read or written as asked (exit 2: nothing was embedded)."""
+
+
+class StoreBusy(StoreError, Busy):
+    """Another process writes the store (exit 2): a :class:`StoreError` and a ``guard.Busy``."""
 
 
 # --------------------------------------------------------------------------- #
@@ -318,30 +323,13 @@ class FileLock:
         self.fh: Any = None
 
     def acquire(self) -> None:
-        fcntl: Any
-        try:
-            import fcntl
-        except ImportError:  # Windows: no locking
-            fcntl = None
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            if fcntl is None:
-                break
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise StoreError(
-                    f"another blip2 process is writing the vector store {self.what!r}",
-                    hint=f"wait for it to finish (or remove {str(self.path)!r} if no blip2 is running)",
-                ) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # not unlinked by the previous holder meanwhile
-                break
-            os.close(fd)
+        from .guard import flock_open
+
+        fd = flock_open(self.path, f"another blip2 process is writing the vector store {self.what!r}",
+                        hint=f"wait for it to finish (or remove {str(self.path)!r} if no blip2 is running)",
+                        error=StoreBusy, stable=True, strict=True)
+        if fd is None:  # no locks here (Windows): the side file still collects the rows
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         os.ftruncate(fd, 0)
         self.fh = os.fdopen(fd, "r+b")
 
@@ -360,6 +348,7 @@ __all__ = [
     "Entry",
     "FileLock",
     "NpyInfo",
+    "StoreBusy",
     "StoreError",
     "StoreMeta",
     "column_values",

@@ -39,11 +39,9 @@ def score(
     """Score texts against an image: the image-text matching (ITM) head's match
     probability, and the ITC similarity (max over the query embeddings of the
     cosine with the text embedding), one line per text."""
-    import sys
-
-    from ..embed import Embedder, itc_similarity, score_schema
+    from ..embed import score_schema
     from ..errors import UsageError
-    from ..decode import ImageError
+    from ..guard import OutputPlan, RunGuard
     from ..writers import write_records
 
     texts = list(texts or [])
@@ -51,7 +49,28 @@ def score(
         raise UsageError("no texts to score", hint='blip2 score img.jpg "a cat" "a dog"')
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "score")
-    check_output_path(output, inputs=[image])
+    check_output_path(output)  # a file in a folder that exists and is writable
+    plan = OutputPlan()
+    plan.add(output, "the output file", "output", lock=True)
+    guard = RunGuard()
+    try:  # the plan checked against the image and held, before the model loads
+        guard.plan(plan)
+        guard.refuse_inputs([image])
+        guard.hold()
+        records, error = _score(image, texts, loading, preprocess)
+        write_records(records, fmt_name, output, score_schema())
+    finally:
+        guard.release()
+    raise typer.Exit(1 if error else 0)
+
+
+def _score(image: str, texts: list[str], loading, preprocess) -> tuple[list[dict], str | None]:
+    """(one record per text, the image's error or None)."""
+    import sys
+
+    from ..decode import ImageError
+    from ..embed import Embedder, itc_similarity
+
     loaded = load_for_features(loading.model or DEFAULT_RETRIEVAL_MODEL, loading.revision, loading.device, loading.dtype, o.Quantize.none,
                                loading.offline, loading.allow_pickle, features="itc", task="score", need_text=True,
                                need_itm=True)
@@ -72,9 +91,7 @@ def score(
     else:
         console.message(f"{image}: {error}")
         records = [{"path": image, "text": t, "itm": None, "itc": None, "error": error} for t in texts]
-
-    write_records(records, fmt_name, output, score_schema())
-    raise typer.Exit(1 if error else 0)
+    return records, error
 
 
 score.__doc__ = inspect.cleandoc(score.__doc__ or "") + EXAMPLES

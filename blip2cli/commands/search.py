@@ -79,22 +79,30 @@ def _check_flags(query, *, have_images: bool, index, top_k: int, rerank, ann: bo
                              "itc features)", hint="drop --ann")
 
 
-def _check_paths(output, image, index) -> None:
-    """No file of the store (nor the query image) is the output; the query image exists."""
+def _guard(guard, output, image, index, files_from, items):
+    """The run's output plan (the ``-o`` file, locked for the run; the store when images are
+    embedded into it) checked against itself, against every file the run reads (the query
+    image, the store's files, the ``--files-from`` lists, the images) and held: before the
+    model loads and before anything is written. Returns the screened items."""
     from ..errors import InputError
+    from ..guard import OutputPlan
+    from ..store import store_files
 
-    store_files = list(Path(index).iterdir()) if index is not None and Path(index).is_dir() else []
-    check_output_path(output, inputs=[image, index, *store_files])  # no file of the store is the output
+    check_output_path(output)  # a file in a folder that exists and is writable
+    stored = store_files(index) if index is not None else []
+    plan = OutputPlan()
+    plan.add(output, "the output file", "output", lock=True)
+    if items is not None:  # the images are embedded into the store first: it is written too
+        for path in stored:
+            plan.add(path, "the vector store", "index")
+        stored = []
+    guard.plan(plan)
+    guard.refuse_inputs([image, *stored, *(files_from or [])])  # no file the run only reads is the output
     if image is not None and not Path(image).is_file():
         raise InputError(f"--image {image}: no such file")
-
-
-def _images(inputs, src, output):
-    """(the items to search, their count or None): the inputs resolved, the output never among them."""
-    from ..guard import screen_inputs
-
-    items, total = resolve_items(inputs, command="search", **vars(src))
-    return screen_inputs(items, total, [output]), total  # an output is never one of the inputs
+    items = guard.screen(items) if items is not None else None
+    guard.hold()
+    return items
 
 
 def _exit(stats) -> None:
@@ -169,8 +177,7 @@ def search(
     query embeddings of the dot product with the text embedding) or to an image
     (--image: cosine of the mean-pooled embeddings). The model defaults to the one
     that built --index, else Salesforce/blip2-itm-vit-g."""
-    from ..embed import Embedder
-    from ..retrieval import search_images
+    from ..guard import RunGuard
 
     query, inputs = _split_arguments(arguments, image)
     have_images = bool(inputs or src.files_from)
@@ -178,8 +185,25 @@ def search(
     model, revision, wanted_features, pool = store_settings(index, loading.model, loading.revision, features.value, None)
     fmt_name = o.infer_format(fmt, output)
     no_html(fmt_name, "search")
-    _check_paths(output, image, index)
-    items, total = _images(inputs, src, output) if have_images else (None, 0)
+    items, total = resolve_items(inputs, command="search", **vars(src)) if have_images else (None, 0)
+    guard = RunGuard(streaming=have_images and total is None)
+    try:
+        items = _guard(guard, output, image, index, src.files_from, items)
+        found = _search(query, image, index, items, total, model, revision, wanted_features, pool, loading,
+                        top_k=top_k, rerank=rerank, ann=ann, prune=prune, quiet=quiet, batch_size=batch_size,
+                        workers=workers, preprocess=preprocess)
+        _write(found.records, fmt_name, output)
+    finally:
+        guard.release()
+    _exit(found.stats)
+
+
+def _search(query, image, index, items, total, model, revision, wanted_features, pool, loading, *, top_k, rerank,
+            ann, prune, quiet, batch_size, workers, preprocess):
+    """Load the model, embed the images (into --index, else a temporary store), rank."""
+    from ..embed import Embedder
+    from ..retrieval import search_images
+
     loaded = load_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline, loading.allow_pickle,
                                features=wanted_features, task="search", need_text=query is not None,
                                need_itm=rerank is not None)
@@ -190,8 +214,7 @@ def search(
                           total=total, model=model, revision=revision, pool=pool, top_k=top_k, rerank_k=rerank,
                           ann=ann, prune=prune, batch_size=batch, workers=workers or o.default_workers(), quiet=quiet,
                           slow_note="exact search over {rows:,} rows; --ann is faster (approximate)")
-    _write(found.records, fmt_name, output)
-    _exit(found.stats)
+    return found
 
 
 search.__doc__ = inspect.cleandoc(search.__doc__ or "") + EXAMPLES
