@@ -48,6 +48,7 @@ from .embed import FEATURES, POOLS
 from .errors import Blip2Error, Interrupted, ModelError, OptionError, UsageError
 from .decode import ImageError
 from .loader import ALL_ARCHITECTURES, DEFAULT_MODEL, DTYPES, GENERATIVE, QUANTIZE, RETRIEVAL
+from .tasks import run_settings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -1031,13 +1032,13 @@ def _caption_job(model: "Model", *, prompt, max_new_tokens, min_new_tokens, num_
     def make_task():
         return CaptionTask(model.loaded, Captioner(model.loaded, gen), preprocess)
 
-    return make_task, {"preprocess": preprocess, "generation": gen.describe()}, size
+    return make_task, run_settings("caption", preprocess=preprocess, gen=gen), size
 
 
 def _ask_job(model: "Model", questions, *, template, max_new_tokens, min_new_tokens, num_beams, num_answers,
              sample, temperature, top_p, seed, repetition_penalty, preprocess, batch_size) -> tuple:
     """(make_task, settings, batch size) of an ask run, as ``blip2 ask`` builds them."""
-    from .ask import AskTask, Asker, generation_settings  # generation_settings: num_answers, as ask's records
+    from .ask import AskTask, Asker
     from .images import ImageStage
 
     model._generative("ask")
@@ -1054,8 +1055,7 @@ def _ask_job(model: "Model", questions, *, template, max_new_tokens, min_new_tok
         return AskTask(Asker(model.loaded, gen, pairs_per_call=size * PAIRS_PER_IMAGE),
                        ImageStage(model.loaded, preprocess), listed_questions, template)
 
-    settings = {"preprocess": preprocess, "template": template, "generation": generation_settings(gen)}
-    return make_task, settings, size
+    return make_task, run_settings("ask", preprocess=preprocess, gen=gen, template=template), size
 
 
 def _embed_job(model: "Model", *, features, pool, preprocess, batch_size) -> tuple:
@@ -1069,7 +1069,7 @@ def _embed_job(model: "Model", *, features, pool, preprocess, batch_size) -> tup
     def make_task():
         return EmbedTask(model.loaded, embedder, preprocess)
 
-    return make_task, {"preprocess": preprocess, "features": features, "pool": pool}, size
+    return make_task, run_settings("embed", preprocess=preprocess, features=features, pool=pool), size
 
 
 def _items(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], recursive: bool,

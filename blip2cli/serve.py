@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Blip2Error, OptionError
+from .tasks import run_settings
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -991,7 +992,7 @@ async def caption_endpoint(server: Server, body: dict) -> dict:
     decoded = await server.decode_all(sources, preprocess)
     good = [d for d, err in decoded if err is None]
     results = iter(await server.run(CaptionWork(server.engine, gen, preprocess), good))
-    settings = {**server.settings, "preprocess": preprocess, "generation": gen.describe()}
+    settings = {**server.settings, **run_settings("caption", preprocess=preprocess, gen=gen)}
     records = []
     for name, (_, err) in zip(names, decoded):
         record = caption_record(name, None, err) if err is not None else caption_record(name, next(results)[1], None)
@@ -1001,7 +1002,7 @@ async def caption_endpoint(server: Server, body: dict) -> dict:
 
 
 async def ask_endpoint(server: Server, body: dict) -> dict:
-    from .ask import DEFAULT_TEMPLATE, answer_record, generation_settings, render_prompt
+    from .ask import DEFAULT_TEMPLATE, answer_record, render_prompt
     from .loader import GENERATIVE
 
     server.require_ready()
@@ -1024,8 +1025,7 @@ async def ask_endpoint(server: Server, body: dict) -> dict:
     prompts = [render_prompt(q, template) for q in questions]
     good = [(d, prompts) for d, err in decoded if err is None]
     results = iter(await server.run(AskWork(server.engine, gen, preprocess, template), good))
-    settings = {**server.settings, "preprocess": preprocess, "template": template,
-                "generation": generation_settings(gen)}
+    settings = {**server.settings, **run_settings("ask", preprocess=preprocess, gen=gen, template=template)}
     records = []
     for name, (_, err) in zip(names, decoded):
         answers = [None] * len(questions) if err is not None else [texts for _, texts in next(results)]
@@ -1059,7 +1059,7 @@ async def embed_endpoint(server: Server, body: dict) -> dict:
     decoded = await server.decode_all(sources, preprocess)
     good = [d for d, err in decoded if err is None]
     results = iter(await server.run(work, good))
-    settings = {**server.settings, "preprocess": preprocess, "features": features, "pool": pool}
+    settings = {**server.settings, **run_settings("embed", preprocess=preprocess, features=features, pool=pool)}
     records = []
     for name, (_, err) in zip(names, decoded):
         record = image_record(name, None, err) if err is not None else image_record(name, next(results), None)

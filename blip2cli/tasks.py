@@ -130,6 +130,24 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 
+def run_settings(name: str, *, preprocess: str, gen=None, template: str | None = None,
+                 features: str | None = None, pool: str | None = None) -> dict:
+    """The task's own settings its records carry (beside the loader's), in the registry's
+    order, from a run's values: one function for the CLI, the library and the server.
+    ``gen``: a ``caption.GenerationOptions`` (ask's records say ``num_answers``)."""
+    generation = None
+    if gen is not None:
+        if name == "ask":
+            from .ask import generation_settings
+
+            generation = generation_settings(gen)
+        else:
+            generation = gen.describe()
+    values = {"preprocess": preprocess, "generation": generation, "template": template,
+              "features": features, "pool": pool}
+    return {key: values[key] for key in TASKS[name].settings}
+
+
 def task(name: str) -> Task:
     return TASKS[name]
 

@@ -75,3 +75,22 @@ def test_resume_tells_results_from_settings_as_the_registry_does(name):
 
 def test_no_setting_is_also_a_result_of_another_task():
     assert not set(settings_keys()) & result_fields()
+
+
+@pytest.mark.unit
+def test_run_settings_are_the_registrys_in_its_order():
+    """One function makes a task's own settings for the CLI, the library and the server."""
+    from blip2cli.caption import GenerationOptions
+    from blip2cli.tasks import TASKS, run_settings
+
+    gen = GenerationOptions(num_captions=2, num_beams=3)
+    made = {
+        "caption": run_settings("caption", preprocess="fast", gen=gen),
+        "ask": run_settings("ask", preprocess="exact", gen=gen, template="Q: {question} A:"),
+        "embed": run_settings("embed", preprocess="fast", features="itc", pool="mean"),
+    }
+    for name, settings in made.items():
+        assert tuple(settings) == TASKS[name].settings
+    assert made["caption"]["generation"]["num_captions"] == 2
+    assert made["ask"]["generation"]["num_answers"] == 2 and "num_captions" not in made["ask"]["generation"]
+    assert made["ask"]["template"] == "Q: {question} A:" and made["embed"]["pool"] == "mean"

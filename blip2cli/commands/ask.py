@@ -128,9 +128,10 @@ def _prompt_template(raw: bool, template: str | None) -> str | None:
 def _ask_job(gen, questions: list[str], prompt_template: str | None, thumbnails, *, loading, perf, running,
              num_answers: int, fmt_name: str, output: Path | None, quiet: bool, policy, seed, html):
     """The Job that asks every question of every image (one record per image and question)."""
-    from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema, generation_settings
+    from ..ask import AskTask, Asker, PAIRS_PER_IMAGE, answer_schema
     from ..images import ImageStage
     from ..job import Job
+    from ..tasks import run_settings
 
     return Job(
         command="ask",
@@ -144,11 +145,7 @@ def _ask_job(gen, questions: list[str], prompt_template: str | None, thumbnails,
         schema=answer_schema(num_answers),
         fmt=fmt_name,
         output=output,
-        extra_settings={
-            "preprocess": perf.preprocess.value,
-            "template": prompt_template,
-            "generation": generation_settings(gen),
-        },
+        extra_settings=run_settings("ask", preprocess=perf.preprocess.value, gen=gen, template=prompt_template),
         quiet=quiet,
         batch_size=perf.batch_size,
         workers=perf.workers,

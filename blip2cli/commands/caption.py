@@ -58,6 +58,7 @@ def caption(
     """Caption images: one record per image, streamed in input order."""
     from ..caption import Captioner, GenerationOptions, caption_schema
     from ..job import Job
+    from ..tasks import run_settings
 
     gen = GenerationOptions(prompt=prompt, num_captions=num_captions, static_cache=perf.compile_, **vars(dec))
     gen.validate()
@@ -71,7 +72,7 @@ def caption(
         schema=caption_schema(gen.num_captions),
         fmt=fmt_name,
         output=output,
-        extra_settings={"preprocess": perf.preprocess.value, "generation": gen.describe()},
+        extra_settings=run_settings("caption", preprocess=perf.preprocess.value, gen=gen),
         quiet=quiet,
         batch_size=perf.batch_size,
         workers=perf.workers,

@@ -207,13 +207,14 @@ def _embed_job(opts, features_name: str, pool_name: str, preprocess: str, texts:
     from ..embed import Embedder, embed_schema
     from ..job import Job
     from ..loader import ALL_ARCHITECTURES
+    from ..tasks import run_settings
 
     return Job(
         command="embed", load_options=opts, architectures=ALL_ARCHITECTURES,
         make_task=lambda loaded: EmbedTask(loaded, Embedder(loaded, features_name, pool_name), preprocess,
                                            identity=store is not None),
         schema=embed_schema(),
-        extra_settings={"preprocess": preprocess, "features": features_name, "pool": pool_name},
+        extra_settings=run_settings("embed", preprocess=preprocess, features=features_name, pool=pool_name),
         description="embedding",
         lead=(lambda task: _text_records(task.embedder, texts)) if texts else None,
         store=store, **job_options,
