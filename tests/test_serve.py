@@ -727,5 +727,12 @@ def test_embed_texts_and_itc_store_with_a_retrieval_server(tiny_itm, example_ima
         assert got.meta == want.meta and got.meta.features == "itc" and got.meta.normalized
         assert [e.path for e in got.entries] == [e.path for e in want.entries]
         np.testing.assert_array_equal(np.asarray(got.matrix), np.asarray(want.matrix))
+        # blip2 score: ITM and ITC of each text, and a broken image's error records, as locally
+        remote, mine = _both(None, tiny_itm, "score", example_images[0], "a cat", "a dog", "-f", "jsonl", url=url)
+        assert remote.stdout == mine.stdout and [r["text"] for r in jsonl(remote.stdout)] == ["a cat", "a dog"]
+        broken = tmp_path / "broken.jpg"
+        broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+        remote, mine = _both(None, tiny_itm, "score", broken, "a cat", "-f", "jsonl", url=url, code=1)
+        assert remote.stdout == mine.stdout and jsonl(remote.stdout)[0]["error"]
     finally:
         stop_server(proc)

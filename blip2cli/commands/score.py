@@ -35,6 +35,7 @@ def score(
     fmt: o.FormatOpt = None,
     output: o.Output = None,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
+    server: o.ServerOpt = None,
 ) -> None:
     """Score texts against an image: the image-text matching (ITM) head's match
     probability, and the ITC similarity (max over the query embeddings of the
@@ -57,7 +58,10 @@ def score(
         guard.plan(plan)
         guard.refuse_inputs([image])
         guard.hold()
-        records, error = _score(image, texts, loading, preprocess)
+        if server:  # a running `blip2 serve` (a retrieval checkpoint) scores; the records are the same
+            records, error = _score_remote(image, texts, server, preprocess)
+        else:
+            records, error = _score(image, texts, loading, preprocess)
         write_records(records, fmt_name, output, score_schema())
     finally:
         guard.release()
@@ -91,6 +95,31 @@ def _score(image: str, texts: list[str], loading, preprocess) -> tuple[list[dict
     else:
         console.message(f"{image}: {error}")
         records = [{"path": image, "text": t, "itm": None, "itc": None, "error": error} for t in texts]
+    return records, error
+
+
+def _score_remote(image: str, texts: list[str], server: str, preprocess) -> tuple[list[dict], str | None]:
+    """``_score`` with the model on a server: the image's bytes read here, its records from there."""
+    import base64
+    import os
+    import sys
+
+    from ..client import Client, ServerError
+    from ..decode import ImageError, read_image_file
+
+    try:
+        data = sys.stdin.buffer.read() if image == "-" else read_image_file(image)[0]
+        entry = {"name": image, "data": base64.b64encode(data).decode("ascii")}
+    except ImageError as exc:
+        entry = {"name": image, "error": str(exc)}  # the server makes its records, as for any bad image
+    got = Client(server, api_key=os.environ.get("BLIP2_API_KEY") or None).request(
+        "POST", "/v1/blip2/score", {"images": [entry], "texts": texts, "options": {"preprocess": preprocess.value}})
+    records = got.get("records") if isinstance(got, dict) else None
+    if not isinstance(records, list) or len(records) != len(texts):
+        raise ServerError(f"the server at {server} answered {len(records or [])} records for {len(texts)} texts")
+    error = records[0].get("error") if records else None
+    if error:
+        console.message(f"{image}: {error}")
     return records, error
 
 
