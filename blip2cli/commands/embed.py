@@ -172,11 +172,9 @@ def embed(
     items, total = resolve_items(inputs, command="embed", **vars(src)) if have_images else ([], 0)
     _refuse_mixes(inputs, output, items if total is not None else [], to_store=to_store, texts=texts,
                   failed_list=failed_list, resume=resume, shard=shard, fail_fast=fail_fast)
-    if server:  # the server's checkpoint: it says whether it has these features
-        opts = load_options(**vars(loading))
-    else:
-        opts = check_for_features(model, revision, loading.device, loading.dtype, loading.quantize, loading.offline,
-                                  loading.allow_pickle, features=features_name, need_text=bool(texts))
+    opts = load_options(**vars(loading)) if server else check_for_features(  # a server checks its own
+        model, revision, loading.device, loading.dtype, loading.quantize, loading.offline, loading.allow_pickle,
+        features=features_name, need_text=bool(texts))
     job = _embed_job(
         opts, features_name, pool_name, preprocess.value, texts,
         fmt="jsonl" if (fmt is None and (shard is not None or _wants_directory(output))) else fmt_name,
@@ -185,14 +183,7 @@ def embed(
         store=_store_output(output, model, revision, pool_name, store_dtype, prune, compact) if to_store else None,
     )
     if server:
-        from .serve import use_server
-
-        remote = use_server(job, server, {"features": features_name, "pool": pool_name,
-                                          "preprocess": preprocess.value}, identity=to_store)
-        if to_store:
-            job.store.meta = _remote_store_meta(remote, pool_name, store_dtype)
-        if texts:
-            job.lead = lambda stage: stage.text_records(texts)
+        _embed_on_server(job, server, features_name, pool_name, preprocess.value, texts, store_dtype)
     configure_job(job, carry=carry, src=src, image_column=image_column, failed_list=failed_list)
     result = job.run(items, total)
     if not have_images:
@@ -315,6 +306,20 @@ def _store_output(output, model, revision, pool_name, store_dtype, prune, compac
                          checkpoint=e.loaded.identity)  # hashed once, by the load plan
 
     return StoreOutput(output, meta, prune=prune, dtype_given=store_dtype is not None, compact=compact)
+
+
+def _embed_on_server(job, server: str, features_name: str, pool_name: str, preprocess: str, texts: list[str],
+                     store_dtype) -> None:
+    """The job's model a `blip2 serve` (``--server``): its image vectors, its texts' vectors
+    first, and a vector store's settings from it."""
+    from .serve import use_server
+
+    remote = use_server(job, server, {"features": features_name, "pool": pool_name, "preprocess": preprocess},
+                        identity=job.store is not None)
+    if job.store is not None:
+        job.store.meta = _remote_store_meta(remote, pool_name, store_dtype)
+    if texts:
+        job.lead = lambda stage: stage.text_records(texts)
 
 
 def _remote_store_meta(remote, pool_name, store_dtype):
