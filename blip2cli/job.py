@@ -196,6 +196,11 @@ class Job:
             items = list(items)
             self.tar_inputs = any(getattr(i, "tar", False) for i in items)
         self.check()
+        if self.fmt == "parquet" and self.samples is not None and self.samples.carry:
+            from dataclasses import replace  # carried columns typed before the first record
+
+            known = items if total is not None else None
+            self.schema = replace(self.schema, types={**self.schema.types, **self.samples.carry_types(known)})
         result = JobResult(dry_run=self.dry_run)
         if self.tar_inputs and self.parts_mode():  # -o DIR: one output file per shard
             return self._run_per_shard(list(items), guard, result)

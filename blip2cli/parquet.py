@@ -65,14 +65,15 @@ def _known_types(pa) -> dict:
     }
 
 
-def column_types(rows: list[dict], columns=()) -> tuple:
+def column_types(rows: list[dict], columns=(), types=None) -> tuple:
     """``(pyarrow.Schema, {column: converter})`` for these records, as ``--format parquet`` types them.
 
     Columns in the order the records first show them (``columns`` when there are no
     records), ``path_bytes`` right after ``path``; the known result columns get their
     fixed types, ``vector`` a ``fixed_size_list<float32>`` as long as the first vector
     (a plain ``list<float32>`` without one), anything else is typed from its values
-    (``_infer``: bool, int64, float64, nested values as one JSON string, else string).
+    (``_infer``: bool, int64, float64, nested values as one JSON string, else string),
+    unless ``types`` (``schema.Schema.types``) fixes it up front.
     """
     import pyarrow as pa
 
@@ -82,6 +83,9 @@ def column_types(rows: list[dict], columns=()) -> tuple:
         for key in row:
             if key not in names:
                 names.append(key)
+    for name in types or ():  # declared columns are there even when no record has them yet
+        if name not in names:
+            names.append(name)
     if "path" in names and "path_bytes" not in names:
         names.insert(names.index("path") + 1, "path_bytes")
     fields: list = []
@@ -95,6 +99,8 @@ def column_types(rows: list[dict], columns=()) -> tuple:
         elif name in known:
             typ = known[name]
             convert[name] = _as(typ, pa)
+        elif types and name in types:
+            typ, convert[name] = _declared(types[name], pa)
         else:
             typ, convert[name] = _infer(values, pa)
         fields.append(pa.field(name, typ))
@@ -287,6 +293,7 @@ class ParquetWriter:
         self.rows = rows or self.ROWS
         self.seconds = self.SECONDS if seconds is None else seconds
         self.columns = list(getattr(schema, "columns", None) or [])  # for a file without records
+        self.types = dict(getattr(schema, "types", None) or {})  # extra columns typed up front
         self._buffer: list[dict] = []
         self._since = time.monotonic()
         self._schema: Any = None
@@ -305,7 +312,7 @@ class ParquetWriter:
     def _write_empty(self) -> None:
         """A valid empty file (the known columns, no rows) until the first group: a
         run stopped before it leaves a file every Parquet reader opens."""
-        schema, _ = column_types([], self.columns)
+        schema, _ = column_types([], self.columns, self.types)
         memory = _Memory()
         self.pq.ParquetWriter(memory, schema).close()
         footer = bytes(memory.data)[len(MAGIC):]  # the footer, its length, PAR1
@@ -361,7 +368,7 @@ class ParquetWriter:
         self._since = time.monotonic()
 
     def _make_schema(self, rows: list[dict]):
-        schema, self._convert = column_types(rows, columns=() if rows else self.columns)
+        schema, self._convert = column_types(rows, columns=() if rows else self.columns, types=self.types)
         return schema
 
     def _write_group(self, rows: list[dict]) -> None:
@@ -463,6 +470,18 @@ def _vector(size: int):
 
 def _json(value):
     return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _declared(kind: str, pa):
+    """(type, converter) of a column whose type is known up front (a number or a flag only
+    where every input agreed on it; anything else is a string column, which keeps any value)."""
+    if kind == "bool":
+        return pa.bool_(), lambda v: v if isinstance(v, bool) or v is None else None
+    if kind == "int64":
+        return pa.int64(), lambda v: v if isinstance(v, int) and not isinstance(v, bool) else None
+    if kind == "float64":
+        return pa.float64(), lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return pa.string(), lambda v: None if v is None else v if isinstance(v, str) else _json(v)
 
 
 def _infer(values: list, pa):

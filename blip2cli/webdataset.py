@@ -179,6 +179,28 @@ class SampleReader:
             return MAX_DECODE_BYTES
         return self._max_image
 
+    def carry_types(self, items: list[Item] | None) -> dict[str, str]:
+        """``{record field: "string" | "int64" | "float64" | "bool"}`` of the carried values,
+        fixed before the first record (``--format parquet`` types its columns with them, so
+        every output of a dataset has the same schema whatever its first row holds).
+
+        A column of Parquet inputs keeps its type where every input known up front has it
+        with the same (integer, floating point, boolean); everything else, tar members
+        included (``json`` as its JSON text), is a string."""
+        kinds: dict[str, set[str]] = {name: set() for name in self.carry}
+        for item in items or ():
+            if not getattr(item, "tar", False) or item.error is not None:
+                continue
+            if not is_parquet_path(item.name):
+                for found in kinds.values():
+                    found.add("string")  # a tar's members: text
+                continue
+            for name, kind in _parquet_kinds(item.name, self.carry).items():
+                kinds[name].add(kind)
+        if items is None:  # streamed inputs: nothing known up front
+            return {carry_field(name): "string" for name in self.carry}
+        return {carry_field(name): (found.pop() if len(found) == 1 else "string") for name, found in kinds.items()}
+
     def expand(self, items: Iterable[Item]) -> Iterator[Item]:
         """Shard files (a tar, a Parquet file) become their samples as they are read."""
         for item in items:
@@ -486,6 +508,34 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value)
+
+
+def _parquet_kinds(path: str, carry: tuple[str, ...]) -> dict[str, str]:
+    """``{carried name: kind}`` of the columns a Parquet file has (its footer alone is read);
+    nothing for a file that cannot be read (its error record says why)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with open_regular_file(path) as fh:
+            schema = pq.read_schema(fh)
+    except Exception:  # noqa: BLE001 - read again for its samples: the error is said there
+        return {}
+    kinds = {}
+    for name in carry:
+        column = find_column(list(schema.names), name)
+        if column is None:
+            continue
+        typ = schema.field(column).type
+        if pa.types.is_boolean(typ):
+            kinds[name] = "bool"
+        elif pa.types.is_integer(typ) and not pa.types.is_uint64(typ):
+            kinds[name] = "int64"
+        elif pa.types.is_floating(typ):
+            kinds[name] = "float64"
+        else:
+            kinds[name] = "string"
+    return kinds
 
 
 def parquet_samples(reader, path: str, found: bool = False) -> Iterator[Item]:

@@ -192,3 +192,50 @@ def test_an_oversized_carried_column_is_said_not_dropped_silently(tiny_opt, tmp_
     a, b = jsonl(res.stdout)
     assert a["txt"] is None and "too large" in a["carry_error"] and not a["error"]
     assert b["txt"] == "short" and b["carry_error"] is None
+
+
+def test_carried_columns_keep_their_type_whatever_the_first_row_holds(tiny_opt, tmp_path, pics):
+    """--format parquet types a carried column before the first record: from the input
+    Parquet files' schema (all agreeing), else a string. The first row with a null width
+    used to make the column a string in that output only, so the per-file outputs of one
+    dataset had different schemas and could not be read as one table."""
+    import duckdb
+
+    width = pa.int64()
+    src = tmp_path / "in"
+    src.mkdir()
+    for n, widths in ((0, [None, 640]), (1, [480, 320])):
+        table = pa.table({"key": [f"{n}{i}" for i in range(2)], "jpg": pics[:2], "width": pa.array(widths, width),
+                          "score": pa.array([None, 0.5] if n == 0 else [0.25, 1.0], pa.float64()),
+                          "ok": pa.array([None, True]), "when": pa.array(["2024", None])})
+        pq.write_table(table, src / f"0000{n}.parquet")
+    out = tmp_path / "out"
+    result = cli("caption", src, "-m", tiny_opt, *FAST, "--carry", "width,score,ok,when", "-o", f"{out}/",
+                 "-f", "parquet")
+    assert result.exit_code == 0, result.output
+    for name in ("00000.parquet", "00001.parquet"):
+        schema = pq.read_schema(out / name)
+        assert (schema.field("width").type, schema.field("score").type, schema.field("ok").type,
+                schema.field("when").type) == (pa.int64(), pa.float64(), pa.bool_(), pa.string()), name
+    rows = duckdb.sql(f"select key, width, score from read_parquet('{out}/*.parquet') order by key").fetchall()
+    assert rows == [("00", None, None), ("01", 640, 0.5), ("10", 480, 0.25), ("11", 320, 1.0)]
+
+
+def test_carried_tar_members_are_strings_in_parquet_even_when_the_first_is_a_number(tiny_opt, tmp_path, pics):
+    """A json member holding 3 first and an object later: one string column, no value lost."""
+    import io
+    import tarfile
+
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (meta, ext) in enumerate(((b"3", "png"), (b'{"n": 1}', "png"))):
+            for member, data in ((f"s{i}.{ext}", pics[i]), (f"s{i}.json", meta)):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out.parquet"
+    result = cli("caption", shard, "-m", tiny_opt, *FAST, "--carry", "json", "-o", out)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.schema.field("json").type == pa.string()
+    assert table.column("json").to_pylist() == ["3", '{"n":1}']
