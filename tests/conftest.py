@@ -117,3 +117,18 @@ def no_model(monkeypatch):
         raise AssertionError("the model must not be loaded")
 
     monkeypatch.setattr("blip2cli.loader.load", no_load)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Give worker threads the tests left behind (an interrupted pipeline's decode, a
+    server's batcher) a moment to end: on Python 3.11-3.13 a daemon thread still inside
+    torch's C++ code when the interpreter shuts down aborts the process (SIGABRT), which
+    would turn a green run red after the last test. Threads stuck for good (a FIFO read)
+    are left to the process's end; they never wake."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + 3.0
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and thread.daemon:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
