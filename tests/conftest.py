@@ -130,5 +130,9 @@ def pytest_sessionfinish(session, exitstatus):
 
     deadline = time.monotonic() + 3.0
     for thread in threading.enumerate():
-        if thread is not threading.main_thread() and thread.daemon:
+        if thread is threading.main_thread() or not thread.daemon:
+            continue
+        try:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        except (AssertionError, RuntimeError):  # a thread started outside `threading` (a "dummy"): not ours
+            pass
