@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from .errors import EXIT_ITEMS_FAILED, EXIT_USAGE, Blip2Error
 
@@ -151,6 +151,19 @@ class RemoteStage:
         self.identity = identity
         self.per_item = len(questions) if command == "ask" and questions else 1
         self.settings: dict = {}  # what every record must carry (the runner's)
+        self._batches: Any = None  # workers.DecodePool: batches sent ahead (submit_batch)
+        self._requests: Any = None  # workers.DecodePool: a batch's concurrent requests
+
+    in_flight = 2  # batches out while the pipeline writes an earlier one (pipeline.py)
+
+    def submit_batch(self, prepared: list):
+        """``run_batch`` on a daemon thread of its own: a Future of its results (the
+        pipeline sends the next batches while it writes this one's records)."""
+        if self._batches is None:
+            from .workers import DecodePool
+
+            self._batches = DecodePool(self.in_flight + 1, name="blip2-batch")
+        return self._batches.submit(self.run_batch, prepared)
 
     def expect(self, settings: dict) -> None:
         self.settings = dict(settings)
@@ -216,12 +229,22 @@ class RemoteStage:
         chunks = list(_chunks_of(entries, self.remote.chunk_size(), self._budget()))
         if len(chunks) == 1:
             return self._send(chunks[0])
+        if self._requests is None:  # daemon threads: a request in flight never holds an interrupted run
+            from .workers import DecodePool
+
+            self._requests = DecodePool(self.remote.concurrency * (self.in_flight + 1), name="blip2-request")
         out: list[list[dict]] = []
-        with ThreadPoolExecutor(max_workers=min(len(chunks), self.remote.concurrency),
-                                thread_name_prefix="blip2-client") as pool:
-            for got in pool.map(self._send, chunks):
-                out += got
+        for future in [self._requests.submit(self._send, chunk) for chunk in chunks]:
+            out += future.result()
         return out
+
+    def close(self) -> None:
+        """The run is over: idle request threads end (one still waiting on the server is a
+        daemon thread, left to the process's end)."""
+        for pool in (self._batches, self._requests):
+            if pool is not None:
+                pool.shutdown()
+        self._batches = self._requests = None
 
     def _send(self, entries: list[dict]) -> list[list[dict]]:
         body: dict = {"options": self.options, "images": entries}

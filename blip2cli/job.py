@@ -654,6 +654,11 @@ class _Recorded:
         self.task = task
         self.settings = settings
         self.sidecar = sidecar
+        if hasattr(task, "submit_batch"):  # a server's stage: batches sent ahead (pipeline.py)
+            self.submit_batch = task.submit_batch
+            self.in_flight = task.in_flight
+        if hasattr(task, "close"):
+            self.close = task.close
 
     def prepare(self, item):
         return self.task.prepare(item)

@@ -54,6 +54,12 @@ class Stage(Protocol):
     def record(self, item: Item, result: Any, error: str | None) -> dict: ...
 
 
+# A stage whose model is elsewhere (``client.RemoteStage``: a server) may also have
+# ``submit_batch(prepared) -> Future`` and ``in_flight`` (batches sent ahead of the one
+# being written): the next batches then run while earlier ones are written, in order;
+# and ``close()``, called when the run ends however it ends.
+
+
 @dataclass
 class Stats:
     done: int = 0
@@ -160,6 +166,9 @@ class _Batcher:
         self.pending: deque[tuple[Item, Future]] = deque()
         self.batch: list[tuple[Item, Any, str | None]] = []
         self.ready = 0  # items in ``batch`` that decoded fine
+        # A stage with submit_batch (a server): batches sent ahead, written in order.
+        self.ahead = int(getattr(task, "in_flight", 0)) if hasattr(task, "submit_batch") else 0
+        self.sent: deque[tuple[list, list, Future | None, float]] = deque()
 
     def top_up(self, block: bool) -> None:
         while len(self.pending) < self.lookahead:
@@ -209,23 +218,52 @@ class _Batcher:
         return self.run_model(prepared[:half]) + self.run_model(prepared[half:])
 
     def flush(self) -> None:
-        """Run the model on the batch's good images, write every item's records in order."""
+        """Run the model on the batch's good images, write every item's records in order
+        (a stage with ``submit_batch``: send it, and write the oldest sent once more than
+        ``in_flight`` are out)."""
         if not self.batch:
             return
-        good = [(i, p) for i, (_, p, err) in enumerate(self.batch) if err is None]
+        batch, self.batch, self.ready = self.batch, [], 0
+        good = [(i, p) for i, (_, p, err) in enumerate(batch) if err is None]
+        if self.ahead:
+            future = self.task.submit_batch([p for _, p in good]) if good else None  # type: ignore[attr-defined]
+            self.sent.append((batch, good, future, time.perf_counter()))
+            while len(self.sent) > self.ahead:
+                self.write_oldest()
+            return
         results: dict[int, Any] = {}
         if good:
             t0 = time.perf_counter()
             outputs = self.run_model([p for _, p in good])
-            took = time.perf_counter() - t0
-            self.stats.stage_seconds["model"] += took
-            self.stats.batch_seconds.append(took)
+            self.model_took(time.perf_counter() - t0)
             results = {i: out for (i, _), out in zip(good, outputs)}
+        self.write_batch(batch, results)
+
+    def model_took(self, seconds: float) -> None:
+        self.stats.stage_seconds["model"] += seconds
+        self.stats.batch_seconds.append(seconds)
+
+    def write_oldest(self) -> None:
+        """The oldest batch sent: wait for its results, write its records."""
+        batch, good, future, sent_at = self.sent.popleft()
+        results: dict[int, Any] = {}
+        if future is not None:
+            outputs = future.result()
+            self.model_took(time.perf_counter() - sent_at)  # sent to answered (overlaps the next)
+            results = {i: out for (i, _), out in zip(good, outputs)}
+        self.write_batch(batch, results)
+
+    def drain(self) -> None:
+        """Flush, then write every batch still out (the source is slow or done)."""
+        self.flush()
+        while self.sent:
+            self.write_oldest()
+
+    def write_batch(self, batch: list, results: dict) -> None:
         t0 = time.perf_counter()
-        for i, (item, _, err) in enumerate(self.batch):
+        for i, (item, _, err) in enumerate(batch):
             self.write(item, results.get(i), err)
         self.stats.stage_seconds["write"] += time.perf_counter() - t0
-        self.batch, self.ready = [], 0
 
     def write(self, item: Item, result: Any, err: str | None) -> None:
         made = self.task.record(item, result, err)
@@ -248,21 +286,24 @@ class _Batcher:
         while True:
             self.top_up(block=False)
             if not self.pending:
-                self.flush()  # the source is slow or done: don't sit on finished work
+                self.drain()  # the source is slow or done: don't sit on finished work
                 self.top_up(block=True)
                 if not self.pending:
                     break
             error = self.take_next()
             if error is not None and fail_fast:
-                self.flush()
+                self.drain()
                 break
             if self.ready >= self.batch_size:
                 self.flush()
-        self.flush()
+        self.drain()
 
     def close(self) -> None:
         for _, future in self.pending:
             future.cancel()
+        for _, _, sent, _ in self.sent:  # an interruption: batches sent are dropped, as the one in the model
+            if sent is not None:
+                sent.cancel()
         self.pool.shutdown()  # never waits: a decode stuck in a read is left to its daemon thread
         self.stats.seconds = time.perf_counter() - self.started
 
@@ -287,6 +328,9 @@ def run(
         batcher.loop(fail_fast)
     finally:
         batcher.close()
+        closing = getattr(task, "close", None)  # a stage holding threads of its own (a server's)
+        if closing is not None:
+            closing()
     return batcher.stats
 
 

@@ -77,3 +77,76 @@ def test_other_errors_are_not_swallowed():
         assert "not an OOM" in str(exc)
     else:
         raise AssertionError("the error was swallowed")
+
+
+class SentAheadTask(FakeTask):
+    """A stage whose model is elsewhere: batches are sent ahead (``submit_batch``) and come
+    back in any order (here: each later batch first); it is closed when the run ends."""
+
+    in_flight = 2
+
+    def __init__(self, bad=()):
+        super().__init__(bad=bad)
+        self.futures = []
+        self.closed = False
+        self.most_out = 0
+
+    def submit_batch(self, prepared):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.prepared = list(prepared)
+        self.futures.append(future)
+        out = [f for f in self.futures if not f.done()]
+        self.most_out = max(self.most_out, len(out))
+        original = future.result
+
+        def result(timeout=None):
+            for f in reversed([f for f in self.futures if not f.done()]):  # the newest answered first
+                f.set_result(self.run_batch(f.prepared))
+            return original(timeout)
+
+        future.result = result
+        return future
+
+    def close(self):
+        self.closed = True
+
+
+def test_batches_sent_ahead_are_written_in_input_order():
+    task = SentAheadTask(bad={"3", "10"})
+    writer = ListWriter()
+    stats = run(items(30), task, writer, batch_size=4, workers=2)
+    assert [r["path"] for r in writer.records] == [str(i) for i in range(30)]
+    assert [r["value"] for r in writer.records if not r["error"]] == [2 * i for i in range(30) if i not in (3, 10)]
+    assert stats.done == 28 and stats.failed == 2
+    assert task.most_out == 3  # in_flight batches out, plus the one just sent
+    assert task.closed
+
+
+def test_batches_sent_ahead_are_written_before_waiting_on_a_slow_source():
+    """A source that pauses: what was sent is written before the pipeline waits for more."""
+    import threading
+    import time
+
+    task = SentAheadTask()
+    writer = ListWriter()
+    gate = threading.Event()
+    seen = []
+
+    def slow():
+        yield from items(6)
+        gate.wait(10)  # the source pauses until the watcher has looked
+
+    def watch():
+        deadline = time.monotonic() + 5
+        while len(writer.records) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(len(writer.records))
+        gate.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    run(slow(), task, writer, batch_size=4, workers=1)
+    watcher.join()
+    assert seen == [6] and [r["value"] for r in writer.records] == [2 * i for i in range(6)]
