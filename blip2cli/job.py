@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 from . import console
-from .errors import UsageError
+from .errors import Blip2Error, UsageError
 from .parts import SHARD_STATE  # DIR/.shards: the manifest and the part file of each unfinished shard
 
 
@@ -365,7 +365,11 @@ class Job:
             for wrap in self.wrappers:  # they see each record as written (a sidecar error too)
                 writer = wrap(writer)
             guard.hold()  # the files just created: their inodes too
-            stats = self._pipe(items, task, writer, self._reporter(total), loaded)
+            try:
+                stats = self._pipe(items, task, writer, self._reporter(total), loaded)
+            except Blip2Error as exc:  # the run ends here (a server gone): say where it carries on
+                self._say_carry_on(exc, sink, shard)
+                raise
             writer.close()  # html: the last card and the closing tags (a cut page shows without them)
             failed = False
         finally:
@@ -538,6 +542,20 @@ class Job:
         finally:
             reporter.close()
         return total
+
+    def _say_carry_on(self, exc, sink, shard) -> None:
+        """An error that ends a run after records were written: the hint says they are
+        whole and how to go on from them (JSON Lines and part files resume)."""
+        from .errors import OutputError
+
+        if isinstance(exc, OutputError) or sink.path is None or not sink.records or (
+                self.fmt != "jsonl" and shard is None):
+            return  # an output error says it itself (writers.Sink)
+        how = ("run the same command again: it carries on after the last whole record" if shard is not None
+               else "run the same command with resume: it carries on after the last whole record")
+        done = f"the {sink.records} records before it are whole in {sink.path}; {how}"
+        exc.hint = f"{exc.hint}; {done}" if exc.hint else done
+        exc.params = tuple(dict.fromkeys([*exc.params, "resume"]))
 
     def _full_hint(self, shard) -> str:
         """What to do after a write error (disk full): where the run will carry on."""
