@@ -387,8 +387,14 @@ def test_every_output_option_works_with_server_as_locally(served, tiny_opt, exam
     def finals(folder: Path) -> dict:
         return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
-    for name in ("dir", "sharded"):
-        remote, mine = finals(tmp_path / "remote" / name), finals(tmp_path / "local" / name)
+    # one shard by the server, the other here: they merge into the same file
+    for i, model in ((0, ["--server", served.url]), (1, ["-m", tiny_opt, "--device", "cpu"])):
+        args = ["--files-from", listing, *opts, "-o", tmp_path / "mixed", "--shard", f"{i}/2", "-q"]
+        assert cli("caption", *model, *args).exit_code == 0
+    assert cli("merge", tmp_path / "mixed").exit_code == 0
+    for name in ("dir", "sharded", "mixed"):
+        remote = finals(tmp_path / name if name == "mixed" else tmp_path / "remote" / name)
+        mine = finals(tmp_path / "local" / ("sharded" if name == "mixed" else name))
         assert remote and remote == mine, name
     # tar shard inputs with --carry: the samples' records, their keys and carried members
     shard = tmp_path / "00000.tar"
