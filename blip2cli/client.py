@@ -35,6 +35,8 @@ class ServerError(Blip2Error):
     """The server is unreachable, failed, or answered something else than records (exit 1)."""
 
     exit_code = EXIT_ITEMS_FAILED
+    reason: str | None = None  # the server's own message, when it sent one
+    code: str | None = None  # its error code (``context_length_exceeded``, ...)
 
 
 class ServerRefused(ServerError):
@@ -74,8 +76,10 @@ class Client:
                     time.sleep(min(max(float(retry), 0.1), 10.0) if _number(retry) else 1.0)
                     continue
                 kind = ServerRefused if 400 <= exc.code < 500 and exc.code != 429 else ServerError
-                raise kind(f"the server at {self.url} answered {exc.code}: {_message(exc)}",
-                           hint=_hint(exc.code)) from None
+                message, code = _error_of(exc)
+                error = kind(f"the server at {self.url} answered {exc.code}: {message}", hint=_hint(exc.code))
+                error.reason, error.code = message, code
+                raise error from None
             except (urllib.error.URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise ServerError(f"cannot reach the server at {self.url} ({reason})",
@@ -295,6 +299,86 @@ class RemoteStage:
         return own
 
 
+class RemoteChat:
+    """``blip2 chat``'s session (what ``ask.ChatSession`` is locally) on a server: each turn
+    one chat completion carrying the earlier turns, the image and blip2's own fields
+    (``template``, ``context_tokens``, ``preprocess``); the server fits the history as the
+    local session does and says how many of the oldest turns it dropped."""
+
+    def __init__(self, remote: Remote, request: dict, *, template: str | None = None,
+                 context_tokens: int | None = None, preprocess: str = "fast"):
+        self.remote = remote
+        self.request = {**request, "template": template, "context_tokens": context_tokens, "preprocess": preprocess}
+        self.history: list[tuple[str, str]] = []
+        self.transcript: list = []
+        self.image: str | None = None
+        self.limit: int | str = "its"  # the prompt tokens a turn may use, as the server last said
+        self._url: str | None = None
+
+    def set_image(self, source, name: str | None = None) -> None:
+        """Switch to an image (a path or bytes), a fresh context; ``ImageError`` for an
+        unreadable one (the current one is kept)."""
+        from .decode import open_image, read_image_file
+
+        data = bytes(source) if isinstance(source, (bytes, bytearray)) else read_image_file(source)[0]
+        open_image(data, draft_size=(224, 224))  # decodes here first: a bad image is said at once
+        kind = next((k for magic, k in _KINDS if data.startswith(magic)), "application/octet-stream")
+        self._url = f"data:{kind};base64," + base64.b64encode(data).decode("ascii")
+        self.image = name if name is not None else str(source)
+        self.history = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def ask(self, question: str):
+        from .ask import Turn
+
+        if self._url is None:
+            raise RuntimeError("set_image() first")
+        number = len(self.transcript) + 1
+        messages: list[dict] = []
+        for q, a in self.history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": [{"type": "text", "text": question},
+                                                     {"type": "image_url", "image_url": {"url": self._url}}]})
+        body = {k: v for k, v in {**self.request, "messages": messages}.items() if v is not None}
+        try:
+            got = self.remote.client.request("POST", "/v1/chat/completions", body)
+        except ServerRefused as exc:
+            if exc.code != "context_length_exceeded" or exc.reason is None:
+                raise
+            turn = Turn(number, self.image or "", question, None, error=exc.reason)
+            self.transcript.append(turn)
+            return turn
+        try:
+            answer = str(got["choices"][0]["message"]["content"])
+            extra = got.get("blip2") or {}
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(f"the server at {self.remote.url} answered no chat completion") from None
+        dropped = int(extra.get("dropped_turns") or 0)
+        self.limit = extra.get("context_tokens", self.limit)
+        if dropped:
+            self.history = self.history[dropped:]  # they will not fit again either
+        self.history.append((question, answer))
+        turn = Turn(number, self.image or "", question, answer, dropped=dropped)
+        self.transcript.append(turn)
+        return turn
+
+
+_KINDS = ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"GIF8", "image/gif"), (b"RIFF", "image/webp"))
+
+
+def chat_request(gen) -> dict:
+    """A chat completion's generation fields from ``caption.GenerationOptions``, so that the
+    server's ``chat_generation`` makes the same options back (greedy and beams exactly)."""
+    request: dict = {"model": "blip2", "max_tokens": gen.max_new_tokens, "min_tokens": gen.min_new_tokens,
+                     "num_beams": gen.num_beams, "n": gen.num_captions, "seed": gen.seed,
+                     "repetition_penalty": gen.repetition_penalty}
+    if gen.sample:
+        request.update(temperature=gen.temperature, top_p=gen.top_p)
+    return request
+
+
 def error_records(command: str, name: str, error: str, questions: list[str] | None = None) -> list[dict]:
     """The records of an image that never reached the model, as the local tasks make them."""
     if command == "caption":
@@ -344,12 +428,13 @@ def _number(value: str) -> bool:
         return False
 
 
-def _message(exc: urllib.error.HTTPError) -> str:
+def _error_of(exc: urllib.error.HTTPError) -> tuple[str, str | None]:
+    """(the message, the error code) of an OpenAI-style error body."""
     try:
-        body = json.loads(exc.read())
-        return str(body["error"]["message"])
+        error = json.loads(exc.read())["error"]
+        return str(error["message"]), (str(error["code"]) if error.get("code") else None)
     except Exception:  # noqa: BLE001 - whatever the server sent
-        return exc.reason or "no message"
+        return exc.reason or "no message", None
 
 
 def _hint(code: int) -> str | None:
@@ -360,4 +445,4 @@ def _hint(code: int) -> str | None:
     return None
 
 
-__all__ = ["DEFAULT_CHUNK", "DEFAULT_CONCURRENCY", "Client", "Remote", "RemoteStage", "ServerError", "ServerRefused", "error_records"]
+__all__ = ["DEFAULT_CHUNK", "DEFAULT_CONCURRENCY", "Client", "Remote", "RemoteChat", "RemoteStage", "ServerError", "ServerRefused", "chat_request", "error_records"]

@@ -778,18 +778,36 @@ def parse_chat(body: dict, config: ServeConfig) -> tuple[ImageSource, str | None
     return image, question, history
 
 
-def fit_chat_prompt(loaded, history: list[tuple[str, str]], question: str, max_new_tokens: int) -> str:
-    """``blip2 chat``'s prompt for ``question`` after ``history``, the oldest turns dropped
-    until it fits the model's context (``ask.ChatSession.fit``); 400 if the question alone does not."""
-    from .ask import chat_prompt, context_limit
+def fit_chat_prompt(loaded, history: list[tuple[str, str]], question: str, max_new_tokens: int, *,
+                    template: str | None = None, context_tokens: int | None = None) -> tuple[str, int, int]:
+    """``blip2 chat``'s prompt for ``question`` after ``history``: ``(prompt, turns dropped,
+    the limit)``, the oldest turns dropped until it fits the model's context (or
+    ``context_tokens``), as ``ask.ChatSession.fit`` does; 400 if the question alone does not."""
+    from .ask import DEFAULT_TEMPLATE, chat_prompt, context_limit, render_prompt
 
-    limit = context_limit(loaded, max_new_tokens)
+    template = template or DEFAULT_TEMPLATE
+    model_limit = context_limit(loaded, max_new_tokens)
+    limit = min(context_tokens, model_limit) if context_tokens else model_limit
+    if limit < 1:
+        raise bad_request(f"no room for a prompt: the model's context holds {model_limit} prompt tokens once the "
+                          "image and max_tokens are counted", "max_tokens", "context_length_exceeded")
     for dropped in range(len(history) + 1):
-        prompt = chat_prompt(history[dropped:], question)
+        prompt = chat_prompt(history[dropped:], question, template)
         if len(loaded.tokenizer(prompt)["input_ids"]) <= limit:
-            return prompt
-    raise bad_request(f"the question is too long for the model's context (at most {max(limit, 0)} tokens "
-                      "with max_tokens)", "messages", "context_length_exceeded")
+            return prompt, dropped, limit
+    n = len(loaded.tokenizer(render_prompt(question, template))["input_ids"])
+    raise bad_request(f"the question is too long for the model's context ({n} tokens, at most {limit})",
+                      "messages", "context_length_exceeded")
+
+
+def chat_extensions(body: dict) -> tuple[str | None, int | None, str]:
+    """blip2's own chat fields, as ``blip2 chat`` sends them: ``template`` (a turn's prompt,
+    with ``{question}``), ``context_tokens`` (at most that many prompt tokens) and
+    ``preprocess``; OpenAI clients send none of them."""
+    template = _str(body, "template", None)
+    if template is not None and "{question}" not in template:
+        raise bad_request("template must contain {question}", "template")
+    return template, _int(body, "context_tokens", None, 1, 10_000_000), _preprocess(body)
 
 
 def chat_generation(body: dict, *, task: str):
@@ -1111,7 +1129,7 @@ async def score_endpoint(server: Server, body: dict) -> dict:
 
 
 async def chat_endpoint(server: Server, body: dict) -> dict | Streamed:
-    from .ask import DEFAULT_TEMPLATE, render_prompt
+    from .ask import DEFAULT_TEMPLATE
     from .caption import eos_ids, prompt_ids
     from .images import ImageError
     from .loader import GENERATIVE
@@ -1125,25 +1143,30 @@ async def chat_endpoint(server: Server, body: dict) -> dict | Streamed:
     source, question, history = parse_chat(body, server.config)
     task = "ask" if question is not None else "caption"
     gen = chat_generation(body, task=task)
+    template, context_tokens, preprocess = chat_extensions(body)
     try:
-        image = await server.decode(source, "fast")
+        image = await server.decode(source, preprocess)
     except ImageError as exc:
         raise bad_request(f"the image cannot be read: {exc}", source.param, "invalid_image") from None
     except Exception as exc:  # noqa: BLE001 - the image's error
         raise bad_request(f"the image cannot be read ({type(exc).__name__})", source.param, "invalid_image") from None
     loaded = server.engine.loaded
+    dropped = limit = None
     if question is not None:
-        prompt = (fit_chat_prompt(loaded, history, question, gen.max_new_tokens) if history
-                  else render_prompt(question, DEFAULT_TEMPLATE))
-        (result,) = await server.run(AskWork(server.engine, gen, "fast", DEFAULT_TEMPLATE), [(image, [prompt])])
+        prompt, dropped, limit = fit_chat_prompt(loaded, history, question, gen.max_new_tokens, template=template,
+                                                 context_tokens=context_tokens)
+        (result,) = await server.run(AskWork(server.engine, gen, preprocess, template or DEFAULT_TEMPLATE),
+                                     [(image, [prompt])])
         rows, texts = result[0]
     else:
         prompt = gen.prompt
-        (result,) = await server.run(CaptionWork(server.engine, gen, "fast"), [image])
+        (result,) = await server.run(CaptionWork(server.engine, gen, preprocess), [image])
         rows, texts = result
     prompt_tokens = len(prompt_ids(loaded, prompt))
     completion = completion_body(server.config.model_name, prompt_tokens, rows, texts, gen.max_new_tokens,
                                  eos_ids(loaded))
+    if dropped is not None:  # blip2's own field: what blip2 chat shows (OpenAI clients ignore it)
+        completion["blip2"] = {"dropped_turns": dropped, "context_tokens": limit}
     if stream:
         return Streamed(stream_events(completion, include_usage=bool((options or {}).get("include_usage"))))
     return completion

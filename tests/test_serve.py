@@ -444,6 +444,28 @@ def test_embed_into_a_vector_store_with_server(served, tiny_opt, example_images,
     assert result.exit_code == 0 and "4 unchanged" in result.output, result.output
 
 
+
+@pytest.mark.slow  # the module's one server process (it pays the torch import)
+def test_chat_with_server_is_the_local_conversation(served, tiny_opt, example_images, monkeypatch):
+    """blip2 chat --server: the same turns, answers, dropped turns (a small --context-tokens),
+    too-long errors, /image and /reset as a local chat, and the same exit code."""
+    monkeypatch.setenv("BLIP2_API_KEY", KEY)
+    questions = ("what is it?\nwhy is it there?\nwhat else is in the picture today?\n"
+                 f"/image {example_images[3]}\nwhat color?\nand the sky?\n/reset\nmore?\n")
+    runs = []
+    for model in (["--server", served.url], ["-m", tiny_opt, "--device", "cpu"]):
+        runs.append(cli("chat", example_images[0], *model, "-f", "jsonl", "--max-new-tokens", "6",
+                        "--context-tokens", "45", input=questions))
+    remote, mine = runs
+    assert remote.exit_code == mine.exit_code == 0, remote.output
+    assert remote.stdout == mine.stdout and len(jsonl(remote.stdout)) == 6
+    assert "dropped the oldest turn" in remote.stderr and remote.stderr == mine.stderr
+    too_long = [cli("chat", example_images[0], *model, "-f", "jsonl", "--context-tokens", "12",
+                    input="what is in this picture, and why is it there at all?\n")
+                for model in (["--server", served.url], ["-m", tiny_opt, "--device", "cpu"])]
+    assert too_long[0].exit_code == too_long[1].exit_code == 1
+    assert too_long[0].stdout == too_long[1].stdout and jsonl(too_long[0].stdout)[0]["error"]
+
 @pytest.mark.slow  # the module's one server process (it pays the torch import)
 def test_files_only_under_the_allowed_folder(served):
     ok = served.post("/v1/chat/completions", chat_body(str(served.allowed / "cat.png"), temperature=0, max_tokens=4))

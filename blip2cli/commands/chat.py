@@ -271,6 +271,7 @@ def chat(
                      help="text: one answer per line; jsonl: one record per turn."),
     ] = ChatFormat.text,
     preprocess: o.PreprocessOpt = o.Preprocess.fast,
+    server: o.ServerOpt = None,
 ) -> None:
     """Talk about an image: each question carries the earlier turns, the image is encoded once."""
     from ..ask import Asker, ChatSession, check_template
@@ -294,16 +295,21 @@ def chat(
         raise typer.Exit(EXIT_ITEMS_FAILED) from None
 
     interactive = stdin_is_terminal()
-    loaded = load(
-        load_options(**vars(loading)),
-        task="chat",
-    )
-    if dec.seed is not None:
-        import torch
+    if server:  # a running `blip2 serve` answers; the conversation is the same
+        session = _remote_session(server, gen, turn_template, context_tokens, preprocess.value)
+        model_name = str(session.remote.settings().get("model") or server)
+    else:
+        loaded = load(
+            load_options(**vars(loading)),
+            task="chat",
+        )
+        if dec.seed is not None:
+            import torch
 
-        torch.manual_seed(dec.seed)
-    session = ChatSession(Asker(loaded, gen), ImageStage(loaded, preprocess.value), template=turn_template,
-                          limit=context_tokens or 0)
+            torch.manual_seed(dec.seed)
+        session = ChatSession(Asker(loaded, gen), ImageStage(loaded, preprocess.value), template=turn_template,
+                              limit=context_tokens or 0)
+        model_name = loading.model
     session.set_image(image, image)
 
     out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors="surrogateescape", newline="\n",
@@ -313,7 +319,7 @@ def chat(
         with sigterm_as_interrupt():
             if interactive:
                 read_line, save_history = terminal_reader()
-                console.message(f"talking about {image} ({loading.model}); /help for commands, Ctrl-D to end")
+                console.message(f"talking about {image} ({model_name}); /help for commands, Ctrl-D to end")
                 try:
                     failures = loop.run(read_line)
                 finally:
@@ -324,6 +330,16 @@ def chat(
         out.flush()
         out.detach()  # leave sys.stdout itself open
     raise typer.Exit(EXIT_ITEMS_FAILED if failures else EXIT_OK)
+
+
+def _remote_session(server: str, gen, template: str, context_tokens: int | None, preprocess: str):
+    """``blip2 chat --server URL``: the session whose turns a `blip2 serve` answers."""
+    from ..client import Remote, RemoteChat, chat_request
+
+    remote = Remote(server, api_key=os.environ.get("BLIP2_API_KEY") or None)
+    remote.settings()  # reach it now: an unreachable server is said before the first question
+    return RemoteChat(remote, chat_request(gen), template=template, context_tokens=context_tokens,
+                      preprocess=preprocess)
 
 
 chat.__doc__ = (chat.__doc__ or "") + EXAMPLES
