@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Annotated, Optional
 
 import typer
@@ -168,13 +167,9 @@ def _leave(exc: SystemExit) -> None:
     workers get a moment to end; if any thread is still alive, the atexit handlers
     run, the standard streams are flushed and the process leaves with its own code.
     """
-    import threading
+    from .workers import wait_for_threads
 
-    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
-    deadline = time.monotonic() + 0.5
-    for thread in others:
-        thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    if not any(t.is_alive() for t in others):
+    if not wait_for_threads(0.5):
         return
     import atexit
 

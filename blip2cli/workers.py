@@ -55,3 +55,18 @@ class DecodePool:
         """Pending calls not started are cancelled by the caller; idle threads end."""
         for _ in self._threads:
             self._jobs.put(self._STOP)
+
+
+def wait_for_threads(seconds: float) -> list[threading.Thread]:
+    """Give the other threads of this process up to ``seconds`` (in all) to end; returns
+    those still alive. Threads started outside ``threading`` (its "dummy" threads: native
+    code calling into Python) cannot be joined or waited for, and are left out."""
+    import time
+
+    others = [t for t in threading.enumerate()
+              if t is not threading.main_thread() and not isinstance(t, threading._DummyThread)]
+    deadline = time.monotonic() + seconds
+    for thread in others:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    return [t for t in others if t.is_alive()]
+

@@ -125,14 +125,6 @@ def pytest_sessionfinish(session, exitstatus):
     torch's C++ code when the interpreter shuts down aborts the process (SIGABRT), which
     would turn a green run red after the last test. Threads stuck for good (a FIFO read)
     are left to the process's end; they never wake."""
-    import threading
-    import time
+    from blip2cli.workers import wait_for_threads
 
-    deadline = time.monotonic() + 3.0
-    for thread in threading.enumerate():
-        if thread is threading.main_thread() or not thread.daemon:
-            continue
-        try:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        except (AssertionError, RuntimeError):  # a thread started outside `threading` (a "dummy"): not ours
-            pass
+    wait_for_threads(3.0)

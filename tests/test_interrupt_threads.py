@@ -58,3 +58,32 @@ def test_an_interrupted_caller_does_not_wait_for_a_stuck_pipeline(monkeypatch):
     thread.join(timeout=10)
     stuck.set()
     assert outcome == ["raised"], "the interrupt waited for the stuck pipeline thread"
+
+
+def test_waiting_for_threads_at_exit_passes_over_threads_it_cannot_join():
+    """`blip2`'s exit (and the test session's end) waits for other threads; a thread started
+    by native code ("dummy" to `threading`) cannot be joined and must not make that wait
+    raise, while a live Python thread is reported."""
+    import _thread
+    import threading
+
+    from blip2cli.workers import wait_for_threads
+
+    seen, release = threading.Event(), threading.Event()
+
+    def native():
+        threading.current_thread()  # registers a dummy thread
+        seen.set()
+        release.wait(10)
+
+    _thread.start_new_thread(native, ())
+    busy = threading.Thread(target=release.wait, args=(10,), daemon=True)
+    busy.start()
+    assert seen.wait(5)
+    try:
+        alive = wait_for_threads(0.2)  # other tests may have left threads too: only ours are asserted
+        assert busy in alive and not any(isinstance(t, threading._DummyThread) for t in alive)
+    finally:
+        release.set()
+    busy.join(5)
+    assert busy not in wait_for_threads(1.0)
