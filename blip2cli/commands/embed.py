@@ -296,14 +296,10 @@ def _refuse_store_as_input(inputs, output) -> None:
 
 def _store_output(output, model, revision, pool_name, store_dtype, prune, compact):
     """The vector store as the run's output: its settings are the embedder's, known once loaded."""
-    from ..storefiles import StoreMeta
-
     def meta(task):
         e = task.embedder
-        return StoreMeta(model=model_key(model), revision=revision, features=e.features, pool=pool_name,
-                         dims=e.dims, normalized=e.normalized,
-                         dtype=store_dtype.value if store_dtype is not None else "float32",
-                         checkpoint=e.loaded.identity)  # hashed once, by the load plan
+        return _store_meta(model, revision, pool_name, store_dtype, features=e.features, dims=e.dims,
+                           normalized=e.normalized, checkpoint=e.loaded.identity)  # hashed once, by the load plan
 
     return StoreOutput(output, meta, prune=prune, dtype_given=store_dtype is not None, compact=compact)
 
@@ -325,17 +321,23 @@ def _embed_on_server(job, server: str, features_name: str, pool_name: str, prepr
 def _remote_store_meta(remote, pool_name, store_dtype):
     """A vector store's settings when a server embeds (``--server``): its model, revision and
     checkpoint, and what its vectors are (asked before the first image)."""
-    from ..storefiles import StoreMeta
-
     def meta(task):
         described, settings = task.describe(), remote.settings()
-        return StoreMeta(model=model_key(settings.get("model")), revision=settings.get("revision"),
-                         features=described["features"], pool=pool_name, dims=tuple(described["dims"]),
-                         normalized=bool(described["normalized"]),
-                         dtype=store_dtype.value if store_dtype is not None else "float32",
-                         checkpoint=settings.get("checkpoint"))
+        return _store_meta(settings.get("model"), settings.get("revision"), pool_name, store_dtype,
+                           features=described["features"], dims=tuple(described["dims"]),
+                           normalized=bool(described["normalized"]), checkpoint=settings.get("checkpoint"))
 
     return meta
+
+
+def _store_meta(model, revision, pool_name, store_dtype, *, features, dims, normalized, checkpoint):
+    """A vector store's settings (``storefiles.StoreMeta``), whoever embeds: the model as the
+    store records it, the storage dtype asked for (float32 by default)."""
+    from ..storefiles import StoreMeta
+
+    return StoreMeta(model=model_key(model), revision=revision, features=features, pool=pool_name, dims=dims,
+                     normalized=normalized, dtype=store_dtype.value if store_dtype is not None else "float32",
+                     checkpoint=checkpoint)
 
 
 embed.__doc__ = (embed.__doc__ or "") + EXAMPLES
