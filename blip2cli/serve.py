@@ -606,13 +606,7 @@ def parse_data_url(url: str, param: str) -> bytes:
         raise bad_request("a data URL must look like data:image/png;base64,...", param, "invalid_image_url")
     if not head.endswith(";base64"):
         raise bad_request("a data URL must be base64 (data:image/...;base64,...)", param, "invalid_image_url")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request("the data URL is not valid base64", param, "invalid_base64") from None
-    if not data:
-        raise bad_request("the data URL holds no bytes", param, "invalid_image")
-    return data
+    return _decode_base64(payload, param, "the data URL")
 
 
 def parse_base64(value: Any, param: str) -> bytes:
@@ -620,12 +614,17 @@ def parse_base64(value: Any, param: str) -> bytes:
         raise bad_request("data must be a base64 string", param, "invalid_base64")
     if value.startswith("data:"):
         return parse_data_url(value, param)
+    return _decode_base64(value, param, "data")
+
+
+def _decode_base64(payload: str, param: str, what: str) -> bytes:
+    """The bytes of a base64 payload; 400 when it is not base64 or holds nothing."""
     try:
-        data = base64.b64decode(value, validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise bad_request("data is not valid base64", param, "invalid_base64") from None
+        raise bad_request(f"{what} is not valid base64", param, "invalid_base64") from None
     if not data:
-        raise bad_request("data holds no bytes", param, "invalid_image")
+        raise bad_request(f"{what} holds no bytes", param, "invalid_image")
     return data
 
 
