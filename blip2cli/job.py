@@ -548,22 +548,26 @@ class Job:
         whole and how to go on from them (JSON Lines and part files resume)."""
         from .errors import OutputError
 
-        if isinstance(exc, OutputError) or sink.path is None or not sink.records or (
-                self.fmt != "jsonl" and shard is None):
+        how = self._carry_on(shard)
+        if isinstance(exc, OutputError) or sink.path is None or not sink.records or how is None:
             return  # an output error says it itself (writers.Sink)
-        how = ("run the same command again: it carries on after the last whole record" if shard is not None
-               else "run the same command with resume: it carries on after the last whole record")
         done = f"the {sink.records} records before it are whole in {sink.path}; {how}"
         exc.hint = f"{exc.hint}; {done}" if exc.hint else done
         exc.params = tuple(dict.fromkeys([*exc.params, "resume"]))
 
+    def _carry_on(self, shard) -> str | None:
+        """How a run stopped part way carries on from its records (None: it cannot, it reruns)."""
+        if shard is not None:
+            return "run the same command again: it carries on after the last whole record"
+        if self.fmt == "jsonl":
+            return "run the same command with resume: it carries on after the last whole record"
+        return None
+
     def _full_hint(self, shard) -> str:
         """What to do after a write error (disk full): where the run will carry on."""
-        if shard is not None:
-            return "free some space, then run the same command again: it carries on after the last whole record"
-        if self.fmt == "jsonl":
-            return ("free some space, then run the same command with resume: it carries on "
-                    "after the last whole record")
+        how = self._carry_on(shard)
+        if how is not None:
+            return f"free some space, then {how}"
         return f"free some space, then run the command again ({self.fmt} output cannot resume; JSON Lines can)"
 
     def _after_parts(self, shard, parts, result: JobResult) -> None:
